@@ -1,0 +1,568 @@
+"""The differentiable IMEX solver of the cross-diffusion reaction–diffusion PDE (Eq. 2, §2.4).
+
+    ∂t p_k = ∇·( D_k(x) ∇p_k − Σ_{j≠k} χ_kj(x) p_k ∇p_j ) + r_k(p) + s_k(x, t)
+
+One step from t to t+Δt (days):
+
+1. explicit part at p^n: reaction (logistic tumour growth, chemotherapy kill, clearance of
+   dying cells), the reaction hook of a learned model, and cross-diffusion (upwind, outflow
+   limited — see :class:`~AnatomyDTLib.operators.CrossDiffusionOperator`) give the right-hand side;
+2. implicit diffusion (I − Δt ∇·D_k∇) p^{n+1} = rhs by m unrolled Jacobi sweeps with relaxation ω;
+3. exact Euclidean projection onto the simplex.
+
+Instantaneous events (surgery, radiotherapy fractions, the end of a delayed-death delay) and the
+edges of chemotherapy windows land exactly on their days: the solver splits its steps there.
+Convention: an event on day d acts at the start of day d, after that day's scan; the state
+reported "at day d" is the state before day d's events.
+
+Everything is plain PyTorch, so gradients reach p0, D, α, κ, χ and any learned reaction hook.
+``checkpoint=True`` recomputes each step in the backward pass to bound training memory.
+
+The public entry point is :func:`simulate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from . import treatments as tx
+from .errors import InputError, ParameterError
+from .operators import CrossDiffusionOperator, DiffusionOperator, jacobi_solve
+from .plan import TreatmentPlan, load_plan
+from .schema import ClassSchema, schema_for
+from .simplex import project_to_simplex
+
+ReactionHook = Callable[[torch.Tensor, float], torch.Tensor]
+"""A learned extra reaction: ``hook(p, t_days) -> dp/dt`` with p (B, K, *S) and the result in 1/day.
+
+It should sum to zero over classes (move probability between classes, not create it); whatever
+it does not conserve is removed by the simplex projection.
+"""
+
+SIMPLEX_TOLERANCE = 1e-3
+"""How far p0 may be from the simplex (per voxel) before we refuse it rather than project it."""
+
+_EVENT_TIME_TOLERANCE = 1e-9  # days
+
+
+# --------------------------------------------------------------------------------------------
+# Input normalisation: every tensor argument becomes a broadcastable (B|1, C|1, *S) tensor.
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Grid:
+    """Shape and spacing of the batched field the solver integrates."""
+
+    batch: int
+    num_classes: int
+    spatial_shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial_shape)
+
+
+def _as_batched_field(p0: torch.Tensor, spacing: Sequence[float]) -> tuple[torch.Tensor, bool]:
+    """Return p0 as (B, K, *S) and whether it came batched."""
+    if not isinstance(p0, torch.Tensor):
+        p0 = torch.as_tensor(np.asarray(p0))
+    if not torch.is_floating_point(p0):
+        raise InputError(f"p0 must be a floating-point probability field, got dtype {p0.dtype}; "
+                         "convert labels with AnatomyDTLib.state.labels_to_field first.")
+    d = len(spacing)
+    if p0.dim() == d + 1:
+        return p0.unsqueeze(0), False
+    if p0.dim() == d + 2:
+        return p0, True
+    raise InputError(f"p0 has shape {tuple(p0.shape)} but spacing has {d} axes; expected (K, *S) or (B, K, *S) "
+                     f"with {d} spatial axes.")
+
+
+def _check_spacing(spacing: Sequence[float]) -> tuple[float, ...]:
+    try:
+        values = tuple(float(h) for h in spacing)
+    except TypeError as exc:
+        raise ParameterError(f"spacing must be a sequence of mm per spatial axis, got {spacing!r}.") from exc
+    if len(values) not in (2, 3):
+        raise ParameterError(f"spacing must give 2 or 3 spatial axes (mm each), got {len(values)}: {values}.")
+    if not all(math.isfinite(h) and h > 0 for h in values):
+        raise ParameterError(f"spacing must be positive and finite in every axis (mm), got {values}.")
+    return values
+
+
+def _check_field(p: torch.Tensor) -> None:
+    if not torch.isfinite(p).all():
+        bad = int((~torch.isfinite(p)).sum())
+        raise InputError(f"p0 contains {bad} NaN or infinite values; the initial anatomy must be a finite probability field.")
+    low = float(p.min())
+    sums = p.sum(dim=1)
+    worst = float((sums - 1).abs().max())
+    if low < -SIMPLEX_TOLERANCE or worst > SIMPLEX_TOLERANCE:
+        raise InputError(
+            f"p0 is not on the probability simplex (min value {low:.3g}, largest |sum-1| = {worst:.3g}); every voxel's "
+            f"class probabilities must be >= 0 and sum to 1 within {SIMPLEX_TOLERANCE}. Build p0 with "
+            "AnatomyDTLib.state.labels_to_field.")
+
+
+def _coefficient_field(value, name: str, unit: str, grid: Grid, *, per_class: bool, minimum: float = 0.0,
+                       strictly_positive: bool = False, maximum: float | None = None) -> torch.Tensor:
+    """Validate a scalar / per-class / spatial coefficient and shape it (B|1, C|1, *S|1...)."""
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value, dtype=np.float64))
+    t = t.to(dtype=grid.dtype, device=grid.device)
+    if not torch.isfinite(t).all():
+        raise ParameterError(f"{name} contains NaN or infinite values; give finite values in {unit}.")
+    low = float(t.detach().min()) if t.numel() else 0.0
+    if strictly_positive and low <= minimum:
+        raise ParameterError(f"{name} must be > {minimum:g} {unit} everywhere, got a minimum of {low:g}.")
+    if not strictly_positive and low < minimum:
+        raise ParameterError(f"{name} must be >= {minimum:g} {unit} everywhere, got a minimum of {low:g}.")
+    if maximum is not None and float(t.detach().max()) > maximum:
+        raise ParameterError(f"{name} must be <= {maximum:g} {unit}, got a maximum of {float(t.detach().max()):g}.")
+    nd, k, s = grid.ndim, grid.num_classes, grid.spatial_shape
+    ones = (1,) * nd
+    if t.dim() == 0:
+        return t.reshape((1, 1) + ones)
+    if per_class and t.dim() == 1:
+        if t.shape[0] != k:
+            raise ParameterError(f"{name} has {t.shape[0]} values but the field has {k} classes; give one value per class ({unit}).")
+        return t.reshape((1, k) + ones)
+    if tuple(t.shape[-nd:]) != s:
+        raise ParameterError(f"{name} has shape {tuple(t.shape)}, which does not match the field's spatial shape {s}.")
+    lead = tuple(t.shape[:-nd])
+    if per_class:
+        if lead == (k,):
+            return t.unsqueeze(0)
+        if lead == (grid.batch, k):
+            return t
+        raise ParameterError(f"{name} field must be (K, *S) or (B, K, *S) = ({k}, ...) / ({grid.batch}, {k}, ...), got {tuple(t.shape)}.")
+    if lead == ():
+        return t.reshape((1, 1) + s)
+    if lead in ((grid.batch,), (1,)):
+        return t.reshape((lead[0], 1) + s)
+    if lead in ((grid.batch, 1), (1, 1)):
+        return t
+    raise ParameterError(f"{name} field must be (*S), (B, *S) or (B, 1, *S), got {tuple(t.shape)}.")
+
+
+def _mask_field(mask, grid: Grid) -> torch.Tensor | None:
+    """The domain mask as a float (B|1, 1, *S) tensor of 0/1, or None."""
+    if mask is None:
+        return None
+    m = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
+    nd = grid.ndim
+    if m.dim() < nd or tuple(m.shape[-nd:]) != grid.spatial_shape or m.dim() > nd + 2:
+        raise InputError(f"mask has shape {tuple(m.shape)} but the field's spatial shape is {grid.spatial_shape}; "
+                         "the brain mask must be on the same grid as p0.")
+    m = m.reshape((-1, 1) + grid.spatial_shape)
+    if m.shape[0] not in (1, grid.batch):
+        raise InputError(f"mask has batch size {m.shape[0]} but p0 has {grid.batch}.")
+    values = m.to(torch.float64)
+    if not torch.isfinite(values).all() or not ((values == 0) | (values == 1)).all():
+        raise InputError("mask must be binary (0/1 or bool).")
+    if not bool(values.any()):
+        raise InputError("mask is empty: no voxel is inside the domain.")
+    return m.to(dtype=grid.dtype, device=grid.device)
+
+
+def _cross_diffusion_tensor(chi, grid: Grid) -> torch.Tensor | None:
+    if chi is None:
+        return None
+    t = chi if isinstance(chi, torch.Tensor) else torch.as_tensor(np.asarray(chi, dtype=np.float64))
+    t = t.to(dtype=grid.dtype, device=grid.device)
+    k = grid.num_classes
+    if not torch.isfinite(t).all():
+        raise ParameterError("cross_diffusion contains NaN or infinite values; give finite χ in mm²/day.")
+    if t.dim() < 2 or tuple(t.shape[:2]) != (k, k) and not (t.dim() >= 3 and tuple(t.shape[1:3]) == (k, k)):
+        raise ParameterError(f"cross_diffusion must be a (K, K) = ({k}, {k}) matrix or a (K, K, *S) field, got shape {tuple(t.shape)}.")
+    if t.dim() == 2:
+        diag = torch.diagonal(t)
+    else:
+        if tuple(t.shape[-grid.ndim:]) != grid.spatial_shape:
+            raise ParameterError(f"cross_diffusion field has spatial shape {tuple(t.shape[-grid.ndim:])}, expected {grid.spatial_shape}.")
+        if t.dim() == 2 + grid.ndim:
+            t = t.unsqueeze(0)
+        diag = torch.diagonal(t, dim1=1, dim2=2)
+    if bool((diag != 0).any()):
+        raise ParameterError("cross_diffusion must have a zero diagonal: χ_kk is not part of Eq. 2 (self-diffusion is D_k).")
+    return t
+
+
+def _output_days(days) -> list[float]:
+    values = [float(days)] if np.ndim(days) == 0 else [float(d) for d in days]
+    if not values:
+        raise ParameterError("days is empty; give the horizon in days or a list of output days.")
+    if not all(math.isfinite(d) and d >= 0 for d in values):
+        raise ParameterError(f"days must be finite and >= 0 (days from the baseline scan), got {values}.")
+    if values != sorted(values):
+        raise ParameterError(f"output days must be in increasing order, got {values}.")
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# The model on the grid
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Cohort:
+    """Tumour probability lethally hit by one fraction, waiting out the delay before clearance."""
+
+    expiry_day: float
+    mass: torch.Tensor  # (B, 1, *S)
+
+
+@dataclass
+class _Problem:
+    """Everything one solve needs, validated and shaped for the grid."""
+
+    grid: Grid
+    num_channels: int  # K, or K+1 with the dying channel
+    tumour: int
+    sink: int
+    dying: int | None
+    diffusion: DiffusionOperator
+    cross: CrossDiffusionOperator | None
+    growth_rate: torch.Tensor
+    carrying_capacity: torch.Tensor
+    domain: torch.Tensor | None
+    plan: TreatmentPlan
+    schema: ClassSchema
+    reaction_hook: ReactionHook | None
+    jacobi_iters: int
+    omega: float
+    jacobi_variant: str
+    surgery_removals: list = field(default_factory=list)  # per surgery: (B|1, 1, *S) tensor or None (extent)
+    dose_per_fraction: torch.Tensor | float = 0.0
+
+
+def _extended_diffusion(d: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """Append a zero-diffusivity dying channel: lethally hit cells do not migrate."""
+    if d.shape[1] == num_channels:
+        return d
+    if d.shape[1] == 1:
+        d = d.expand(d.shape[0], num_channels - 1, *d.shape[2:])
+    zero = torch.zeros_like(d[:, :1])
+    return torch.cat([d, zero], dim=1)
+
+
+def _extended_chi(chi: torch.Tensor, tumour: int) -> torch.Tensor:
+    """χ with a dying channel that does not move but pushes/pulls the others like tumour does."""
+    if chi.dim() == 2:
+        k = chi.shape[0]
+        ext = torch.zeros((k + 1, k + 1), dtype=chi.dtype, device=chi.device)
+        ext[:k, :k] = chi
+        ext[:k, k] = chi[:, tumour]
+        ext[tumour, k] = 0.0
+        return ext
+    b, k = chi.shape[0], chi.shape[1]
+    ext = torch.zeros((b, k + 1, k + 1) + tuple(chi.shape[3:]), dtype=chi.dtype, device=chi.device)
+    ext[:, :k, :k] = chi
+    ext[:, :k, k] = chi[:, :, tumour]
+    ext[:, tumour, k] = 0.0
+    return ext
+
+
+def _grid_array(value, grid: Grid, what: str) -> torch.Tensor:
+    """A plan array (resection mask, dose map) given as an array or a file path, as a (B|1, 1, *S) tensor."""
+    if isinstance(value, str):
+        import SimpleITK as sitk
+
+        try:
+            arr = sitk.GetArrayFromImage(sitk.ReadImage(value))
+        except RuntimeError as exc:
+            raise InputError(f"Cannot read the {what} {value!r}: {exc}") from exc
+    else:
+        arr = np.asarray(value)
+    if tuple(arr.shape) != grid.spatial_shape:
+        raise InputError(f"The {what} has shape {tuple(arr.shape)} but the anatomy grid is {grid.spatial_shape}; "
+                         "resample it to the segmentation's grid (the anatomydt CLI does this from the files' geometry).")
+    if not np.isfinite(arr).all():
+        raise InputError(f"The {what} contains NaN or infinite values.")
+    return torch.as_tensor(arr.astype(np.float64), dtype=grid.dtype, device=grid.device).reshape((1, 1) + grid.spatial_shape)
+
+
+def _build_problem(grid: Grid, *, diffusion, growth_rate, carrying_capacity, cross_diffusion, tumour: int, sink: int,
+                   plan: TreatmentPlan, mask, schema, reaction_hook, jacobi_iters, omega, jacobi_variant) -> _Problem:
+    rt = plan.radiotherapy
+    delayed = rt is not None and rt.delayed_death is not None
+    num_channels = grid.num_classes + (1 if delayed else 0)
+    dying = grid.num_classes if delayed else None
+    domain = _mask_field(mask, grid)
+    d = _coefficient_field(diffusion, "diffusion", "mm²/day", grid, per_class=True)
+    if d.shape[1] == 1 and d.dim() > 2:
+        d = d.expand(d.shape[0], grid.num_classes, *d.shape[2:])
+    d = _extended_diffusion(d, num_channels)
+    operator = DiffusionOperator(d, grid.spacing, domain, grid.spatial_shape)
+    chi = _cross_diffusion_tensor(cross_diffusion, grid)
+    cross = None
+    if chi is not None and bool((chi != 0).any()):
+        if delayed:
+            chi = _extended_chi(chi, tumour)
+        cross = CrossDiffusionOperator(chi, grid.spacing, domain)
+    alpha = _coefficient_field(growth_rate, "growth_rate", "1/day", grid, per_class=False)
+    kappa = _coefficient_field(carrying_capacity, "carrying_capacity", "(probability)", grid, per_class=False,
+                               strictly_positive=True, maximum=1.0)
+    problem = _Problem(grid, num_channels, tumour, sink, dying, operator, cross, alpha, kappa, domain, plan, schema,
+                       reaction_hook, jacobi_iters, omega, jacobi_variant)
+    for surgery in plan.surgeries:
+        if surgery.resection_mask is not None:
+            removal = _grid_array(surgery.resection_mask, grid, "resection mask")
+            if not bool(((removal == 0) | (removal == 1)).all()):
+                raise InputError("The resection mask must be binary (0/1).")
+            problem.surgery_removals.append(removal)
+        else:
+            problem.surgery_removals.append(None)
+    if rt is not None:
+        if rt.dose_map is not None:
+            total = _grid_array(rt.dose_map, grid, "radiotherapy dose map")
+            if float(total.min()) < 0:
+                raise InputError("The radiotherapy dose map has negative doses; doses are in Gy and must be >= 0.")
+            problem.dose_per_fraction = total / len(rt.fraction_days)
+        else:
+            problem.dose_per_fraction = float(rt.dose_per_fraction_gy)
+    return problem
+
+
+# --------------------------------------------------------------------------------------------
+# Stepping
+# --------------------------------------------------------------------------------------------
+
+def _removed_class(problem: _Problem, name: str | None) -> int:
+    return problem.sink if name is None else problem.schema.index(name)
+
+
+def _explicit_reaction(problem: _Problem, p: torch.Tensor, t: float, dt: float, chemo_rate: float,
+                       clearable: torch.Tensor | None) -> torch.Tensor:
+    """Local reaction and continuous treatment over [t, t+dt): growth, chemotherapy, clearance, hook."""
+    q = tx.logistic_growth(p, problem.growth_rate, problem.carrying_capacity, dt, problem.tumour, problem.sink,
+                           problem.dying, problem.domain)
+    if chemo_rate > 0:
+        q = tx.exponential_kill(q, chemo_rate, dt, problem.tumour, problem.sink, problem.domain)
+    if clearable is not None:
+        q, _ = tx.clear_dying(q, clearable, problem.plan.radiotherapy.delayed_death.clearance_rate_per_day, dt,
+                              problem.dying, problem.sink)
+    if problem.reaction_hook is not None:
+        visible = _visible(problem, p)
+        extra = problem.reaction_hook(visible, t)
+        if problem.dying is not None:
+            extra = torch.cat([extra, torch.zeros_like(extra[:, :1])], dim=1)
+        if problem.domain is not None:
+            extra = extra * problem.domain
+        q = q + dt * extra
+    return q
+
+
+def _transport_and_project(problem: _Problem, p_explicit: torch.Tensor, p_old: torch.Tensor, dt: float) -> torch.Tensor:
+    """Add explicit cross-diffusion (from p^n), solve the implicit diffusion, project onto the simplex."""
+    rhs = p_explicit
+    if problem.cross is not None:
+        rhs = rhs + dt * problem.cross.tendency(p_old, dt)
+    u = jacobi_solve(problem.diffusion, rhs, dt, problem.jacobi_iters, problem.omega, problem.jacobi_variant)
+    projected = project_to_simplex(u, dim=1)
+    if problem.domain is not None:  # outside the domain nothing changes, not even by rounding
+        projected = torch.where(problem.domain > 0, projected, p_old)
+    return projected
+
+
+def _visible(problem: _Problem, p: torch.Tensor) -> torch.Tensor:
+    """The K imaged classes: the dying channel merged back into the tumour."""
+    if problem.dying is None:
+        return p
+    k = problem.grid.num_classes
+    visible = p[:, :k]
+    return visible + p[:, k:k + 1] * tx.channel_vector(k, problem.tumour, visible)
+
+
+class _Integrator:
+    """Time loop: splits steps at events, applies them, records the requested days."""
+
+    def __init__(self, problem: _Problem, dt: float, use_checkpoint: bool, progress):
+        self.problem = problem
+        self.dt = dt
+        self.use_checkpoint = use_checkpoint
+        self.progress = progress
+        self.cohorts: list[_Cohort] = []
+
+    # -- events ---------------------------------------------------------------------------
+    def _apply_events(self, p: torch.Tensor, day: float) -> torch.Tensor:
+        pr = self.problem
+        plan = pr.plan
+        for surgery, removal in zip(plan.surgeries, pr.surgery_removals):
+            if abs(surgery.day - day) <= _EVENT_TIME_TOLERANCE:
+                p = self._surgery(p, surgery, removal)
+        rt = plan.radiotherapy
+        if rt is not None:
+            for _ in range(sum(abs(f - day) <= _EVENT_TIME_TOLERANCE for f in rt.fraction_days)):
+                p = self._radiation(p, day)  # a day listed twice in the plan gets two fractions
+        return p
+
+    def _surgery(self, p: torch.Tensor, surgery, removal) -> torch.Tensor:
+        pr = self.problem
+        target = _removed_class(pr, surgery.removed_to)
+        if removal is None:
+            tumour = tx.tumour_total(p, pr.tumour, pr.dying).detach().cpu().numpy()
+            domain = None if pr.domain is None else pr.domain.detach().cpu().numpy()
+            per_item = []
+            for b in range(p.shape[0]):
+                dom = None if domain is None else domain[min(b, domain.shape[0] - 1), 0]
+                per_item.append(tx.removal_from_extent(tumour[b, 0], surgery.extent, pr.grid.spacing, dom))
+            removal = torch.as_tensor(np.stack(per_item)[:, None], dtype=p.dtype, device=p.device)
+        elif pr.domain is not None:
+            removal = removal * pr.domain
+        before = None if pr.dying is None else p[:, pr.dying:pr.dying + 1]
+        p = tx.resect(p, removal, pr.tumour, target, pr.dying)
+        if before is not None:
+            self._rescale_cohorts(before, p[:, pr.dying:pr.dying + 1])
+        return p
+
+    def _radiation(self, p: torch.Tensor, day: float) -> torch.Tensor:
+        pr = self.problem
+        rt = pr.plan.radiotherapy
+        target = pr.dying if pr.dying is not None else pr.sink
+        p, killed = tx.radiation_fraction(p, pr.dose_per_fraction, rt.alpha_per_gy, rt.beta_per_gy2, pr.tumour, target,
+                                          pr.domain)
+        if pr.dying is not None:
+            delay = rt.delayed_death.delay_days
+            self.cohorts.append(_Cohort(day + delay, killed))
+        return p
+
+    def _rescale_cohorts(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Keep pending cohorts a consistent part of the dying channel after it was rescaled."""
+        if not self.cohorts:
+            return
+        ratio = torch.where(before > 0, after / torch.where(before > 0, before, torch.ones_like(before)), torch.zeros_like(before))
+        for cohort in self.cohorts:
+            cohort.mass = cohort.mass * ratio
+
+    def _clearable(self, p: torch.Tensor, day: float) -> torch.Tensor | None:
+        """The part of the dying channel whose delay has passed by ``day``."""
+        pr = self.problem
+        if pr.dying is None:
+            return None
+        self.cohorts = [c for c in self.cohorts if c.expiry_day > day + _EVENT_TIME_TOLERANCE]
+        pending = sum((c.mass for c in self.cohorts), torch.zeros_like(p[:, :1]))
+        return torch.clamp(p[:, pr.dying:pr.dying + 1] - pending, min=0.0)
+
+    # -- stepping -------------------------------------------------------------------------
+    def _step(self, p: torch.Tensor, t: float, dt: float) -> torch.Tensor:
+        pr = self.problem
+        chemo = pr.plan.chemo_kill_rate(t, t + dt) if pr.plan.chemotherapy else 0.0
+        clearable = self._clearable(p, t)
+        explicit = _explicit_reaction(pr, p, t, dt, chemo, clearable)
+        # Transport leaves the immobile dying channel unchanged; only the projection rescales it.
+        dying_before = None if pr.dying is None else explicit[:, pr.dying:pr.dying + 1]
+        if self.use_checkpoint and torch.is_grad_enabled():
+            p_new = torch_checkpoint(_transport_and_project, pr, explicit, p, dt, use_reentrant=False)
+        else:
+            p_new = _transport_and_project(pr, explicit, p, dt)
+        if dying_before is not None:
+            self._rescale_cohorts(dying_before, p_new[:, pr.dying:pr.dying + 1])
+        return p_new
+
+    def run(self, p: torch.Tensor, output_days: list[float]) -> list[torch.Tensor]:
+        horizon = output_days[-1]
+        plan = self.problem.plan
+        cuts = {0.0, horizon, *[d for d in output_days if d < horizon], *plan.breakpoints(horizon)}
+        cuts = sorted(c for c in cuts if 0.0 <= c <= horizon)
+        snapshots: dict[int, torch.Tensor] = {}
+        pending_outputs = list(enumerate(output_days))
+        for i, t0 in enumerate(cuts):
+            while pending_outputs and abs(pending_outputs[0][1] - t0) <= _EVENT_TIME_TOLERANCE:
+                snapshots[pending_outputs.pop(0)[0]] = _visible(self.problem, p)
+            if t0 >= horizon - _EVENT_TIME_TOLERANCE:
+                break
+            p = self._apply_events(p, t0)
+            t1 = cuts[i + 1]
+            n_steps = max(1, math.ceil((t1 - t0) / self.dt - 1e-9))
+            h = (t1 - t0) / n_steps
+            for s in range(n_steps):
+                p = self._step(p, t0 + s * h, h)
+            if self.progress is not None:
+                self.progress(t1, horizon)
+        for index, _ in pending_outputs:  # output days equal to the horizon
+            snapshots[index] = _visible(self.problem, p)
+        return [snapshots[i] for i in range(len(output_days))]
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+def simulate(p0, *, spacing, days, dt, diffusion, growth_rate=0.0, carrying_capacity=1.0, cross_diffusion=None,
+             tumor_class: int = 1, plan=None, mask=None, jacobi_iters: int = 2, omega: float = 1.0,
+             return_trajectory: bool = False, schema: ClassSchema | None = None, removed_class: int | None = None,
+             reaction_hook: ReactionHook | None = None, jacobi_variant: str = "conservative",
+             checkpoint: bool = False, progress: Callable[[float, float], None] | None = None) -> torch.Tensor:
+    """Evolve an anatomy probability field by Eq. 2 with the IMEX scheme.
+
+    Args:
+        p0: (K, *S) or (B, K, *S) float tensor on the simplex, 2 or 3 spatial axes.
+        spacing: mm per spatial axis, in the tensor's axis order (e.g. (z, y, x)).
+        days: the horizon in days, or an increasing list of output days (days from baseline).
+        dt: the largest time step in days; steps are shortened to land exactly on events.
+        diffusion: D_k in mm²/day: one scalar for all classes, K values, or a (K, *S) / (B, K, *S)
+            field (e.g. tumour diffusion faster in white matter, see
+            :func:`AnatomyDTLib.parameters.tissue_weighted_diffusion`).
+        growth_rate: α of the tumour class in 1/day, scalar or (*S) / (B, *S) field.
+        carrying_capacity: κ in (0, 1], scalar or field.
+        cross_diffusion: χ in mm²/day, a (K, K) matrix or (K, K, *S) field with zero diagonal;
+            sign convention of :class:`~AnatomyDTLib.operators.CrossDiffusionOperator`.
+        tumor_class: channel of the tumour.
+        plan: treatment plan (dict, JSON path or :class:`~AnatomyDTLib.plan.TreatmentPlan`); arrays
+            in it (resection masks, dose maps) must be on p0's grid.
+        mask: optional (*S) / (B, *S) binary domain (brain) mask; nothing crosses its border and
+            nothing changes outside it.
+        jacobi_iters: m, the number of unrolled Jacobi sweeps per step (>= 1).
+        omega: relaxation ω in (0, 1].
+        return_trajectory: return every output day (stacked first) instead of only the last.
+        schema: class names and roles; default: the brain schema for K = 5, generic otherwise.
+        removed_class: channel that receives tumour removed by treatment (default: the schema's).
+        reaction_hook: learned extra reaction dp/dt (see :data:`ReactionHook`).
+        jacobi_variant: "conservative" (mass-conserving, default) or "classic" (local diagonal).
+        checkpoint: recompute each step's transport in the backward pass (bounded memory).
+        progress: optional callback ``progress(day_reached, horizon)``.
+
+    Returns:
+        The field at the last output day, shaped like p0; with ``return_trajectory`` a tensor
+        (len(days), *p0.shape). Every voxel is on the simplex.
+    """
+    spacing = _check_spacing(spacing)
+    p, batched = _as_batched_field(p0, spacing)
+    _check_field(p.detach())
+    output_days = _output_days(days)
+    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
+        raise ParameterError(f"dt must be a positive number of days, got {dt!r}.")
+    if not (isinstance(jacobi_iters, int) and jacobi_iters >= 1):
+        raise ParameterError(f"jacobi_iters must be an integer >= 1, got {jacobi_iters!r}.")
+    if not (isinstance(omega, (int, float)) and 0 < omega <= 1):
+        raise ParameterError(f"omega must be in (0, 1] so that each Jacobi sweep keeps probabilities non-negative, got {omega!r}.")
+    if jacobi_variant not in ("conservative", "classic"):
+        raise ParameterError(f"jacobi_variant must be 'conservative' or 'classic', got {jacobi_variant!r}.")
+    k = p.shape[1]
+    if not (isinstance(tumor_class, int) and 0 <= tumor_class < k):
+        raise ParameterError(f"tumor_class must be a channel index in 0..{k - 1}, got {tumor_class!r}.")
+    schema = schema_for(k, schema, tumour_index=tumor_class, sink_index=0 if removed_class is None else removed_class)
+    sink = schema.removed_tumour_index if removed_class is None else schema.index(removed_class)
+    grid = Grid(p.shape[0], k, tuple(p.shape[2:]), spacing, p.dtype, p.device)
+    treatment = load_plan(plan, schema=schema)
+    problem = _build_problem(grid, diffusion=diffusion, growth_rate=growth_rate, carrying_capacity=carrying_capacity,
+                             cross_diffusion=cross_diffusion, tumour=tumor_class, sink=sink, plan=treatment, mask=mask,
+                             schema=schema, reaction_hook=reaction_hook, jacobi_iters=jacobi_iters, omega=float(omega),
+                             jacobi_variant=jacobi_variant)
+    state = p
+    if problem.dying is not None:
+        state = torch.cat([p, torch.zeros_like(p[:, :1])], dim=1)
+    snapshots = _Integrator(problem, float(dt), checkpoint, progress).run(state, output_days)
+    if not batched:
+        snapshots = [s[0] for s in snapshots]
+    if return_trajectory:
+        return torch.stack(snapshots)
+    return snapshots[-1]

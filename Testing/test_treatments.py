@@ -1,0 +1,207 @@
+"""Treatment terms in the solver: radiotherapy (LQ, dose maps, delayed death), surgery, chemotherapy.
+
+With diffusion and growth switched off, each treatment has an exact closed-form answer, so the
+tolerances are rounding-level unless stated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from AnatomyDTLib import simulate
+from AnatomyDTLib.errors import InputError
+from AnatomyDTLib.plan import stupp_plan
+from AnatomyDTLib.schema import BRAIN_SCHEMA
+
+ALPHA, AB = 0.05, 10.0
+BETA = ALPHA / AB
+
+
+def _brain_like_field(shape=(12, 14, 10), seed=0):
+    """A 5-class field with a soft tumour blob (class 1) inside white matter (class 2)."""
+    g = torch.Generator().manual_seed(seed)
+    z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) - (n - 1) / 2 for n in shape], indexing="ij")
+    tumour = 0.9 * torch.exp(-(z ** 2 + y ** 2 + x ** 2) / (2 * 2.5 ** 2))
+    rest = torch.rand((4,) + shape, generator=g, dtype=torch.float64) + 0.05
+    rest[1] += 2.0  # mostly white matter around it
+    rest = rest / rest.sum(0, keepdim=True) * (1 - tumour)
+    return torch.cat([rest[:1], tumour[None], rest[1:]])
+
+
+def _static(p0, plan, days, **kw):
+    """Run with no diffusion and no growth: only the treatment acts."""
+    return simulate(p0, spacing=(1.0, 1.0, 2.0), days=days, dt=1.0, diffusion=0.0, growth_rate=0.0, plan=plan, **kw)
+
+
+def test_radiotherapy_follows_linear_quadratic_survival_fraction_by_fraction():
+    p0 = _brain_like_field()
+    fraction_days = [1, 2, 3, 4, 5, 8, 9, 10]
+    plan = {"radiotherapy": {"fraction_days": fraction_days, "dose_per_fraction_gy": 2.0,
+                             "alpha_per_gy": ALPHA, "alpha_beta_gy": AB}}
+    days = [0.0] + [d + 0.5 for d in fraction_days]
+    traj = _static(p0, plan, days, return_trajectory=True)
+    start = float(p0[1].sum())
+    survival = math.exp(-(ALPHA * 2.0 + BETA * 2.0 ** 2))
+    for n, state in enumerate(traj):
+        assert float(state[1].sum()) == pytest.approx(start * survival ** n, rel=1e-12)
+    # Killed tumour goes to the schema's removed-tumour class (background); the simplex holds.
+    removed = start * (1 - survival ** len(fraction_days))
+    assert float(traj[-1][0].sum() - p0[0].sum()) == pytest.approx(removed, rel=1e-10)
+    assert float((traj[-1].sum(0) - 1).abs().max()) < 1e-12
+
+
+def test_radiotherapy_with_a_dose_map_kills_per_voxel():
+    p0 = _brain_like_field()
+    dose_total = np.zeros(p0.shape[1:])
+    dose_total[:, :, :5] = 60.0  # half the volume gets 60 Gy in 30 fractions, the rest nothing
+    plan = {"radiotherapy": {"start_day": 0, "fractions": 30, "total_dose_gy": 60.0, "dose_map": dose_total,
+                             "alpha_per_gy": ALPHA, "alpha_beta_gy": AB}}
+    out = _static(p0, plan, 60.0)
+    s30 = math.exp(-30 * (ALPHA * 2.0 + BETA * 4.0))
+    assert torch.allclose(out[1][:, :, :5], p0[1][:, :, :5] * s30, rtol=1e-10, atol=1e-15)
+    # Unirradiated voxels are untouched up to the projection's rounding (1e-14).
+    assert torch.allclose(out[1][:, :, 5:], p0[1][:, :, 5:], rtol=0, atol=1e-14)
+
+
+def test_radiotherapy_reads_a_dose_map_file_on_the_grid(tmp_path):
+    p0 = _brain_like_field()
+    dose = np.full(p0.shape[1:], 20.0, dtype=np.float32)
+    path = tmp_path / "dose.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(dose), str(path))
+    before = path.read_bytes()
+    plan = {"radiotherapy": {"fraction_days": [0, 1], "dose_per_fraction_gy": 10.0, "dose_map": str(path),
+                             "alpha_per_gy": ALPHA, "alpha_beta_gy": AB}}
+    out = _static(p0, plan, 3.0)
+    s = math.exp(-2 * (ALPHA * 10.0 + BETA * 100.0))
+    assert float(out[1].sum()) == pytest.approx(float(p0[1].sum()) * s, rel=1e-6)
+    assert path.read_bytes() == before  # the user's file is untouched
+
+
+def test_delayed_death_keeps_killed_cells_visible_then_clears_them():
+    p0 = _brain_like_field()
+    delay, half_life = 7.0, 10.0
+    plan = {"radiotherapy": {"fraction_days": [0.0], "dose_per_fraction_gy": 10.0, "alpha_per_gy": ALPHA,
+                             "alpha_beta_gy": AB, "delayed_death": {"delay_days": delay, "clearance_half_life_days": half_life}}}
+    days = [0.5, 6.5, 7.0, 17.0, 27.0]
+    traj = _static(p0, plan, days, return_trajectory=True)
+    start = float(p0[1].sum())
+    s = math.exp(-(ALPHA * 10.0 + BETA * 100.0))
+    lam = math.log(2) / half_life
+    for day, state in zip(days, traj):
+        cleared = 0.0 if day <= delay else (1 - s) * start * (1 - math.exp(-lam * (day - delay)))
+        assert float(state[1].sum()) == pytest.approx(start - cleared, rel=1e-9), day
+        assert state.shape[0] == 5  # the dying compartment is merged back into the tumour for output
+        assert float((state.sum(0) - 1).abs().max()) < 1e-12
+
+
+def test_surgery_with_a_mask_removes_exactly_the_resection_region():
+    p0 = _brain_like_field()
+    mask = np.zeros(p0.shape[1:], dtype=bool)
+    mask[3:9, 4:10, 3:7] = True
+    plan = {"surgery": [{"day": 2.0, "resection_mask": mask}]}
+    before, after = _static(p0, plan, [2.0, 2.5], return_trajectory=True)
+    # The state reported at day 2 is before the surgery of day 2 (equal up to rounding, 1e-14).
+    assert torch.allclose(before, p0, rtol=0, atol=1e-14)
+    inside = torch.as_tensor(mask)
+    assert float(after[1][inside].abs().max()) < 1e-15
+    assert torch.allclose(after[1][~inside], p0[1][~inside], rtol=0, atol=1e-14)
+    assert torch.allclose(after[0][inside], p0[0][inside] + p0[1][inside])  # went to background
+    for k in (2, 3, 4):
+        assert torch.allclose(after[k], p0[k], rtol=0, atol=1e-14)
+
+
+def test_surgery_with_a_mask_file_and_a_named_target_class(tmp_path):
+    p0 = _brain_like_field()
+    mask = np.zeros(p0.shape[1:], dtype=np.uint8)
+    mask[5:7, 5:9, 4:6] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(tmp_path / "cavity.nii.gz"))
+    (tmp_path / "plan.json").write_text('{"surgery": [{"day": 0, "resection_mask": "cavity.nii.gz", "removed_to": "white matter"}]}')
+    out = _static(p0, str(tmp_path / "plan.json"), 1.0)
+    inside = torch.as_tensor(mask.astype(bool))
+    assert float(out[1][inside].max()) < 1e-15
+    assert torch.allclose(out[2][inside], p0[2][inside] + p0[1][inside])
+
+
+def test_surgery_by_extent_removes_that_fraction_from_the_core_outward():
+    # A flat-topped tumour (probability 0.95 within 5 mm, soft 1 mm edge), like a real segmentation.
+    shape = (16, 16, 12)
+    r = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) - (n - 1) / 2 for n in shape], indexing="ij"))
+    physical_radius = torch.sqrt(r[0] ** 2 + r[1] ** 2 + (2.0 * r[2]) ** 2)
+    tumour = 0.95 * torch.sigmoid((5.0 - physical_radius) / 1.0)
+    p0 = torch.stack([0.5 * (1 - tumour), tumour, 0.5 * (1 - tumour), torch.zeros(shape, dtype=torch.float64),
+                      torch.zeros(shape, dtype=torch.float64)])
+    plan = {"surgery": [{"day": 0.0, "extent": 0.3}]}
+    out = _static(p0, plan, 1.0)
+    start = float(p0[1].sum())
+    assert float(out[1].sum()) == pytest.approx(0.7 * start, rel=1e-9)
+    removed = (p0[1] - out[1]) > 1e-12
+    centre = tuple(n // 2 for n in p0.shape[1:])
+    assert bool(removed[centre])  # the core goes first
+    kept_tumour = (p0[1] >= 0.5) & ~removed  # core voxels the surgeon left
+    assert bool(kept_tumour.any())
+    # "From the core outward": removed voxels are at least as deep inside the tumour (distance in mm
+    # to the nearest voxel outside it) as every core voxel that was kept ...
+    depth = torch.as_tensor(ndimage.distance_transform_edt((p0[1] >= 0.5).numpy(), sampling=(1.0, 1.0, 2.0)))
+    assert float(depth[removed].min()) >= float(depth[kept_tumour].max()) - 1e-9
+    # ... and, for this round tumour, closer to its centre to within one voxel (1 mm).
+    assert float(physical_radius[removed].max()) <= float(physical_radius[kept_tumour].min()) + 1.0
+
+
+def test_chemotherapy_acts_only_inside_its_windows():
+    p0 = _brain_like_field()
+    k = 0.1
+    plan = {"chemotherapy": [{"agent": "temozolomide", "kill_rate_per_day": k, "windows": [[2.0, 4.5], [7.25, 8.0]]}]}
+    days = [1.0, 2.0, 3.0, 4.5, 6.0, 7.25, 8.0, 10.0]
+    traj = _static(p0, plan, days, return_trajectory=True)
+    start = float(p0[1].sum())
+
+    def exposure(t):
+        return max(0.0, min(t, 4.5) - 2.0) + max(0.0, min(t, 8.0) - 7.25)
+
+    for day, state in zip(days, traj):
+        assert float(state[1].sum()) == pytest.approx(start * math.exp(-k * exposure(day)), rel=1e-12), day
+
+
+def test_stupp_protocol_combines_radiotherapy_and_temozolomide_exactly():
+    p0 = _brain_like_field()
+    plan = stupp_plan(rt_start_day=7.0, include_adjuvant=False, tmz_kill_rate_per_day=0.02)
+    horizon = 70.0
+    out = _static(p0, plan, horizon)
+    rt = plan.radiotherapy
+    n = sum(d < horizon for d in rt.fraction_days)
+    chemo = sum(max(0.0, min(b, horizon) - a) for c in plan.chemotherapy for a, b in c.windows)
+    expected = float(p0[1].sum()) * math.exp(-n * (rt.alpha_per_gy * 2 + rt.beta_per_gy2 * 4)) * math.exp(-0.02 * chemo)
+    assert n == 30
+    assert float(out[1].sum()) == pytest.approx(expected, rel=1e-10)
+
+
+def test_fractions_after_the_horizon_are_not_simulated():
+    p0 = _brain_like_field()
+    plan = {"radiotherapy": {"fraction_days": [1, 2, 20, 21], "dose_per_fraction_gy": 2.0}}
+    out = _static(p0, plan, 10.0)
+    s = math.exp(-(ALPHA * 2 + BETA * 4))
+    assert float(out[1].sum()) == pytest.approx(float(p0[1].sum()) * s ** 2, rel=1e-12)
+
+
+def test_untreated_tumour_grows_and_treated_tumour_shrinks_with_full_physics():
+    p0 = _brain_like_field(shape=(16, 16, 12)).to(torch.float32)
+    kwargs = dict(spacing=(1.0, 1.0, 2.0), days=60.0, dt=1.0, diffusion=[0.0, 0.05, 0.0, 0.0, 0.0], growth_rate=0.03,
+                  schema=BRAIN_SCHEMA)
+    untreated = simulate(p0, **kwargs)
+    treated = simulate(p0, plan=stupp_plan(rt_start_day=0.0, include_adjuvant=False), **kwargs)
+    start = float(p0[1].sum())
+    assert float(untreated[1].sum()) > 1.3 * start
+    assert float(treated[1].sum()) < 0.8 * start
+
+
+def test_a_resection_mask_on_another_grid_is_refused_with_advice():
+    p0 = _brain_like_field()
+    plan = {"surgery": [{"day": 0.0, "resection_mask": np.ones((3, 3, 3), dtype=bool)}]}
+    with pytest.raises(InputError, match="resample"):
+        _static(p0, plan, 1.0)
