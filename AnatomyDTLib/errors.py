@@ -24,3 +24,7 @@ class ParameterError(AnatomyDTError, ValueError):
 
 class OutputExistsError(AnatomyDTError, FileExistsError):
     """An output path exists and overwriting was not requested."""
+
+
+class Cancelled(AnatomyDTError):
+    """The user cancelled a running prediction; nothing was written and no scene node was created."""

@@ -769,3 +769,32 @@ def _write_segmentation_nrrd(tmp: Path, labels: np.ndarray, geometry: Geometry, 
     if labels.ndim == 2:
         segmentation[_SPATIAL_DIMENSIONS_KEY] = "2"
     slicerio.write_segmentation(str(tmp), segmentation, compression_level=_SEG_NRRD_GZIP_LEVEL)
+
+
+def read_image_on_grid(path: str | os.PathLike, geometry: Geometry, shape: tuple[int, ...], *,
+                       interpolation: str = "linear", default_value: float = 0.0) -> np.ndarray:
+    """Read an image and resample it in physical (LPS) space onto a reference grid.
+
+    Used for plan inputs drawn on another grid than the segmentation: resection masks
+    (``interpolation="nearest"``) and radiotherapy dose maps (``"linear"``, Gy). Points of the
+    reference grid outside the image get ``default_value``. The file is only read.
+
+    Returns:
+        float64 array of ``shape`` in array order.
+    """
+    image = _read_sitk(path)
+    if image.GetDimension() != geometry.ndim:
+        raise InputError(f"{str(path)!r} is {image.GetDimension()}D but the anatomy grid is {geometry.ndim}D.")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{str(path)!r} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                         "give a single-channel image.")
+    reference = geometry.apply_to_sitk(sitk.Image([int(n) for n in reversed(shape)], sitk.sitkUInt8))
+    modes = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+    if interpolation not in modes:
+        raise ValueError(f"interpolation must be one of {sorted(modes)}, got {interpolation!r}")
+    resampled = sitk.Resample(sitk.Cast(image, sitk.sitkFloat64), reference, sitk.Transform(), modes[interpolation],
+                              float(default_value), sitk.sitkFloat64)
+    array = sitk.GetArrayFromImage(resampled)
+    if not np.isfinite(array).all():
+        raise InputError(f"{str(path)!r} contains NaN or infinite values.")
+    return array

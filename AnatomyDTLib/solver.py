@@ -485,8 +485,8 @@ class _Integrator:
             h = (t1 - t0) / n_steps
             for s in range(n_steps):
                 p = self._step(p, t0 + s * h, h)
-            if self.progress is not None:
-                self.progress(t1, horizon)
+                if self.progress is not None:
+                    self.progress(t0 + (s + 1) * h, horizon)  # may raise Cancelled to stop the run
         for index, _ in pending_outputs:  # output days equal to the horizon
             snapshots[index] = _visible(self.problem, p)
         return [snapshots[i] for i in range(len(output_days))]
@@ -528,7 +528,8 @@ def simulate(p0, *, spacing, days, dt, diffusion, growth_rate=0.0, carrying_capa
         reaction_hook: learned extra reaction dp/dt (see :data:`ReactionHook`).
         jacobi_variant: "conservative" (mass-conserving, default) or "classic" (local diagonal).
         checkpoint: recompute each step's transport in the backward pass (bounded memory).
-        progress: optional callback ``progress(day_reached, horizon)``.
+        progress: optional callback ``progress(day_reached, horizon)`` after every step; it may raise
+            :class:`~AnatomyDTLib.errors.Cancelled` to stop the run.
 
     Returns:
         The field at the last output day, shaped like p0; with ``return_trajectory`` a tensor
