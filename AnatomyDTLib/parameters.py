@@ -108,15 +108,17 @@ class PDEParameters:
     def brain_defaults(cls) -> "PDEParameters":
         """Literature-range glioma parameters for the brain schema (a mechanistic prior, not fitted).
 
-        D_tumour 0.1 mm²/day in white matter and 0.01 in grey matter (Swanson 2000: ratio 5–10),
-        none into the ventricles; α = 0.03/day (volume doubling ≈ 3–4 weeks at low density);
-        ventricles and cortex pushed away from the tumour by χ = −0.1 mm²/day (mass effect).
+        D_tumour 0.2 mm²/day in white matter and 0.02 in grey matter (Swanson 2000: ratio 5–10),
+        none into the ventricles; α = 0.05/day (high-grade glioma range 0.005–0.1/day). The Fisher–KPP
+        front speed 2√(Dα) is then 0.2 mm/day in white matter before the projection's sharing with
+        the displaced tissue (README, "Conservation") roughly halves the effective D.
+        Ventricles and cortex are pushed away from the tumour by χ < 0 (mass effect).
         """
         return cls(
             diffusion={},
-            tumour_diffusion_by_tissue={"background": 0.01, "white_matter": 0.1, "grey_matter": 0.01,
+            tumour_diffusion_by_tissue={"background": 0.02, "white_matter": 0.2, "grey_matter": 0.02,
                                         "lateral_ventricles": 0.0},
-            growth_rate=0.03,
+            growth_rate=0.05,
             carrying_capacity=1.0,
             cross_diffusion={"lateral_ventricles": {"tumour": -0.1}, "grey_matter": {"tumour": -0.05},
                              "white_matter": {"tumour": -0.05}},
