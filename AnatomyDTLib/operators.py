@@ -42,13 +42,12 @@ def face_harmonic_mean(u: torch.Tensor, dim: int) -> torch.Tensor:
 
     The harmonic mean is the standard face diffusivity for heterogeneous media: it is the exact
     series conductance of two half-cells, and it makes a face with a zero-diffusivity cell on
-    either side a no-flux face (used for the brain mask).
+    either side a no-flux face (used for the brain mask). Inputs are >= 0.
     """
     n = u.shape[dim]
     a = u.narrow(dim, 1, n - 1)
     b = u.narrow(dim, 0, n - 1)
-    total = a + b
-    return torch.where(total > 0, 2.0 * a * b / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    return 2.0 * a * b / (a + b).clamp(min=torch.finfo(u.dtype).tiny)  # a = b = 0 gives 0/tiny = 0
 
 
 def face_both_inside(mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -77,61 +76,85 @@ def add_flux_divergence_(acc: torch.Tensor, face_flux: torch.Tensor, dim: int, s
 
 
 class DiffusionOperator:
-    """The self-diffusion operator L_k u = ∇·(D_k(x) ∇u) for every class k, in flux form.
+    """The self-diffusion operator L_k u = ∇·(D_k(x) ∇u) of the classes that diffuse, in flux form.
 
     Built once per solve from the diffusion coefficients, the spacing and the optional mask.
-    Uniform per-class coefficients without a mask keep scalar face weights (no face arrays).
+    Only the *active* classes are stored and solved: those whose D is not identically zero, or
+    all classes when D requires gradients (a zero D can become non-zero in training). For the
+    others the implicit solve is the identity. Uniform per-class coefficients without a mask keep
+    scalar face weights (no face arrays).
 
     Args:
         diffusion: (B|1, C, *S) or (1, C, 1, ..., 1) tensor of D in mm²/day, >= 0.
         spacing: mm per spatial axis, in the tensor's axis order.
         mask: optional (B|1, 1, *S) float tensor, 1 inside the domain, 0 outside.
+        spatial_shape: the grid's shape (needed for the diagonal of uniform coefficients).
     """
 
     def __init__(self, diffusion: torch.Tensor, spacing: Sequence[float], mask: torch.Tensor | None = None,
                  spatial_shape: Sequence[int] | None = None):
         self.spacing = tuple(float(h) for h in spacing)
-        uniform = mask is None and all(s == 1 for s in diffusion.shape[2:])
-        self.uniform = uniform
-        if not uniform:
-            if spatial_shape is not None and all(s == 1 for s in diffusion.shape[2:]):
-                diffusion = diffusion.expand(*diffusion.shape[:2], *spatial_shape)
+        self.num_channels = diffusion.shape[1]
+        self.spatial_shape = tuple(spatial_shape) if spatial_shape is not None else tuple(diffusion.shape[2:])
+        if diffusion.requires_grad:
+            active = list(range(self.num_channels))
+        else:
+            flat = diffusion.detach().transpose(0, 1).reshape(self.num_channels, -1)
+            active = [c for c in range(self.num_channels) if bool((flat[c] != 0).any())]
+        self.active = active
+        self.active_index = torch.tensor(active, dtype=torch.long, device=diffusion.device)
+        d = diffusion.index_select(1, self.active_index) if len(active) < self.num_channels else diffusion
+        self.uniform = mask is None and all(s == 1 for s in d.shape[2:])
+        if not self.uniform:
+            if all(s == 1 for s in d.shape[2:]):
+                d = d.expand(*d.shape[:2], *self.spatial_shape)
             if mask is not None:
-                diffusion = diffusion * mask
+                d = d * mask
         self.face_weights = []
         for axis, h in enumerate(self.spacing):
-            dim = 2 + axis
-            if uniform:
-                self.face_weights.append(diffusion / (h * h))
-            else:
-                self.face_weights.append(face_harmonic_mean(diffusion, dim) / (h * h))
-        self.diagonal = self._diagonal(diffusion, spatial_shape)
-
-    def _diagonal(self, diffusion: torch.Tensor, spatial_shape) -> torch.Tensor:
-        """c_i = sum of the weights of cell i's faces (1/day); the matrix diagonal is 1 + Δt·c."""
-        total = None
-        for axis, w in enumerate(self.face_weights):
-            dim = 2 + axis
             if self.uniform:
-                if spatial_shape is None:
-                    raise ValueError("spatial_shape is needed for uniform diffusion coefficients")
-                n = spatial_shape[axis]
-                face_shape = [1] * (2 + len(spatial_shape))
-                face_shape[dim] = n - 1
-                faces = torch.ones(face_shape, dtype=w.dtype, device=w.device)
-                part = _face_sum(faces, dim, n) * w  # 2 faces inside, 1 at the grid's ends
+                self.face_weights.append(d / (h * h))
             else:
-                part = _face_sum(w, dim, w.shape[dim] + 1)
-            total = part if total is None else total + part
-        return total
+                self.face_weights.append(face_harmonic_mean(d, 2 + axis) / (h * h))
+        self._diagonal = None
+        self._max_diagonal = None
+
+    @property
+    def diagonal(self) -> torch.Tensor:
+        """c_i = sum of the weights of cell i's faces (1/day) for the active classes; the matrix
+        diagonal is 1 + Δt·c. Computed on first use."""
+        if self._diagonal is None:
+            total = None
+            for axis, w in enumerate(self.face_weights):
+                dim = 2 + axis
+                n = self.spatial_shape[axis]
+                if self.uniform:
+                    face_shape = [1] * (2 + len(self.spatial_shape))
+                    face_shape[dim] = n - 1
+                    faces = torch.ones(face_shape, dtype=w.dtype, device=w.device)
+                    part = _face_sum(faces, dim, n) * w  # 2 faces inside, 1 at the grid's ends
+                else:
+                    part = _face_sum(w, dim, n)
+                total = part if total is None else total + part
+            self._diagonal = total
+        return self._diagonal
 
     def max_diagonal(self) -> torch.Tensor:
-        """max_i c_i per (batch, class): the uniform scaling used by the conservative Jacobi sweep."""
-        c = self.diagonal
-        return c.flatten(2).amax(dim=2).reshape(*c.shape[:2], *([1] * (c.dim() - 2)))
+        """max_i c_i per (batch, active class): the uniform scaling of the conservative Jacobi sweep."""
+        if self._max_diagonal is None:
+            if self.uniform:  # interior cells have both faces on every axis of length > 2
+                total = None
+                for axis, w in enumerate(self.face_weights):
+                    faces = 2.0 if self.spatial_shape[axis] > 2 else float(self.spatial_shape[axis] - 1)
+                    total = w * faces if total is None else total + w * faces
+                self._max_diagonal = total
+            else:
+                c = self.diagonal
+                self._max_diagonal = c.flatten(2).amax(dim=2).reshape(*c.shape[:2], *([1] * (c.dim() - 2)))
+        return self._max_diagonal
 
     def apply(self, u: torch.Tensor) -> torch.Tensor:
-        """L u = ∇·(D ∇u) (per unit volume, 1/day × u), with no-flux faces."""
+        """L u = ∇·(D ∇u) for a tensor holding the *active* classes only (1/day × u), no-flux faces."""
         total = None
         for axis, w in enumerate(self.face_weights):
             dim = 2 + axis
@@ -165,6 +188,12 @@ def jacobi_solve(operator: DiffusionOperator, rhs: torch.Tensor, dt: float, iter
     Δt (unconditional stability of the implicit diffusion). The sweeps are plain tensor ops and
     therefore differentiable; gradients flow through all of them.
     """
+    if not operator.active:
+        return rhs
+    full = rhs
+    if len(operator.active) < operator.num_channels:
+        rhs = rhs.index_select(1, operator.active_index)
+        initial = None if initial is None else initial.index_select(1, operator.active_index)
     if variant == "classic":
         scale = omega / (1.0 + dt * operator.diagonal)
     elif variant == "conservative":
@@ -175,6 +204,8 @@ def jacobi_solve(operator: DiffusionOperator, rhs: torch.Tensor, dt: float, iter
     for _ in range(iterations):
         residual = rhs - u + dt * operator.apply(u)
         u = u + scale * residual
+    if len(operator.active) < operator.num_channels:
+        return full.index_copy(1, operator.active_index, u)  # classes with D = 0 are unchanged
     return u
 
 

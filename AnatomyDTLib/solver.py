@@ -390,6 +390,7 @@ class _Integrator:
         self.use_checkpoint = use_checkpoint
         self.progress = progress
         self.cohorts: list[_Cohort] = []
+        self.stepper = None  # the buffer-reusing no-grad path, set up in run() when gradients are off
 
     # -- events ---------------------------------------------------------------------------
     def _apply_events(self, p: torch.Tensor, day: float) -> torch.Tensor:
@@ -456,6 +457,11 @@ class _Integrator:
         pr = self.problem
         chemo = pr.plan.chemo_kill_rate(t, t + dt) if pr.plan.chemotherapy else 0.0
         clearable = self._clearable(p, t)
+        if self.stepper is not None:
+            p = self.stepper.step(p, t, dt, chemo, clearable)
+            if pr.dying is not None:
+                self._rescale_cohorts(self.stepper.dying_before_projection, p[:, pr.dying:pr.dying + 1])
+            return p
         explicit = _explicit_reaction(pr, p, t, dt, chemo, clearable)
         # Transport leaves the immobile dying channel unchanged; only the projection rescales it.
         dying_before = None if pr.dying is None else explicit[:, pr.dying:pr.dying + 1]
@@ -468,6 +474,20 @@ class _Integrator:
         return p_new
 
     def run(self, p: torch.Tensor, output_days: list[float]) -> list[torch.Tensor]:
+        if torch.is_grad_enabled():
+            return self._run(p, output_days)
+        from .inference import InferenceStepper
+
+        p = p.clone(memory_format=torch.contiguous_format)  # a private copy: the steps work in place
+        self.stepper = InferenceStepper(self.problem, p)
+        flushing = torch.set_flush_denormal(True)  # see inference.py: exact boxes, no slow denormals
+        try:
+            return self._run(p, output_days)
+        finally:
+            if flushing:
+                torch.set_flush_denormal(False)
+
+    def _run(self, p: torch.Tensor, output_days: list[float]) -> list[torch.Tensor]:
         horizon = output_days[-1]
         plan = self.problem.plan
         cuts = {0.0, horizon, *[d for d in output_days if d < horizon], *plan.breakpoints(horizon)}
@@ -476,7 +496,7 @@ class _Integrator:
         pending_outputs = list(enumerate(output_days))
         for i, t0 in enumerate(cuts):
             while pending_outputs and abs(pending_outputs[0][1] - t0) <= _EVENT_TIME_TOLERANCE:
-                snapshots[pending_outputs.pop(0)[0]] = _visible(self.problem, p)
+                snapshots[pending_outputs.pop(0)[0]] = _visible(self.problem, p).clone()
             if t0 >= horizon - _EVENT_TIME_TOLERANCE:
                 break
             p = self._apply_events(p, t0)
@@ -488,7 +508,7 @@ class _Integrator:
                 if self.progress is not None:
                     self.progress(t0 + (s + 1) * h, horizon)  # may raise Cancelled to stop the run
         for index, _ in pending_outputs:  # output days equal to the horizon
-            snapshots[index] = _visible(self.problem, p)
+            snapshots[index] = _visible(self.problem, p).clone()
         return [snapshots[i] for i in range(len(output_days))]
 
 

@@ -1,0 +1,99 @@
+"""The buffer-reusing no-grad path (AnatomyDTLib/inference.py) computes the same step as the reference path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from AnatomyDTLib import simulate
+from AnatomyDTLib.inference import support_box, support_box_within
+
+K = 5
+PLAN = {
+    "radiotherapy": {"fraction_days": [1, 2], "dose_per_fraction_gy": 2.0,
+                     "delayed_death": {"delay_days": 1, "clearance_half_life_days": 3}},
+    "chemotherapy": [{"agent": "tmz", "kill_rate_per_day": 0.1, "windows": [[0.5, 4.0]]}],
+}
+
+
+def _compact_tumour_field():
+    labels = torch.zeros(30, 32, 28, dtype=torch.long)
+    labels[:, :, 14:] = 2
+    labels[10:20, 12:20, 10:18] = 1
+    labels[2:6] = 4
+    return torch.nn.functional.one_hot(labels, K).permute(3, 0, 1, 2).double()
+
+
+def _dense_field():
+    g = torch.Generator().manual_seed(0)
+    return torch.distributions.Dirichlet(torch.full((K,), 0.5)).sample((20, 22, 18)).permute(3, 0, 1, 2).double()
+
+
+def _chi(kind):
+    chi = torch.zeros(K, K, dtype=torch.float64)
+    if kind == "mass_effect":
+        chi[2, 1], chi[4, 1] = -0.3, -0.2
+    else:
+        g = torch.Generator().manual_seed(1)
+        chi = torch.rand(K, K, generator=g, dtype=torch.float64) - 0.5
+        chi.fill_diagonal_(0)
+    return chi
+
+
+@pytest.mark.parametrize(
+    "field, diffusion, chi, plan, masked",
+    [
+        ("compact", [0, 0.3, 0, 0, 0], "mass_effect", PLAN, False),
+        ("compact", [0, 0.3, 0, 0, 0], "dense", None, True),
+        ("dense", [0.1, 0.3, 0, 0.2, 0], "mass_effect", PLAN, False),
+        ("dense", [0.1, 0.3, 0.05, 0.2, 0.1], "dense", None, False),
+    ],
+)
+def test_inference_path_agrees_with_the_reference_path(field, diffusion, chi, plan, masked):
+    torch.manual_seed(0)
+    p0 = _compact_tumour_field() if field == "compact" else _dense_field()
+    mask = None
+    if masked:
+        mask = torch.ones(p0.shape[1:], dtype=torch.bool)
+        mask[:2] = False
+    kwargs = dict(spacing=(1.0, 1.0, 2.0), days=[3.0, 6.0, 20.0], dt=0.5, diffusion=diffusion, growth_rate=0.3,
+                  cross_diffusion=_chi(chi), plan=plan, mask=mask, return_trajectory=True)
+    reference = simulate(p0, **kwargs)
+    before = p0.clone()
+    with torch.no_grad():
+        fast = simulate(p0, **kwargs)
+    assert torch.equal(p0, before)  # the caller's tensor is not touched by the in-place path
+    # 1e-7 in float64 (measured ≤ 4e-9): both paths compute the same step; they differ only in
+    # summation order, in skipping the projection of voxels already on the simplex (to 1e-13),
+    # and through the outflow limiter's threshold, where rounding can pick the other branch.
+    assert float((reference - fast).abs().max()) < 1e-7
+    assert float(fast.min()) >= 0.0
+    assert float((fast.sum(1) - 1).abs().max()) < 1e-12
+    if mask is not None:
+        assert torch.equal(fast[:, :, ~mask], p0[:, ~mask].unsqueeze(0).expand(3, -1, -1))
+
+
+def test_inference_path_in_float32_agrees_with_float64_reference():
+    # Without cross-diffusion, single precision tracks double precision to rounding over 30 steps
+    # (measured 2.4e-7). With cross-diffusion the two precisions drift apart at interfaces (see
+    # docs/solver.md, "Open issue: sensitivity of cross-diffusion"), so it is left out here.
+    p0 = _compact_tumour_field()
+    kwargs = dict(spacing=(1.0, 1.0, 1.0), days=30.0, dt=1.0, diffusion=[0, 0.2, 0, 0, 0], growth_rate=0.05, plan=PLAN)
+    reference = simulate(p0, **kwargs)
+    with torch.no_grad():
+        fast = simulate(p0.float(), **kwargs)
+    assert float((reference.float() - fast).abs().max()) < 1e-5
+
+
+def test_support_boxes_are_exact_and_respect_the_search_window():
+    p = torch.zeros(1, 2, 10, 12, 14)
+    p[0, 1, 3:5, 6, 2:9] = 0.5
+    box = support_box(p[:, 1:2], margin=1)
+    assert box == (slice(2, 6), slice(5, 8), slice(1, 10))
+    window = (slice(1, 8), slice(0, 12), slice(0, 14))
+    assert support_box_within(p[:, 1:2], window, 1, (10, 12, 14)) == box
+    assert support_box(torch.zeros(1, 1, 4, 4), margin=2) is None
+    # margins are clipped to the grid
+    p2 = torch.zeros(1, 1, 5, 5)
+    p2[0, 0, 0, 4] = 1.0
+    assert support_box(p2, margin=3) == (slice(0, 4), slice(1, 5))
