@@ -14,6 +14,12 @@ the mm per axis in array order, ``days`` increasing output days, ``plan`` a load
 :class:`~AnatomyDTLib.plan.TreatmentPlan` whose arrays are on p0's grid. It returns a
 (len(days), K, *S) tensor on p0's grid. Models that work at a fixed resolution resample inside
 ``forecast`` and answer on the input grid.
+
+Optional attributes, checked by :func:`predict` before any work: ``spatial_ndim`` (2 or 3; a
+model that only works on 3D volumes refuses a 2D baseline with a clear message; the learned
+model's ``model.ndim`` is read when ``spatial_ndim`` is absent) and ``class_names`` (the class
+order the model was trained on, which must be the baseline schema's). The mechanistic
+``pde-only`` model works in 2D and 3D.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import Cancelled, InputError
+from .errors import AnatomyDTError, Cancelled, InputError
 from .io import Geometry
 from .parameters import PDEParameters
 from .plan import TreatmentPlan, load_plan
@@ -76,13 +82,37 @@ def load_model(model: "str | ForecastModel" = "pde-only", *, device: str = "cpu"
         return PDEOnlyModel()
     path = bundled_model_path() if model == "default" else Path(model)
     if model == "default" and not path.is_file():
-        raise InputError("The default trained model is not bundled with this version; use model 'pde-only' "
-                         "(the mechanistic model with literature parameters) or give a weights file.")
+        raise InputError("The default trained model is not bundled with this version of AnatomyDT yet; use the "
+                         "mechanistic model with literature parameters instead (model 'pde-only'; on the command "
+                         "line: --model pde-only), or give a weights file written by 'anatomydt train'.")
     if not path.is_file():
         raise InputError(f"Model file {str(path)!r} not found; give 'default', 'pde-only' or a path to a weights file.")
-    from .models import load_checkpoint  # the learned models (Growth CNN) live there
+    try:
+        from .models import load_checkpoint  # the learned models (Growth CNN) live there
+    except ImportError as exc:
+        _check_weights_file_readable(path)
+        raise InputError(f"Cannot use the weights file {str(path)!r}: the learned models are not available in this "
+                         f"installation ({exc}). Use --model pde-only, or update AnatomyDT.") from exc
+    try:
+        return load_checkpoint(path, device=device)
+    except AnatomyDTError:
+        raise
+    except Exception as exc:  # a damaged or foreign file must give a message, never a traceback
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise InputError(f"Cannot load the model weights file {str(path)!r} ({type(exc).__name__}: {detail}); it is "
+                         "corrupt, truncated or not an AnatomyDT weights file. Re-copy it, retrain with "
+                         "'anatomydt train', or use --model pde-only.") from exc
 
-    return load_checkpoint(path, device=device)
+
+def _check_weights_file_readable(path: Path) -> None:
+    """Raise :class:`InputError` unless ``path`` opens as a PyTorch file (without running code from it)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files (zip, pickle, EOF, runtime)
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise InputError(f"Cannot read the model weights file {str(path)!r}: it is corrupt or truncated, or not a "
+                         f"PyTorch file at all ({type(exc).__name__}: {detail}). Re-copy it, or use --model pde-only."
+                         ) from exc
 
 
 @dataclass
@@ -161,6 +191,7 @@ def predict(baseline: AnatomyState, *, days, plan=None, model: "str | ForecastMo
     torch_device = _resolve_device(device)
     treatment = load_plan(plan, schema=schema)
     forecaster = load_model(model, device=str(torch_device))
+    _check_model_fits(forecaster, baseline)
     horizon = days_list[-1]
 
     def on_step(day: float, _horizon: float) -> None:
@@ -176,6 +207,30 @@ def predict(baseline: AnatomyState, *, days, plan=None, model: "str | ForecastMo
     if progress is not None:
         progress(1.0)
     return Prediction(days_list, fields.cpu(), baseline.geometry, schema, forecaster.name, forecaster.version, baseline)
+
+
+def model_spatial_ndim(forecaster) -> int | None:
+    """The number of spatial axes a model works on (2 or 3), or None if it works on both (or does not say)."""
+    ndim = getattr(forecaster, "spatial_ndim", None)
+    if ndim is None:
+        ndim = getattr(getattr(forecaster, "model", None), "ndim", None)
+    return int(ndim) if isinstance(ndim, int) and not isinstance(ndim, bool) else None
+
+
+def _check_model_fits(forecaster, baseline: AnatomyState) -> None:
+    """Refuse, before running, a baseline the model cannot take: wrong dimension or class order."""
+    name = getattr(forecaster, "name", "the model")
+    model_ndim = model_spatial_ndim(forecaster)
+    data_ndim = baseline.field.dim() - 1
+    if model_ndim is not None and model_ndim != data_ndim:
+        hint = (" Give the 3D segmentation (all slices), or use model 'pde-only' (--model pde-only), which also "
+                "works on 2D slices.") if model_ndim == 3 else " Give a baseline of the dimension the model was trained on."
+        raise InputError(f"Model {name!r} works on {model_ndim}D volumes, but the baseline segmentation is "
+                         f"{data_ndim}D (shape {tuple(baseline.field.shape[1:])}).{hint}")
+    names = getattr(forecaster, "class_names", None)
+    if names is not None and list(names) != list(baseline.schema.names):
+        raise InputError(f"Model {name!r} was trained on the classes {list(names)}, but the baseline has the classes "
+                         f"{list(baseline.schema.names)}; use a model trained on these classes.")
 
 
 def _resolve_device(device: str) -> torch.device:

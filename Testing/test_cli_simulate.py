@@ -154,9 +154,14 @@ def test_demo_runs_and_treatment_changes_the_outcome(tmp_path):
     volumes = {(r[0], float(r[1])): float(r[tumour]) for r in body}
     assert volumes[("no_treatment", 90.0)] > volumes[("no_treatment", 0.0)]
     assert volumes[("stupp", 90.0)] < volumes[("stupp", 0.0)]
-    seg = slicerio.read_segmentation(str(out / "stupp_day30.seg.nrrd"))
+    seg = slicerio.read_segmentation(str(out / "stupp" / "prediction_day30.seg.nrrd"))
     assert seg["voxels"].ndim == 3  # one labelmap layer: classes are exclusive
-    assert (out / "no_treatment_day90_tumour_probability.nii.gz").exists()
+    assert (out / "no_treatment" / "tumour_probability_day90.nii.gz").exists()
+    # Each plan's folder holds the files of 'anatomydt predict' (same writer).
+    for plan in ("no_treatment", "stupp"):
+        for name in ("volumes.csv", "overlay_montage.png", "volumes.png", "run.json", "prediction_day90_labels.nii.gz"):
+            assert (out / plan / name).is_file(), (plan, name)
+        assert json.loads((out / plan / "run.json").read_text())["model"]["name"] == "pde-only"
     # A second run refuses to overwrite the folder's files.
     assert main(["demo", "--out", str(out)]) == 2
 
