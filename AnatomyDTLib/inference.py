@@ -5,8 +5,10 @@ which works in place on a private copy of the state and on buffers allocated onc
 Fresh multi-hundred-MB tensors cost page faults on every allocation, so on a 240×240×155×5
 grid the allocating reference path spends most of its time there.
 
-It computes the same step as :mod:`AnatomyDTLib.solver` (tested to agree within rounding) with
-three exact economies:
+It computes the same step as :mod:`AnatomyDTLib.solver` (tested to agree within rounding); the
+step lengths — landing on events, and the sub-steps that keep the explicit cross-diffusion below
+its stability limit — are chosen by the solver's integrator, which both paths share. The exact
+economies:
 
 * classes with D_k = 0 are not diffused (their implicit solve is the identity);
 * cross-diffusion only touches the rows and columns of χ that are non-zero;

@@ -220,14 +220,29 @@ class CrossDiffusionOperator:
       mass effect).
 
     Discretisation: face velocities from centred face differences of p_j; the advected density
-    p_k is taken from the upwind cell (first-order donor-cell upwinding), which is monotone
-    and keeps p_k >= 0 when Δt·Σ|outflow velocities|/h <= 1 (a CFL condition). To stay
-    positive for *any* Δt — the implicit diffusion allows large steps — the outflow of every
-    cell is limited to its content: all fluxes leaving a cell are scaled by
-    min(1, p_k / (Δt·outflow)). Below the CFL limit the limiter is inactive and the scheme is
-    plain upwinding; above it the scheme stays positive and conservative (a limited flux
-    leaves one cell and enters its neighbour), trading accuracy for robustness. Faces with an
-    outside-mask cell carry no flux.
+    p_k is taken from the upwind cell (first-order donor-cell upwinding). For a *frozen*
+    velocity this is monotone and keeps p_k >= 0 when Δt·Σ|outflow velocities|/h <= 1. To stay
+    positive for *any* Δt, the outflow of every cell is limited to its content: all fluxes
+    leaving a cell are scaled by min(1, p_k / (Δt·outflow)) — a continuous (Lipschitz) factor,
+    inactive below that limit. A limited flux still leaves one cell and enters its neighbour, so
+    the term conserves every class's mass. Faces with an outside-mask cell carry no flux.
+
+    Why it is stable, and when: positivity and the simplex projection bound every value in
+    [0, 1] whatever Δt, but boundedness is not stability. The velocity is itself a gradient, so
+    the term is of *second* order in p_j, and the simplex projection, which removes the channel
+    sum's excess from all classes present, feeds the pushed class's explicit pile-up back into
+    the pushing class. In a mixture of two classes j, k the projected step has the exact
+    linear amplification factor (frozen coefficients, mode with -Δ_h symbol σ, x = Δt·σ)
+
+        g = ½ [ R_j(x)·(1 − x χ_jk p_j) + R_k(x)·(1 − x χ_kj p_k) ],
+
+    R_c the damping of class c's implicit diffusion (its m Jacobi sweeps). The continuous
+    problem is well-posed only if D_j + D_k + χ_kj >= 0 for every pair (the projected
+    diffusivity ½(D_j + D_k + χ_kj p_k + χ_jk p_j) is then >= 0), and the step is stable only
+    if |g| <= 1 for every σ up to the grid's largest: a parabolic limit Δt = O(h²/|χ|), not the
+    hyperbolic CFL above. :func:`cross_diffusion_stability` evaluates both; the solver warns
+    about ill-posed coefficients and shortens its steps to the stable Δt (docs/solver.md,
+    "Cross-diffusion: well-posedness and the explicit step limit").
     """
 
     def __init__(self, chi: torch.Tensor, spacing: Sequence[float], mask: torch.Tensor | None = None):
@@ -311,3 +326,230 @@ def recommended_jacobi_iters(dt: float, max_diffusion: float, spacing: Sequence[
         return minimum
     m = math.ceil(math.log(tolerance) / math.log(rho))
     return int(min(maximum, max(minimum, m)))
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-diffusion under the simplex projection: well-posedness and the explicit step limit
+# --------------------------------------------------------------------------------------------
+
+_MAX_COEFFICIENT_ROWS = 4096  # distinct (D_j, D_k, χ_kj) combinations evaluated per class pair
+_SYMBOL_SAMPLES = 256
+
+
+def largest_symbol(spacing: Sequence[float], spatial_shape: Sequence[int]) -> float:
+    """σ_max (1/mm²): the largest eigenvalue of the discrete -Δ_h with no-flux faces on the grid.
+
+    Along an axis of n cells of width h it is 4·sin²((n−1)π/(2n)) / h², just below 4/h² (the
+    checkerboard mode); the axes add.
+    """
+    total = 0.0
+    for h, n in zip(spacing, spatial_shape):
+        if n > 1:
+            total += 4.0 * math.sin((n - 1) * math.pi / (2 * n)) ** 2 / (float(h) ** 2)
+    return total
+
+
+def jacobi_damping(x: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The factor R by which :func:`jacobi_solve` multiplies a Fourier mode of the right-hand side.
+
+    For the mode with -Δ_h symbol σ and x = Δt·σ, the implicit solve is (1 + x·D) u = rhs. The
+    exact solve gives r = 1/(1 + x·D); the m sweeps, started at u = rhs with the per-sweep scale
+    ``scale`` = ω/(1 + Δt·c), leave the error (1 − r)·rhs multiplied by ε^m with
+    ε = 1 − scale·(1 + x·D). A class that does not diffuse (D = 0) has R = 1.
+    """
+    r = 1.0 / (1.0 + x * d)
+    eps = 1.0 - scale * (1.0 + x * d)
+    return r + eps ** iterations * (1.0 - r)
+
+
+def two_phase_amplification(x: torch.Tensor, d_j, d_k, chi_kj, damping_j, damping_k) -> torch.Tensor:
+    """Linear amplification factor of one IMEX step + projection in a mixture of classes j and k.
+
+    Frozen coefficients, the mode with -Δ_h symbol σ, x = Δt·σ, at the end p_k = 1 of the mixture
+    p_j + p_k = 1 (the factor is linear in p_k, so the two ends bound it; the other end is the
+    pair (j, k) read the other way round). The explicit cross-diffusion turns the perturbation
+    (δ, −δ) of (p_j, p_k) into (δ, −δ(1 − x·χ_kj)); each class is then damped by its implicit
+    diffusion (``damping_*`` = R of :func:`jacobi_damping`), and the projection keeps the mean
+    of the two: g = ½ (R_j + R_k (1 − x·χ_kj)). The step is stable when |g| <= 1 for every σ.
+    As σ → 0, g ≈ 1 − x (D_j + D_k + χ_kj)/2: the continuous problem is ill-posed (backward
+    diffusion) when D_j + D_k + χ_kj < 0.
+    """
+    return 0.5 * (damping_j + damping_k * (1.0 - x * chi_kj))
+
+
+class CrossDiffusionStability:
+    """Result of :func:`cross_diffusion_stability`.
+
+    Attributes:
+        ill_posed: (k, j, margin) for each ordered class pair whose margin D_j + D_k + χ_kj
+            (mm²/day) is negative somewhere in the domain (the smallest value): a mixture of
+            the two classes then diffuses backwards and no time step makes it converge.
+        unresolved: (k, j, margin) for pairs that are well-posed but whose margin is so small
+            that even Δt/``max_substeps`` is not stable.
+        substeps: how many equal steps Δt has to be divided into for stability (1: Δt is fine).
+        max_stable_dt: Δt/substeps in days, or None when Δt itself is stable.
+    """
+
+    def __init__(self, ill_posed, unresolved, substeps: int, dt: float):
+        self.ill_posed = ill_posed
+        self.unresolved = unresolved
+        self.substeps = substeps
+        self.max_stable_dt = None if substeps <= 1 else dt / substeps
+
+    def __repr__(self) -> str:
+        return (f"CrossDiffusionStability(ill_posed={self.ill_posed}, unresolved={self.unresolved}, "
+                f"substeps={self.substeps}, max_stable_dt={self.max_stable_dt})")
+
+
+def _pair_coefficients(diffusion: torch.Tensor, chi: torch.Tensor, k: int, j: int,
+                       mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor | None:
+    """Distinct rows (D_j, D_k, χ_kj) over the domain for one ordered pair, or None if χ_kj ≡ 0.
+
+    ``cache`` keeps the distinct values of a class's D field between pairs (the usual case: only
+    the tumour's D varies in space, and every pushed class pairs with it).
+    """
+    c = chi[k, j] if chi.dim() == 2 else chi[:, k, j]
+    c = c.detach().to(torch.float64)
+    if not bool((c != 0).any()):
+        return None
+    columns = [diffusion[:, j].detach(), diffusion[:, k].detach(), c]
+    # a field that is constant (e.g. a zero D stored as a full field) counts as a scalar
+    columns = [t.reshape(-1)[:1].reshape(()) if t.numel() > 1 and not bool((t != t.reshape(-1)[0]).any()) else t
+               for t in columns]
+    columns = [t.to(torch.float64) for t in columns]
+    varying = [i for i, t in enumerate(columns) if t.numel() > 1]
+    if not varying:
+        return torch.stack([t.reshape(()) for t in columns]).reshape(1, 3)
+    if len(varying) == 1:
+        i = varying[0]
+        key = ("d", (j, k)[i]) if i < 2 else None
+        if key is None or cache is None or key not in cache:
+            t = columns[i]
+            if mask is not None:
+                inside, t = torch.broadcast_tensors(mask[:, 0].detach() > 0, t)
+                t = t[inside]
+            values = torch.unique(t.reshape(-1))
+            if key is not None and cache is not None:
+                cache[key] = values
+        else:
+            values = cache[key]
+        return torch.stack([values if m == i else columns[m].reshape(()).expand(values.numel()) for m in range(3)], dim=1)
+    if mask is not None:
+        inside, *fields = torch.broadcast_tensors(mask[:, 0].detach() > 0, *[columns[i] for i in varying])
+        fields = [t[inside] for t in fields]
+    else:
+        fields = list(torch.broadcast_tensors(*[columns[i] for i in varying]))
+        fields = [t.reshape(-1) for t in fields]
+    # distinct rows from 1-D uniques: a row's key combines its columns' value indices, re-numbered
+    # after each column so that it stays below the number of voxels
+    key = None
+    for t in fields:
+        inverse = torch.unique(t, return_inverse=True)[1]
+        key = inverse if key is None else torch.unique(key * (int(inverse.max()) + 1) + inverse, return_inverse=True)[1]
+    one_each = torch.empty(int(key.max()) + 1, dtype=torch.int64)
+    one_each.scatter_(0, key, torch.arange(key.numel(), dtype=torch.int64))
+    picked = dict(zip(varying, (t[one_each] for t in fields)))
+    n = one_each.numel()
+    return torch.stack([picked[i] if i in picked else columns[i].reshape(()).expand(n) for i in range(3)], dim=1)
+
+
+def cross_diffusion_stability(diffusion: torch.Tensor, chi: torch.Tensor, spacing: Sequence[float],
+                              spatial_shape: Sequence[int], dt: float, *, operator: DiffusionOperator | None = None,
+                              jacobi_iters: int = 2, omega: float = 1.0, variant: str = "conservative",
+                              mask: torch.Tensor | None = None, max_substeps: int = 64) -> CrossDiffusionStability:
+    """Well-posedness of Eq. 2 on the simplex and the stable step of its explicit cross-diffusion.
+
+    For every ordered class pair (k, j) with χ_kj ≠ 0 and every distinct combination of the
+    coefficients (D_j(x), D_k(x), χ_kj(x)) in the domain:
+
+    * **well-posedness**: the margin D_j + D_k + χ_kj must be >= 0. In a mixture of the two
+      classes the projected PDE is ∂t p_k = ∇·(½(D_j + D_k + χ_kj p_k + χ_jk p_j) ∇p_k); a
+      negative margin makes that diffusivity negative near p_k = 1 (backward diffusion: rounding
+      errors grow at a rate ∝ 1/h², on any scheme). Pairs that violate it are reported and left
+      out of the step limit (no step makes them converge).
+    * **step limit**: the smallest number n of equal sub-steps of Δt for which the two-phase
+      amplification factor (:func:`two_phase_amplification`, with the damping of the actual
+      Jacobi sweeps) satisfies |g| <= 1 for all symbols σ in (0, σ_max]. Pairs still unstable at
+      n = ``max_substeps`` (a margin near 0) are reported as unresolved.
+
+    The two-phase analysis is exact for mixtures of two classes; for χ with a single non-zero
+    column (one class pushing or pulling the others, as the brain mass effect) it was also checked
+    to bound mixtures of any number of classes (docs/solver.md). With several interacting columns
+    it is a necessary condition only. Fields with more than 4096 distinct coefficient
+    combinations per pair are reduced to the 4096 with the smallest margin relative to
+    |χ|·(D_j + D_k + |χ|).
+
+    Args:
+        diffusion: (B|1, C, *S|1...) D in mm²/day, as given to :class:`DiffusionOperator`.
+        chi: (C, C) or (B|1, C, C, *S) χ in mm²/day.
+        spacing, spatial_shape: the grid.
+        dt: the step to check (days).
+        operator: the diffusion operator (for the conservative Jacobi scale); built if None.
+        jacobi_iters, omega, variant: the implicit solve's settings.
+        mask: optional (B|1, 1, *S) domain mask.
+        max_substeps: the largest subdivision considered.
+    """
+    sigma_max = largest_symbol(spacing, spatial_shape)
+    num_classes = diffusion.shape[1]
+    ill_posed, unresolved = [], []
+    if sigma_max <= 0:
+        return CrossDiffusionStability(ill_posed, unresolved, 1, dt)
+    if variant == "conservative":
+        if operator is None:
+            operator = DiffusionOperator(diffusion.detach(), spacing, mask, spatial_shape)
+        c_max = torch.zeros(num_classes, dtype=torch.float64)
+        if operator.active:
+            per_active = operator.max_diagonal().detach().to(torch.float64)
+            per_active = per_active.reshape(per_active.shape[0], per_active.shape[1], -1).amax(dim=(0, 2))
+            c_max[torch.tensor(operator.active)] = per_active
+    sigma = sigma_max * torch.cat([torch.tensor([1e-4, 1e-3, 1e-2], dtype=torch.float64),
+                                   torch.linspace(1.0 / _SYMBOL_SAMPLES, 1.0, _SYMBOL_SAMPLES, dtype=torch.float64)])
+    needed = 1
+    cache: dict = {}
+    for k in range(num_classes):
+        for j in range(num_classes):
+            if j == k:
+                continue
+            rows = _pair_coefficients(diffusion, chi, k, j, mask, cache)
+            if rows is None:
+                continue
+            d_j, d_k, c = rows.unbind(1)
+            margin = d_j + d_k + c
+            scale = (d_j + d_k + c.abs()).clamp(min=1e-300)
+            tolerance = 1e-12 * scale
+            low = float(margin.min())
+            if bool((margin < -tolerance).any()):
+                ill_posed.append((k, j, low))
+            usable = margin > tolerance
+            if bool((~usable & (margin >= -tolerance)).any()):
+                unresolved.append((k, j, low))
+            rows = rows[usable]
+            if rows.shape[0] == 0:
+                continue
+            if rows.shape[0] > _MAX_COEFFICIENT_ROWS:
+                d_j, d_k, c = rows.unbind(1)
+                danger = c.abs() * (d_j + d_k + c.abs()) / (d_j + d_k + c)
+                rows = rows[torch.topk(danger, _MAX_COEFFICIENT_ROWS).indices]
+            d_j, d_k, c = (t[:, None] for t in rows.unbind(1))
+            pending = torch.ones(rows.shape[0], dtype=torch.bool)
+            for n in range(1, max_substeps + 1):
+                tau = dt / n
+                x = tau * sigma[None, :]
+                if variant == "conservative":
+                    s_j = omega / (1.0 + tau * c_max[j])
+                    s_k = omega / (1.0 + tau * c_max[k])
+                else:
+                    s_j = omega / (1.0 + tau * d_j * sigma_max / 2)
+                    s_k = omega / (1.0 + tau * d_k * sigma_max / 2)
+                g = two_phase_amplification(x, d_j, d_k, c, jacobi_damping(x, d_j, s_j, jacobi_iters),
+                                            jacobi_damping(x, d_k, s_k, jacobi_iters))
+                stable = (g.abs() <= 1.0 + 1e-12).all(dim=1)
+                newly = pending & stable
+                if bool(newly.any()):
+                    needed = max(needed, n)
+                    pending &= ~stable
+                if not bool(pending.any()):
+                    break
+            if bool(pending.any()):
+                unresolved.append((k, j, float((d_j + d_k + c)[pending].min())))
+    return CrossDiffusionStability(ill_posed, unresolved, needed, dt)

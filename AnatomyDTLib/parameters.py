@@ -5,17 +5,23 @@ Format (every key optional; classes are named by the class schema, synonyms allo
     {
       "diffusion_mm2_per_day": {"tumour": 0.05},             # D_k per class; unnamed classes get 0
       "tumour_diffusion_by_tissue_mm2_per_day":               # optional: tumour D(x) from the tissue it is in
-          {"white_matter": 0.1, "grey_matter": 0.01},         #   (Swanson 2000: white/grey ratio 5-10)
+          {"white_matter": 0.1, "grey_matter": 0.01,          #   (Swanson 2000: white/grey ratio 5-10);
+           "background": 0.01, "lateral_ventricles": 0.01},   #   unnamed tissues give the tumour D = 0
       "growth_rate_per_day": 0.03,                            # α, logistic proliferation rate
       "carrying_capacity": 1.0,                               # κ in (0, 1]
       "cross_diffusion_mm2_per_day":                          # χ_kj: row class k drifts along ∇p_j of column class j
-          {"lateral_ventricles": {"tumour": -0.1}},           #   negative = pushed away (mass effect)
+          {"lateral_ventricles": {"tumour": -0.005}},         #   negative = pushed away (mass effect)
       "dt_days": 1.0, "jacobi_iters": 2, "omega": 1.0         # solver settings
     }
 
 Lists instead of dicts are accepted for ``diffusion_mm2_per_day`` (K values) and
 ``cross_diffusion_mm2_per_day`` (K×K). Unknown keys are errors, so that a typo never silently
 falls back to a default.
+
+Cross-diffusion must keep Eq. 2 well-posed on the simplex: for every entry, D_column + D_row + χ
+>= 0 wherever the two classes can mix, with the tumour's smallest tissue-dependent D (docs/solver.md,
+"Cross-diffusion: well-posedness and the explicit step limit"). A repulsion stronger than that makes
+the mixture of the two classes diffuse backwards; such files are refused with the entry named.
 """
 
 from __future__ import annotations
@@ -102,26 +108,67 @@ class PDEParameters:
         if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
             raise ParameterError(f"jacobi_iters must be an integer >= 1, got {iters!r}.")
         params.jacobi_iters = iters
+        params.check_well_posed(schema)
         return params
+
+    def cross_diffusion_margins(self, schema: ClassSchema = DEFAULT_SCHEMA) -> list[tuple[str, str, float]]:
+        """(row, column, margin) for every non-zero χ entry: margin = min D_column + min D_row + χ (mm²/day).
+
+        The projected PDE in a mixture of the two classes has diffusivity
+        ½(D_j + D_k + χ_kj p_k + χ_jk p_j), so it is well-posed only if every margin is >= 0. Each
+        class's D is its constant; the tumour's, with ``tumour_diffusion_by_tissue``, is the smallest
+        it takes in any voxel: the smallest tissue value (0 for tissues not named) or the fallback
+        used in pure-tumour voxels.
+        """
+        tumour = schema.names[schema.tumour_index]
+        d = {name: float(self.diffusion.get(name, 0.0)) for name in schema.names}
+        if self.tumour_diffusion_by_tissue is not None:
+            listed = self.tumour_diffusion_by_tissue
+            tissues = [listed.get(n, 0.0) for n in schema.names if n != tumour]
+            fallback = float(np.mean(list(listed.values()))) if listed else 0.0
+            d[tumour] = min(tissues + [fallback])
+        margins = []
+        for row, cols in self.cross_diffusion.items():
+            for col, chi in cols.items():
+                if chi != 0:
+                    margins.append((row, col, d[col] + d[row] + chi))
+        return margins
+
+    def check_well_posed(self, schema: ClassSchema = DEFAULT_SCHEMA) -> None:
+        """Raise :class:`ParameterError` if a χ entry makes Eq. 2 ill-posed (see :meth:`cross_diffusion_margins`)."""
+        bad = [(r, c, m) for r, c, m in self.cross_diffusion_margins(schema) if m < -1e-12]
+        if bad:
+            items = "; ".join(f"{r} <- {c}: χ = {self.cross_diffusion[r][c]:g} but D_{c} + D_{r} = "
+                              f"{m - self.cross_diffusion[r][c]:g} (margin {m:.3g})" for r, c, m in bad)
+            raise ParameterError(
+                f"cross_diffusion_mm2_per_day makes Eq. 2 ill-posed on the simplex ({items}). A class k pushed away "
+                "from class j faster than D_j + D_k (mm²/day, the tumour's smallest tissue-dependent value) makes "
+                "their mixture diffuse backwards, so the result depends on rounding and on the grid. Keep "
+                "|χ| <= D_j + D_k, better half of it (docs/solver.md, 'Cross-diffusion: well-posedness').")
 
     @classmethod
     def brain_defaults(cls) -> "PDEParameters":
         """Literature-range glioma parameters for the brain schema (a mechanistic prior, not fitted).
 
-        D_tumour 0.2 mm²/day in white matter and 0.02 in grey matter (Swanson 2000: ratio 5–10),
-        none into the ventricles; α = 0.05/day (high-grade glioma range 0.005–0.1/day). The Fisher–KPP
-        front speed 2√(Dα) is then 0.2 mm/day in white matter before the projection's sharing with
-        the displaced tissue (README, "Conservation") roughly halves the effective D.
-        Ventricles and cortex are pushed away from the tumour by χ < 0 (mass effect).
+        D_tumour 0.2 mm²/day in white matter and 0.02 in grey matter (Swanson 2000: ratio 5–10) and
+        along the ventricles and the background; α = 0.05/day (high-grade glioma range 0.005–0.1/day).
+        The Fisher–KPP front speed 2√(Dα) is then 0.2 mm/day in white matter before the projection's
+        sharing with the displaced tissue (README, "Conservation") roughly halves the effective D.
+        Ventricles, cortex and white matter are pushed away from the tumour by χ = −0.01 mm²/day
+        (mass effect). The tissues do not diffuse themselves, so Eq. 2 on the simplex is well-posed
+        only for |χ| <= D_tumour at every voxel (docs/solver.md, "Cross-diffusion: well-posedness");
+        χ is half the smallest tumour D, which also keeps Δt = 1 day stable for 1 mm voxels.
+        (Until this was found the defaults had χ = −0.1 / −0.05 and D_tumour = 0 in the ventricles,
+        ill-posed in grey matter and the ventricles.)
         """
         return cls(
             diffusion={},
             tumour_diffusion_by_tissue={"background": 0.02, "white_matter": 0.2, "grey_matter": 0.02,
-                                        "lateral_ventricles": 0.0},
+                                        "lateral_ventricles": 0.02},
             growth_rate=0.05,
             carrying_capacity=1.0,
-            cross_diffusion={"lateral_ventricles": {"tumour": -0.1}, "grey_matter": {"tumour": -0.05},
-                             "white_matter": {"tumour": -0.05}},
+            cross_diffusion={"lateral_ventricles": {"tumour": -0.01}, "grey_matter": {"tumour": -0.01},
+                             "white_matter": {"tumour": -0.01}},
             dt_days=1.0, jacobi_iters=2, omega=1.0,
         )
 

@@ -12,6 +12,10 @@ One step from t to t+Δt (days):
 
 Instantaneous events (surgery, radiotherapy fractions, the end of a delayed-death delay) and the
 edges of chemotherapy windows land exactly on their days: the solver splits its steps there.
+With cross-diffusion, steps are also divided to stay below the explicit term's stability limit
+(:func:`~AnatomyDTLib.operators.cross_diffusion_stability`); coefficients that make Eq. 2
+ill-posed on the simplex (D_j + D_k + χ_kj < 0 for a pair of classes) raise a
+:class:`CrossDiffusionWarning`.
 Convention: an event on day d acts at the start of day d, after that day's scan; the state
 reported "at day d" is the state before day d's events.
 
@@ -24,6 +28,7 @@ The public entry point is :func:`simulate`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -33,7 +38,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from . import treatments as tx
 from .errors import InputError, ParameterError
-from .operators import CrossDiffusionOperator, DiffusionOperator, jacobi_solve
+from .operators import CrossDiffusionOperator, DiffusionOperator, cross_diffusion_stability, jacobi_solve
 from .plan import TreatmentPlan, load_plan
 from .schema import ClassSchema, schema_for
 from .simplex import project_to_simplex
@@ -49,6 +54,15 @@ SIMPLEX_TOLERANCE = 1e-3
 """How far p0 may be from the simplex (per voxel) before we refuse it rather than project it."""
 
 _EVENT_TIME_TOLERANCE = 1e-9  # days
+
+MAX_CROSS_DIFFUSION_SUBSTEPS = 64
+"""The most sub-steps a step is divided into to keep the explicit cross-diffusion stable."""
+
+
+class CrossDiffusionWarning(UserWarning):
+    """Cross-diffusion coefficients that make Eq. 2 ill-posed on the simplex, or that no affordable
+    step keeps stable: the solution then depends on rounding and on the grid (docs/solver.md,
+    "Cross-diffusion: well-posedness and the explicit step limit")."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +255,8 @@ class _Problem:
     jacobi_variant: str
     surgery_removals: list = field(default_factory=list)  # per surgery: (B|1, 1, *S) tensor or None (extent)
     dose_per_fraction: torch.Tensor | float = 0.0
+    diffusion_coefficients: torch.Tensor | None = None  # (B|1, num_channels, *S|1...) D in mm²/day
+    max_step: float | None = None  # days; the stability limit of the explicit cross-diffusion, if below dt
 
 
 def _extended_diffusion(d: torch.Tensor, num_channels: int) -> torch.Tensor:
@@ -253,19 +269,28 @@ def _extended_diffusion(d: torch.Tensor, num_channels: int) -> torch.Tensor:
     return torch.cat([d, zero], dim=1)
 
 
-def _extended_chi(chi: torch.Tensor, tumour: int) -> torch.Tensor:
-    """χ with a dying channel that does not move but pushes/pulls the others like tumour does."""
+def _extended_chi(chi: torch.Tensor, tumour: int, diffusion: torch.Tensor) -> torch.Tensor:
+    """χ with a dying channel that does not move but pushes/pulls the others like tumour does,
+    as far as that keeps the problem well-posed.
+
+    The dying channel has D = 0, so a mixture of it and class k is well-posed only if
+    χ_k,dying >= −D_k (docs/solver.md, "Cross-diffusion: well-posedness"): its column is the
+    tumour's column clipped to that bound, with D_k the smallest D of class k in the grid. Dying
+    cells therefore push an immobile tissue not at all and a diffusing one at most as hard as
+    the tissue's own diffusion can balance; attraction (χ > 0) is copied unchanged.
+    """
+    k = chi.shape[0] if chi.dim() == 2 else chi.shape[1]
+    d_min = diffusion[:, :k].transpose(0, 1).reshape(k, -1).amin(dim=1).to(chi.dtype)  # (k,)
     if chi.dim() == 2:
-        k = chi.shape[0]
         ext = torch.zeros((k + 1, k + 1), dtype=chi.dtype, device=chi.device)
         ext[:k, :k] = chi
-        ext[:k, k] = chi[:, tumour]
+        ext[:k, k] = torch.maximum(chi[:, tumour], -d_min)
         ext[tumour, k] = 0.0
         return ext
-    b, k = chi.shape[0], chi.shape[1]
+    b = chi.shape[0]
     ext = torch.zeros((b, k + 1, k + 1) + tuple(chi.shape[3:]), dtype=chi.dtype, device=chi.device)
     ext[:, :k, :k] = chi
-    ext[:, :k, k] = chi[:, :, tumour]
+    ext[:, :k, k] = torch.maximum(chi[:, :, tumour], -d_min.reshape((1, k) + (1,) * (chi.dim() - 3)))
     ext[:, tumour, k] = 0.0
     return ext
 
@@ -305,13 +330,13 @@ def _build_problem(grid: Grid, *, diffusion, growth_rate, carrying_capacity, cro
     cross = None
     if chi is not None and bool((chi != 0).any()):
         if delayed:
-            chi = _extended_chi(chi, tumour)
+            chi = _extended_chi(chi, tumour, d)
         cross = CrossDiffusionOperator(chi, grid.spacing, domain)
     alpha = _coefficient_field(growth_rate, "growth_rate", "1/day", grid, per_class=False)
     kappa = _coefficient_field(carrying_capacity, "carrying_capacity", "(probability)", grid, per_class=False,
                                strictly_positive=True, maximum=1.0)
     problem = _Problem(grid, num_channels, tumour, sink, dying, operator, cross, alpha, kappa, domain, plan, schema,
-                       reaction_hook, jacobi_iters, omega, jacobi_variant)
+                       reaction_hook, jacobi_iters, omega, jacobi_variant, diffusion_coefficients=d)
     for surgery in plan.surgeries:
         if surgery.resection_mask is not None:
             removal = _grid_array(surgery.resection_mask, grid, "resection mask")
@@ -329,6 +354,49 @@ def _build_problem(grid: Grid, *, diffusion, growth_rate, carrying_capacity, cro
         else:
             problem.dose_per_fraction = float(rt.dose_per_fraction_gy)
     return problem
+
+
+def _channel_name(problem: _Problem, c: int) -> str:
+    if c == problem.dying:
+        return "dying tumour (delayed death)"
+    return problem.schema.names[c]
+
+
+def _limit_cross_diffusion_step(problem: _Problem, dt: float) -> None:
+    """Warn about ill-posed cross-diffusion and set the step limit of the explicit term.
+
+    See :func:`AnatomyDTLib.operators.cross_diffusion_stability`: a mixture of classes j and k is
+    well-posed only if D_j + D_k + χ_kj >= 0, and the explicit step is stable only below a
+    parabolic limit Δt = O(h²/|χ|). Steps longer than that limit are divided (at most
+    ``MAX_CROSS_DIFFUSION_SUBSTEPS`` times); coefficients for which no step helps are reported
+    with a :class:`CrossDiffusionWarning` and computed as given.
+    """
+    if problem.cross is None:
+        return
+    report = cross_diffusion_stability(problem.diffusion_coefficients, problem.cross.chi, problem.grid.spacing,
+                                       problem.grid.spatial_shape, dt, operator=problem.diffusion,
+                                       jacobi_iters=problem.jacobi_iters, omega=problem.omega,
+                                       variant=problem.jacobi_variant, mask=problem.domain,
+                                       max_substeps=MAX_CROSS_DIFFUSION_SUBSTEPS)
+    name = lambda c: _channel_name(problem, c)  # noqa: E731
+    if report.ill_posed:
+        worst = min(report.ill_posed, key=lambda r: r[2])
+        pairs = ", ".join(f"χ[{name(k)}][{name(j)}]" for k, j, _ in report.ill_posed)
+        k, j = worst[0], worst[1]
+        warnings.warn(CrossDiffusionWarning(
+            f"Cross-diffusion makes Eq. 2 ill-posed on the simplex for {pairs}: the margin D_j + D_k + χ_kj is "
+            f"{worst[2]:.3g} mm²/day for row {name(k)!r}, column {name(j)!r} (it must be >= 0 wherever the two "
+            "classes can mix). A mixture of the two classes then diffuses backwards, so interfaces depend on "
+            "rounding and on the grid (float32 and float64 runs drift apart). Reduce |χ_kj| below D_j + D_k "
+            "there (docs/solver.md, 'Cross-diffusion: well-posedness and the explicit step limit')."), stacklevel=3)
+    if report.unresolved:
+        pairs = ", ".join(f"χ[{name(k)}][{name(j)}] (margin {m:.3g} mm²/day)" for k, j, m in report.unresolved)
+        warnings.warn(CrossDiffusionWarning(
+            f"Cross-diffusion {pairs} is at the edge of well-posedness (D_j + D_k + χ_kj ≈ 0): the explicit step "
+            f"is unstable even at Δt/{MAX_CROSS_DIFFUSION_SUBSTEPS} = {dt / MAX_CROSS_DIFFUSION_SUBSTEPS:.3g} day, "
+            "so rounding differences grow at interfaces. Keep a margin, e.g. |χ_kj| <= (D_j + D_k)/2."),
+            stacklevel=3)
+    problem.max_step = report.max_stable_dt
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,7 +569,8 @@ class _Integrator:
                 break
             p = self._apply_events(p, t0)
             t1 = cuts[i + 1]
-            n_steps = max(1, math.ceil((t1 - t0) / self.dt - 1e-9))
+            largest = self.dt if self.problem.max_step is None else min(self.dt, self.problem.max_step)
+            n_steps = max(1, math.ceil((t1 - t0) / largest - 1e-9))
             h = (t1 - t0) / n_steps
             for s in range(n_steps):
                 p = self._step(p, t0 + s * h, h)
@@ -527,14 +596,20 @@ def simulate(p0, *, spacing, days, dt, diffusion, growth_rate=0.0, carrying_capa
         p0: (K, *S) or (B, K, *S) float tensor on the simplex, 2 or 3 spatial axes.
         spacing: mm per spatial axis, in the tensor's axis order (e.g. (z, y, x)).
         days: the horizon in days, or an increasing list of output days (days from baseline).
-        dt: the largest time step in days; steps are shortened to land exactly on events.
+        dt: the largest time step in days; steps are shortened to land exactly on events and, with
+            cross-diffusion, to its stability limit (a parabolic limit Δt = O(h²/|χ|), see
+            :func:`AnatomyDTLib.operators.cross_diffusion_stability`).
         diffusion: D_k in mm²/day: one scalar for all classes, K values, or a (K, *S) / (B, K, *S)
             field (e.g. tumour diffusion faster in white matter, see
             :func:`AnatomyDTLib.parameters.tissue_weighted_diffusion`).
         growth_rate: α of the tumour class in 1/day, scalar or (*S) / (B, *S) field.
         carrying_capacity: κ in (0, 1], scalar or field.
         cross_diffusion: χ in mm²/day, a (K, K) matrix or (K, K, *S) field with zero diagonal;
-            sign convention of :class:`~AnatomyDTLib.operators.CrossDiffusionOperator`.
+            sign convention of :class:`~AnatomyDTLib.operators.CrossDiffusionOperator`. Eq. 2 on the
+            simplex is well-posed only if D_j + D_k + χ_kj >= 0 for every pair of classes that can
+            mix (a stronger repulsion makes the mixture diffuse backwards); otherwise a
+            :class:`CrossDiffusionWarning` is issued and the (grid- and rounding-dependent)
+            solution is computed as asked.
         tumor_class: channel of the tumour.
         plan: treatment plan (dict, JSON path or :class:`~AnatomyDTLib.plan.TreatmentPlan`); arrays
             in it (resection masks, dose maps) must be on p0's grid.
@@ -578,6 +653,7 @@ def simulate(p0, *, spacing, days, dt, diffusion, growth_rate=0.0, carrying_capa
                              cross_diffusion=cross_diffusion, tumour=tumor_class, sink=sink, plan=treatment, mask=mask,
                              schema=schema, reaction_hook=reaction_hook, jacobi_iters=jacobi_iters, omega=float(omega),
                              jacobi_variant=jacobi_variant)
+    _limit_cross_diffusion_step(problem, float(dt))
     state = p
     if problem.dying is not None:
         state = torch.cat([p, torch.zeros_like(p[:, :1])], dim=1)
