@@ -534,6 +534,10 @@ class _Integrator:
         # Transport leaves the immobile dying channel unchanged; only the projection rescales it.
         dying_before = None if pr.dying is None else explicit[:, pr.dying:pr.dying + 1]
         if self.use_checkpoint and torch.is_grad_enabled():
+            # The operator caches its diagonals on first use; build them outside the checkpointed
+            # region so the recomputation in the backward pass saves exactly the same tensors.
+            pr.diffusion.diagonal  # noqa: B018 (property with a cache)
+            pr.diffusion.max_diagonal()
             p_new = torch_checkpoint(_transport_and_project, pr, explicit, p, dt, use_reentrant=False)
         else:
             p_new = _transport_and_project(pr, explicit, p, dt)

@@ -85,6 +85,8 @@ DATA_KEYS: dict[str, tuple[Any, str]] = {
     "fold_seed": (0, "seed of the case-to-fold assignment of cross-validation"),
     "soften_px": (0.0, "Gaussian softening (voxels) of the one-hot baseline before the rollout (0 = one-hot)"),
     "body_mask": (True, "synthetic data: restrict the dynamics to the body (label != background); outside nothing changes"),
+    "pool": (1, "average-pool labels, masks and plan arrays by this integer factor per axis: the model works on a grid "
+                "pool x coarser than the data (stored in the checkpoint; forecasts resample to it)"),
 }
 
 SECTIONS = {"model": MODEL_KEYS, "loss": LOSS_KEYS, "training": TRAINING_KEYS, "data": DATA_KEYS}
@@ -211,6 +213,9 @@ class Config:
         _integer(d, "fold_seed", where, 0)
         _non_negative(d, "soften_px", where)
         _boolean(d, "body_mask", where)
+        _integer(d, "pool", where, 1)
+        if t["crop"] and t["crop"] % d["pool"]:
+            raise ParameterError(f"{where}training.crop ({t['crop']}) must be a multiple of data.pool ({d['pool']}).")
 
     def check_classes(self, num_classes: int) -> None:
         """Check the class indices and per-class lists against the data's K."""

@@ -25,7 +25,14 @@ from ..state import labels_to_field
 
 @dataclass
 class Case:
-    """One paired case. Labels are integer arrays (array axis order); interval in days."""
+    """One longitudinal case. Labels are integer arrays (array axis order); days since the baseline.
+
+    A synthetic case is one pair (baseline, follow-up at ``interval_days``) with static treatment
+    variables. A brain-cohort case is a patient: the baseline, every follow-up scan as
+    ``followups = ((day, labels), ...)`` (``labels_t1``/``interval_days`` are the last one), and its
+    :class:`~AnatomyDTLib.plan.TreatmentPlan` with arrays on the labels' grid, which acts in the
+    solver and gives the time-dependent conditioning features.
+    """
 
     name: str
     labels_t0: np.ndarray
@@ -33,6 +40,12 @@ class Case:
     interval_days: float
     treatment: dict
     spacing: tuple[float, ...]
+    followups: tuple = ()
+    plan: object = None
+
+    def targets(self) -> tuple:
+        """((day, labels), ...) of every follow-up, in increasing days."""
+        return self.followups or ((self.interval_days, self.labels_t1),)
 
 
 @dataclass
@@ -48,13 +61,18 @@ class DatasetInfo:
 
 
 def load_cases(directory) -> tuple[list[Case], DatasetInfo]:
-    """Read a dataset written by ``anatomydt make-dataset`` (manifest.csv + dataset.json)."""
+    """Read a dataset written by ``anatomydt make-dataset``: synthetic pairs (manifest.csv + dataset.json)
+    or a longitudinal brain cohort (manifest.csv with case/timepoint/day columns, docs/brain_data.md)."""
     from ..datasets import load_dataset
 
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"Data directory {str(directory)!r} not found; create it with 'anatomydt make-dataset'.")
     description = directory / "dataset.json"
+    if not description.is_file() and (directory / "manifest.csv").is_file():
+        from .cohort_data import load_cohort_cases
+
+        return load_cohort_cases(directory)
     if not description.is_file():
         raise InputError(f"No dataset.json in {directory}; give a directory written by 'anatomydt make-dataset'.")
     try:
@@ -148,41 +166,110 @@ def crop_box(labels_t0: np.ndarray, tumour: int, crop: int) -> tuple[slice, ...]
 
 @dataclass
 class Batch:
-    """Tensors of a batch of cases cut to the same box size."""
+    """Tensors of a batch of cases cut to the same box size.
+
+    ``target[n]`` is compared with the rollout of batch item ``pairs[n][1]`` at ``days[pairs[n][0]]``:
+    one pair per synthetic case, one per follow-up scan of a brain patient.
+    """
 
     p0: torch.Tensor          # (B, K, *S) baseline field
-    target: torch.Tensor      # (B, K, *S) one-hot follow-up
+    target: torch.Tensor      # (N, K, *S) one-hot follow-ups
     mask: torch.Tensor | None  # (B, *S) float body mask
-    days: list[float]         # increasing distinct intervals
-    day_index: list[int]      # per case, its position in ``days``
+    days: list[float]         # increasing distinct follow-up days
+    pairs: list[tuple[int, int]]  # per target: (index into days, batch item)
     treatments: list[dict]
     names: list[str]
     spacing: tuple[float, ...]
+    plan: object = None       # one TreatmentPlan for the (single-case) batch, cropped like the labels
+    schema: object = None     # ClassSchema naming the plan's classes (with a plan only)
+
+    @property
+    def day_index(self) -> list[int]:
+        return [d for d, _ in self.pairs]
+
+
+def pool_field(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average (C, *S) over blocks of ``factor`` voxels per axis (trailing partial blocks dropped).
+
+    Averaging one-hot labels gives the class fractions of each coarse voxel, so a pooled field stays
+    on the simplex and keeps the volumes exact; that is why the coarse model grid is made this way.
+    """
+    if factor == 1:
+        return x
+    pool = torch.nn.functional.avg_pool3d if x.dim() == 4 else torch.nn.functional.avg_pool2d
+    return pool(x[None].to(torch.float32), factor)[0]
+
+
+def _pool_plan(plan, factor: int):
+    """Plan arrays on the pooled grid: dose maps averaged (Gy), masks where over half the block is removed."""
+    from dataclasses import replace
+
+    if factor == 1:
+        return plan
+
+    def mean(a):
+        return pool_field(torch.as_tensor(np.asarray(a, dtype=np.float32))[None], factor)[0].numpy()
+
+    surgeries = tuple(replace(s, resection_mask=mean(s.resection_mask) > 0.5) if isinstance(s.resection_mask, np.ndarray)
+                      else s for s in plan.surgeries)
+    rt = plan.radiotherapy
+    if rt is not None and isinstance(rt.dose_map, np.ndarray):
+        rt = replace(rt, dose_map=mean(rt.dose_map).astype(np.float64))
+    return replace(plan, surgeries=surgeries, radiotherapy=rt)
+
+
+def _trim(box: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
+    """Shorten each slice to a multiple of ``factor`` voxels."""
+    return tuple(slice(s.start, s.start + (s.stop - s.start) // factor * factor) for s in box)
 
 
 def make_batch(cases: list[Case], info: DatasetInfo, *, crop: int, soften_px: float, body_mask: bool,
-               device="cpu") -> Batch:
-    """Stack cases into a batch; with ``crop`` > 0 each case is cut around its baseline tumour."""
+               device="cpu", pool: int = 1) -> Batch:
+    """Stack cases into a batch; with ``crop`` > 0 each case is cut around its baseline tumour.
+
+    A case with a treatment plan (brain cohorts) must be alone in its batch: the solver takes one
+    plan per rollout. Its plan arrays (dose map, resection masks) are cut with the same box.
+    With ``pool`` > 1 everything is block-averaged onto a grid ``pool`` times coarser
+    (:func:`pool_field`); the batch's spacing is the coarse one.
+    """
     k = len(info.class_names)
-    p0s, targets, masks = [], [], []
+    with_plan = [c for c in cases if c.plan is not None]
+    if with_plan and len(cases) != 1:
+        raise ParameterError("Cases with a treatment plan (brain cohorts) are rolled out one per batch; set "
+                             "training.batch_size to 1.")
+    p0s, targets, masks, pairs = [], [], [], []
     shapes = set()
-    for c in cases:
-        box = crop_box(c.labels_t0, info.tumour_index, crop)
-        l0, l1 = c.labels_t0[box], c.labels_t1[box]
-        shapes.add(l0.shape)
+    days = sorted({day for c in cases for day, _ in c.targets()})
+    plan = None
+    for b, c in enumerate(cases):
+        box = _trim(crop_box(c.labels_t0, info.tumour_index, crop), pool)
+        l0 = c.labels_t0[box]
         soften = float(soften_px) * min(c.spacing)
-        p0s.append(labels_to_field(l0, k, soften_mm=soften, spacing=c.spacing if soften > 0 else None))
-        targets.append(labels_to_field(l1, k))
-        masks.append(torch.as_tensor(l0 != info.background_index, dtype=torch.float32))
+        p0 = pool_field(labels_to_field(l0, k, soften_mm=soften, spacing=c.spacing if soften > 0 else None), pool)
+        shapes.add(tuple(p0.shape[1:]))
+        p0s.append(p0)
+        for day, labels in c.targets():
+            targets.append(pool_field(labels_to_field(labels[box], k), pool))
+            pairs.append((days.index(day), b))
+        inside = torch.as_tensor(l0 != info.background_index, dtype=torch.float32)
+        masks.append((pool_field(inside[None], pool)[0] > 0.5).to(torch.float32) if pool > 1 else inside)
+        if c.plan is not None:
+            from .cohort_data import crop_plan
+
+            plan = _pool_plan(crop_plan(c.plan, box), pool)
     if len(shapes) != 1:
         raise InputError(f"Cases of one batch have different shapes {sorted(shapes)}; use a crop or equal sizes.")
-    days = sorted({c.interval_days for c in cases})
     mask = torch.stack(masks).to(device) if body_mask else None
     if mask is not None and bool((mask.flatten(1).sum(1) == 0).any()):
         mask = None  # a case without body voxels: no mask rather than an empty domain
-    return Batch(torch.stack(p0s).to(device), torch.stack(targets).to(device), mask, days,
-                 [days.index(c.interval_days) for c in cases], [c.treatment for c in cases],
-                 [c.name for c in cases], cases[0].spacing)
+    schema = None
+    if plan is not None:
+        from .forecast import schema_from_names
+
+        schema = schema_from_names(info.class_names, info.tumour_index, info.background_index, info.background_index)
+    spacing = tuple(float(h) * pool for h in cases[0].spacing)
+    return Batch(torch.stack(p0s).to(device), torch.stack(targets).to(device), mask, days, pairs,
+                 [c.treatment for c in cases], [c.name for c in cases], spacing, plan, schema)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, intervals: list[float] | None,

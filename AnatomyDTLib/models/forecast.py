@@ -21,6 +21,7 @@ from ..plan import TreatmentPlan, load_plan
 from ..schema import BRAIN_SCHEMA, ClassSchema
 from .conditioning import Conditioning
 from .growth import AnatomyDTModel
+from .model_grid import actual_spacing, changes_to_input_grid, model_grid_shape, needs_resampling, resize_field, resize_plan
 
 
 def schema_from_names(names, tumour_index: int, sink_index: int, background_index: int = 0) -> ClassSchema:
@@ -55,6 +56,7 @@ class LearnedForecastModel:
         self.class_names = list(class_names)
         self.schema = schema_from_names(self.class_names, model.tumour_index, model.sink_index, background_index)
         self.info = dict(info or {})
+        self.background_index = int(background_index)
         self.version = f"{__version__}"
 
     @property
@@ -89,15 +91,37 @@ class LearnedForecastModel:
         else:
             conditioning = Conditioning.from_plans([treatment_plan])
         days = [float(d) for d in (days if hasattr(days, "__len__") else [days])]
-        x = p0.to(device=self.device, dtype=torch.float32)[None]
+        spacing = tuple(float(h) for h in spacing)
+        work = p0.to(device=self.device, dtype=torch.float32)
         m = None
         if mask is not None:
             m = torch.as_tensor(mask).to(device=self.device)
             if tuple(m.shape) != tuple(p0.shape[1:]):
                 raise InputError(f"The mask has shape {tuple(m.shape)} but the baseline grid is {tuple(p0.shape[1:])}.")
-            m = (m > 0.5 if torch.is_floating_point(m) else m.bool()).to(torch.float32)[None]
+            m = (m > 0.5 if torch.is_floating_point(m) else m.bool()).to(torch.float32)
+        elif self.info.get("body_mask", False):
+            m = (work.argmax(0) != self.background_index).to(torch.float32)  # as in training: the body only
+        run_plan = None if treatment_plan.is_empty() else treatment_plan
+        resample = needs_resampling(spacing, self.model_spacing)
+        if resample:  # run on the model's voxel size, answer on the input grid (models/model_grid.py)
+            shape = model_grid_shape(work.shape[1:], spacing, self.model_spacing)
+            fine, work = work, resize_field(work, shape)
+            spacing = actual_spacing(fine.shape[1:], spacing, shape)
+            m = None if m is None else (resize_field(m[None], shape)[0] > 0.5).to(torch.float32)
+            run_plan = resize_plan(run_plan, shape)
         with torch.no_grad():
-            traj, _ = self.model(x, spacing=spacing, days=days, conditioning=conditioning, mask=m,
-                                 plan=None if treatment_plan.is_empty() else treatment_plan, schema=self.schema,
+            traj, _ = self.model(work[None], spacing=spacing, days=days, conditioning=conditioning,
+                                 mask=None if m is None else m[None], plan=run_plan, schema=self.schema,
                                  progress=progress)
-        return traj[:, 0].to(device=p0.device, dtype=p0.dtype)
+            out = traj[:, 0]
+            if resample:
+                out = changes_to_input_grid(fine, work, out)
+        return out.to(device=p0.device, dtype=p0.dtype)
+
+    @property
+    def model_spacing(self) -> tuple[float, ...] | None:
+        """Voxel size (mm, array order) the model was trained on; None = use any grid as it is."""
+        spacing = self.info.get("spacing")
+        if not spacing or len(spacing) != self.model.ndim:
+            return None
+        return tuple(float(h) for h in spacing)

@@ -197,11 +197,16 @@ class WeightAverage:
 # ----------------------------------------------------------------------------------------------
 
 def _rollout_batch(model, batch):
-    traj, aux = model(batch.p0, spacing=batch.spacing, days=batch.days,
-                      conditioning=Conditioning.from_static(batch.treatments), mask=batch.mask)
-    index = torch.as_tensor(batch.day_index, device=traj.device)
-    pred = traj[index, torch.arange(len(batch.day_index), device=traj.device)]
-    return pred, aux
+    """Roll the batch out to its follow-up days; (N, K, *S) predictions matching ``batch.target``."""
+    if batch.plan is not None:
+        conditioning = Conditioning.from_plans([batch.plan])
+    else:
+        conditioning = Conditioning.from_static(batch.treatments)
+    traj, aux = model(batch.p0, spacing=batch.spacing, days=batch.days, conditioning=conditioning, mask=batch.mask,
+                      plan=batch.plan, schema=batch.schema)
+    day = torch.as_tensor([d for d, _ in batch.pairs], device=traj.device)
+    item = torch.as_tensor([b for _, b in batch.pairs], device=traj.device)
+    return traj[day, item], aux
 
 
 def _batch_loss(core: AnatomyDTModel, objective, cfg: Config, pred, target, aux):
@@ -238,6 +243,7 @@ def validate(core: AnatomyDTModel, cases: list[Case], info: DatasetInfo, cfg: Co
         for s in range(0, len(ordered), bs):
             group = ordered[s:s + bs]
             batch = make_batch(group, info, crop=0, soften_px=cfg.data["soften_px"], body_mask=cfg.data["body_mask"],
+                               pool=int(cfg.data["pool"]),
                                device=ctx.device)
             pred, aux = _rollout_batch(core, batch)
             loss, _ = _batch_loss(core, objective, cfg, pred, batch.target, aux)
@@ -270,7 +276,7 @@ def _train_epoch(model, core, optimizer, objective, cfg, train_cases, info, ctx,
     params = [p for p in core.parameters() if p.requires_grad]
     for idx in bar:
         batch = make_batch([train_cases[i] for i in idx], info, crop=int(t["crop"]), soften_px=cfg.data["soften_px"],
-                           body_mask=cfg.data["body_mask"], device=ctx.device)
+                           body_mask=cfg.data["body_mask"], device=ctx.device, pool=int(cfg.data["pool"]))
         pred, aux = _rollout_batch(model, batch)
         loss, comp = _batch_loss(core, objective, cfg, pred, batch.target, aux)
         if not torch.isfinite(loss):
@@ -404,7 +410,8 @@ def train(data_dir, config: Config | None, out_dir, *, fold: int | None = None, 
         ctx.barrier()
         result = _fit(cfg, info, train_cases, val_cases, out, ctx, resume, progress, log,
                       {"data": str(Path(data_dir).resolve()), "kind": info.kind, "fold": fold, "folds": folds,
-                       "spacing": list(info.spacing)})
+                       "spacing": [float(h) * int(cfg.data["pool"]) for h in info.spacing],
+                       "data_spacing": list(info.spacing), "body_mask": bool(cfg.data["body_mask"])})
         ctx.barrier()
         return result
     finally:
