@@ -56,6 +56,8 @@ def test_training_on_a_cohort_writes_a_model_that_forecasts_on_the_scan_grid(coh
     result = train(cohort, Config.from_dict(TINY_BRAIN), tmp_path / "run", device="cpu", progress=False,
                    log=lambda *_: None)
     assert result.epochs_run == 1
+    row = result.history[0]
+    assert 0.0 <= row["val_dice"] <= 1.0 and 0.0 <= row["val_tumour_dice"] <= 1.0  # one mean per patient
     model = load_checkpoint(result.best_checkpoint)
     assert model.model_spacing == (4.0, 4.0, 4.0) and model.info["data_spacing"] == [2.0, 2.0, 2.0]
     cases, info = load_cases(cohort)

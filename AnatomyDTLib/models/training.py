@@ -249,8 +249,9 @@ def validate(core: AnatomyDTModel, cases: list[Case], info: DatasetInfo, cfg: Co
             loss, _ = _batch_loss(core, objective, cfg, pred, batch.target, aux)
             dice, tumour = _hard_dice(pred, batch.target, info.tumour_index)
             sums[0] += float(loss) * len(group)
-            sums[1] += float(dice.sum())
-            sums[2] += float(tumour.sum())
+            # A brain patient has several follow-ups (targets) per case: average them per batch.
+            sums[1] += float(dice.mean()) * len(group)
+            sums[2] += float(tumour.mean()) * len(group)
             sums[3] += len(group)
     sums = ctx.all_reduce_sum(sums)
     n = max(sums[3], 1.0)
