@@ -758,6 +758,11 @@ def _write_segmentation_nrrd(tmp: Path, labels: np.ndarray, geometry: Geometry, 
             "layer": 0,
             "tags": dict(tags),
         })
+        entry = schema.terminology.get(schema.names[k])
+        if entry:
+            from slicerio.segmentation import terminology_entry_from_string
+
+            segments[-1]["terminology"] = terminology_entry_from_string(entry)
     segmentation = {
         "voxels": voxels,
         "ijkToLPS": geometry.ijk_to_lps(),

@@ -764,15 +764,16 @@ def _default_terminology() -> str:
 
 def _class_terminologies(mapping: list[SegmentClass], schema: ClassSchema) -> dict[str, str]:
     """Terminology to put on each output class: the input's, when every input segment of that class
-    carries the same non-default entry (so the user's own coding is kept). No code is made up here;
-    classes without one keep Slicer's default entry."""
+    carries the same non-default entry (so the user's own coding is kept), else the schema's
+    standard code (SNOMED CT, :data:`AnatomyDTLib.schema.BRAIN_TERMINOLOGY`)."""
     default = _default_terminology()
     found: dict[str, set[str]] = {}
     for m in mapping:
         if m.class_name is not None:
             found.setdefault(m.class_name, set()).add(m.terminology or "")
-    return {cls: next(iter(terms)) for cls, terms in found.items()
+    kept = {cls: next(iter(terms)) for cls, terms in found.items()
             if len(terms) == 1 and next(iter(terms)) not in ("", default)}
+    return {**dict(schema.terminology), **kept}
 
 
 def _fill_segmentation(node, labels: np.ndarray, reference_volume_node, schema: ClassSchema,

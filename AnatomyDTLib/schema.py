@@ -42,6 +42,10 @@ class ClassSchema:
     removed_tumour_class: str
     background: str
     synonyms: dict = field(default_factory=dict, compare=False, hash=False)
+    terminology: dict = field(default_factory=dict, compare=False, hash=False)
+    """Optional standard coding per class name: a 3D Slicer terminology entry string (see
+    :func:`terminology_entry`), written on every segment so that Slicer and DICOM SEG export
+    show what each segment is."""
 
     def __post_init__(self):
         if len(self.names) < 2:
@@ -109,6 +113,35 @@ _GENERIC_PALETTE = (
     (0.97, 0.51, 0.75),
 )
 
+SLICER_CATEGORY_TYPE_CONTEXT = "Segmentation category and type - DICOM master list"
+SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def terminology_entry(category: tuple[str, str, str], type_: tuple[str, str, str],
+                      region: tuple[str, str, str] | None = None) -> str:
+    """A 3D Slicer terminology entry string from (scheme, code, meaning) triplets.
+
+    Format (Slicer's ``TerminologyEntry`` segment tag): ``context~category~type~type modifier~
+    anatomic context~anatomic region~region modifier``, each code as ``scheme^value^meaning``.
+    """
+    region_text = "^".join(region) if region else "^^"
+    return "~".join([SLICER_CATEGORY_TYPE_CONTEXT, "^".join(category), "^".join(type_), "^^",
+                     SLICER_ANATOMIC_CONTEXT, region_text, "^^"])
+
+
+_ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
+_ALTERED_STRUCTURE = ("SCT", "49755003", "Morphologically Altered Structure")
+_BRAIN = ("SCT", "12738006", "Brain")
+
+#: SNOMED CT codes of the brain classes (DICOM CID 7140 "Brain Structure for Volumetric
+#: Measurement" for the tissues; neoplasm of the brain for the tumour, oedema included).
+BRAIN_TERMINOLOGY = {
+    "tumour": terminology_entry(_ALTERED_STRUCTURE, ("SCT", "108369006", "Neoplasm"), _BRAIN),
+    "white_matter": terminology_entry(_ANATOMICAL_STRUCTURE, ("SCT", "68523003", "Cerebral White Matter")),
+    "grey_matter": terminology_entry(_ANATOMICAL_STRUCTURE, ("SCT", "40146001", "Cerebral Gray Matter")),
+    "lateral_ventricles": terminology_entry(_ANATOMICAL_STRUCTURE, ("SCT", "66720007", "Lateral Ventricle")),
+}
+
 BRAIN_SCHEMA = ClassSchema(
     names=("background", "tumour", "white_matter", "grey_matter", "lateral_ventricles"),
     colors=(
@@ -129,6 +162,7 @@ BRAIN_SCHEMA = ClassSchema(
                          "cortical gray matter", "cerebral cortex", "cgm"),
         "lateral_ventricles": ("lateral ventricles", "lateral ventricle", "ventricles", "ventricle", "lv"),
     },
+    terminology=BRAIN_TERMINOLOGY,
 )
 
 DEFAULT_SCHEMA = BRAIN_SCHEMA

@@ -82,6 +82,10 @@ def test_predict_writes_every_output_on_the_input_grid(case, capsys):
         assert {s["name"] for s in segmentation["segments"]} == set(CLASSES)
         colours = {s["name"]: s["color"] for s in segmentation["segments"]}
         np.testing.assert_allclose(colours["tumour"], BRAIN_SCHEMA.colors[TUMOUR])
+        codes = {s["name"]: s["terminology"]["type"] for s in segmentation["segments"]}
+        assert codes["tumour"] == ["SCT", "108369006", "Neoplasm"]  # SNOMED CT, read back by slicerio
+        assert codes["white_matter"] == ["SCT", "68523003", "Cerebral White Matter"]
+        assert codes["lateral_ventricles"][1] == "66720007"
         for segment in segmentation["segments"]:
             assert segment["tags"]["DICOM.SegmentAlgorithmType"] == "AUTOMATIC"
             assert segment["tags"]["DICOM.SegmentAlgorithmName"] == f"AnatomyDT pde-only {__version__}"

@@ -249,6 +249,7 @@ def test_segments_names_colours_tags_and_terminology(run):
             assert segment.GetName() == name
             assert np.allclose(segment.GetColor(), BRAIN_SCHEMA.colors[k])
             assert segment.GetLabelValue() == k
+            assert segment.GetTerminology() == BRAIN_SCHEMA.terminology[name]  # SNOMED CT coded
             for key, value in tags.items():
                 holder = vtk.mutable("")
                 assert segment.GetTag(key, holder)
