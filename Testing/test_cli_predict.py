@@ -269,13 +269,30 @@ def test_2d_input_works_with_the_pde_only_model(slice_2d, tmp_path, capsys):
     assert read_png(out / "overlay_montage.png").shape[1] > 0
 
 
-def test_default_model_is_not_bundled_yet_and_says_to_use_pde_only(slice_2d, case, tmp_path, capsys):
+def test_the_default_model_is_3d_and_refuses_a_2d_slice_clearly(slice_2d, tmp_path, capsys):
     path, _ = slice_2d
-    for seg in (path, case["seg"]):  # the command's default model, 2D and 3D alike
-        assert run_predict("--seg", seg, "--days", 20, "--out", tmp_path / "o") == 2
-        err = capsys.readouterr().err
-        assert "not bundled" in err and "--model pde-only" in err
+    assert run_predict("--seg", path, "--days", 20, "--out", tmp_path / "o") == 2  # --model default
+    err = capsys.readouterr().err
+    assert "3D" in err and "2D" in err and "--model pde-only" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_default_model_answers_an_anisotropic_volume_on_its_grid(tmp_path):
+    """The bundled model works on 4 mm voxels; a 0.8 x 0.8 x 6 mm input is resampled inside and answered as given."""
+    labels, _, _ = ellipsoid_brain(shape=(10, 64, 60), spacing_mm=(6.0, 0.8, 0.8), tumour_centre_mm=(0, -3, 5),
+                                   tumour_radius_mm=7.0)
+    geometry = Geometry(spacing=(0.8, 0.8, 6.0), origin=(-24.0, -25.6, -30.0))
+    write_labelmap(tmp_path / "thick.nii.gz", labels, geometry, BRAIN_SCHEMA)
+    out = tmp_path / "out"
+    assert run_predict("--seg", tmp_path / "thick.nii.gz", "--days", 60, "--out", out) == 0
+    result = sitk.ReadImage(str(out / "prediction_day60_labels.nii.gz"))
+    assert Geometry.from_sitk(result).matches(geometry)
+    predicted = sitk.GetArrayFromImage(result)
+    assert predicted.shape == labels.shape
+    assert (predicted == TUMOUR).any()
+    assert (predicted[labels == 0] == 0).all()  # nothing enters the outside of the head
+    seg = slicerio.read_segmentation(str(out / "prediction_day60.seg.nrrd"))
+    assert {s["tags"]["DICOM.SegmentAlgorithmName"] for s in seg["segments"]} == {f"AnatomyDT anatomy-dt-learned {__version__}"}
 
 
 def test_anisotropic_thick_slices_work(tmp_path):

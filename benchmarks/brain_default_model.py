@@ -65,11 +65,12 @@ def score(pred: np.ndarray, truth: np.ndarray, spacing, diagonal: float) -> dict
     return row
 
 
-def evaluate(cohort: Path, model_path: str, max_patients: int, threads: int, log=print) -> list[dict]:
+def evaluate(cohort: Path, model_path: str, max_patients: int, threads: int, start: int = 0, log=print) -> list[dict]:
     torch.set_num_threads(threads)
     models = {"anatomy-dt": load_model(model_path), "pde-only": load_model("pde-only")}
     rows = []
-    patients = load_cohort(cohort)[: max_patients or None]
+    patients = load_cohort(cohort)[start:]
+    patients = patients[: max_patients or None]
     for i, patient in enumerate(patients):
         points = [tp for tp in patient.timepoints if tp.day_known]
         base = read_labelmap(points[0].segmentation)
@@ -137,12 +138,19 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=str(bundled_model_path()), help="weights file (default: the bundled model)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--max-patients", type=int, default=0, help="score only the first N patients (0 = all)")
+    ap.add_argument("--start", type=int, default=0, help="skip the first N patients (to split a run; see --merge)")
+    ap.add_argument("--merge", nargs="*", default=[], help="per_scan.csv files of earlier parts to include in the summary")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
-    rows = evaluate(Path(args.cohort), args.model, args.max_patients, args.threads)
+    rows = []
+    for part in args.merge:  # earlier parts of a split run (same cohort and model)
+        with open(part, newline="") as fh:
+            rows += [{k: (v if k in ("patient", "treatment", "horizon", "model") else float(v)) for k, v in r.items()}
+                     for r in csv.DictReader(fh)]
+    rows += evaluate(Path(args.cohort), args.model, args.max_patients, args.threads, args.start)
     with open(out / "per_scan.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()

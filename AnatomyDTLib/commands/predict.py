@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--days", required=True, type=float, nargs="+", action="extend", metavar="D",
                         help="days after the baseline scan to predict; several give a trajectory (e.g. 30 60 90)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="'default' (the bundled trained model; not bundled in this version yet), 'pde-only' "
+                        help="'default' (the bundled learned model, Resources/Models/MODEL_CARD.md), 'pde-only' "
                              "(mechanistic model, literature parameters) or a weights file from 'anatomydt train' "
                              "(default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
