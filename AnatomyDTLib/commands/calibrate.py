@@ -1,0 +1,243 @@
+"""``anatomydt calibrate``: fit one patient's PDE parameters to their scan history, then forecast.
+
+    anatomydt calibrate --history A.seg.nrrd@0 B.seg.nrrd@60 [C.seg.nrrd@120 ...] --plan PLAN.json|none
+                        --days 90[,120] --out DIR [--alpha scalar|field] [--iterations N]
+                        [--classes MAP] [--force]
+
+Days (``@DAY`` and ``--days``) count on the treatment plan's day axis: day 0 is the plan's
+baseline (for most plans the first scan). ``--plan none`` states that the patient had no
+treatment. See :mod:`AnatomyDTLib.calibration` and docs/calibration.md.
+
+Writes into DIR:
+
+* ``calibrated_parameters.json`` — the fitted parameters in the PDEParameters format
+  (``anatomydt simulate --params``); with ``--alpha field`` α there is the scalar α0 and
+* ``growth_rate_map.nii.gz`` — α(x) in 1/day on the last scan's grid;
+* ``fit_report.csv`` — per later history scan: observed and fitted tumour volume (mL), the
+  error, tumour Dice, and the same with the starting parameters;
+* ``loss_curve.csv`` — loss and its terms per iteration;
+* ``forecast_day{D}.seg.nrrd`` — the forecast segmentation per requested day D (on the last scan's grid);
+* ``volumes.csv`` — class volumes in mL: the last scan, then every forecast day;
+* ``calibration.json`` — everything above plus inputs, settings and software versions; written
+  last, so its presence means the run completed.
+
+Inputs are only read; every output is written atomically; existing outputs are refused without
+``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _io
+import math
+import time
+from pathlib import Path
+
+from ..errors import InputError, OutputExistsError
+from ..io import atomic_output, write_image, write_labelmap
+from ..outputs import day_tag, software_versions, write_json, write_volumes_csv
+from ..plan import plan_summary
+from ..schema import DEFAULT_SCHEMA
+from ._common import (add_class_map_argument, add_force_argument, format_volume_table, parse_class_map,
+                      progress_bar_count, read_baseline)
+
+NAME = "calibrate"
+HELP = "Fit a patient's PDE parameters to their earlier scans (digital twin), then forecast later days."
+DESCRIPTION = (
+    "Calibrate the tumour's diffusivity per tissue, growth rate (scalar or smooth field) and mass effect to two or "
+    "more segmentations of one patient by gradient descent through the differentiable solver, report the fit, "
+    "and forecast from the last scan to the requested days. Days count from the treatment plan's day 0. "
+    "See docs/calibration.md."
+)
+RUN_FILES = ("calibrated_parameters.json", "fit_report.csv", "loss_curve.csv", "volumes.csv", "calibration.json")
+FIELD_FILE = "growth_rate_map.nii.gz"
+FORECAST_FILE = "forecast_day{day}.seg.nrrd"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--history", required=True, nargs="+", metavar="SEG@DAY",
+                        help="two or more segmentations with their day on the plan's axis, oldest first, e.g. "
+                             "pre.seg.nrrd@0 post.seg.nrrd@60 (.seg.nrrd or labelmap .nii.gz/.nrrd)")
+    parser.add_argument("--plan", required=True, metavar="PLAN.json",
+                        help="the patient's treatment plan (docs/plan.md), or 'none' for no treatment")
+    parser.add_argument("--days", required=True, nargs="+", metavar="D",
+                        help="forecast days on the plan's axis, after the last scan (e.g. 90 or 90,120)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    parser.add_argument("--alpha", choices=("scalar", "field"), default="scalar",
+                        help="fit the growth rate as one value or as a smooth field (default: %(default)s)")
+    parser.add_argument("--iterations", type=int, default=30, metavar="N",
+                        help="most gradient steps (each one rollout forward and back; default %(default)s)")
+    add_class_map_argument(parser)
+    add_force_argument(parser)
+
+
+def parse_history_item(text: str) -> tuple[str, float]:
+    """``PATH@DAY`` -> (path, day)."""
+    if "@" not in text:
+        raise InputError(f"--history entry {text!r} has no day; write it as SEGMENTATION@DAY, e.g. {text}@0.")
+    path, day_text = text.rsplit("@", 1)
+    if not path:
+        raise InputError(f"--history entry {text!r} has no file before '@'.")
+    try:
+        day = float(day_text)
+    except ValueError:
+        raise InputError(f"--history entry {text!r}: the day {day_text!r} is not a number of days.") from None
+    if not math.isfinite(day):
+        raise InputError(f"--history entry {text!r}: the day must be finite.")
+    return path, day
+
+
+def parse_days(tokens: list[str]) -> list[float]:
+    """``--days 90 120`` or ``--days 90,120`` -> [90.0, 120.0] (sorted, unique)."""
+    values = []
+    for token in tokens:
+        for part in token.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                value = float(part)
+            except ValueError:
+                raise InputError(f"--days: {part!r} is not a number of days.") from None
+            if not math.isfinite(value):
+                raise InputError(f"--days: {part!r} must be finite.")
+            values.append(value)
+    if not values:
+        raise InputError("--days is empty; give at least one forecast day.")
+    return sorted(set(values))
+
+
+def output_paths(out: Path, days: list[float], alpha: str) -> list[Path]:
+    paths = [out / FORECAST_FILE.format(day=day_tag(d)) for d in days] + [out / n for n in RUN_FILES]
+    return paths + ([out / FIELD_FILE] if alpha == "field" else [])
+
+
+def _check_outputs(out: Path, paths: list[Path], inputs: list[str], force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; give a folder for the calibration outputs.")
+    resolved = {Path(p).resolve() for p in inputs if p}
+    for path in paths:
+        if path.resolve() in resolved:
+            raise InputError(f"Output {str(path)!r} is one of the inputs; choose another --out folder "
+                             "(inputs are never modified).")
+    existing = [p for p in paths if p.exists()]
+    if out.is_dir():
+        existing += [p for p in out.glob(FORECAST_FILE.format(day="*")) if p not in existing]
+    if existing and not force:
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        shown = ", ".join(p.name for p in existing[:3]) + more
+        raise OutputExistsError(f"Output folder {str(out)!r} already holds calibration outputs ({shown}); pass --force "
+                                "to overwrite them or choose another --out folder.")
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list], force: bool) -> None:
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    with atomic_output(path, force) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+def fit_table(calibration) -> str:
+    """The per-scan fit as an aligned text table."""
+    header = ["scan", "day", "observed mL", "fitted mL", "error mL", "tumour Dice", "Dice at start"]
+    body = [[f.name, f"{f.day:g}", f"{f.observed_tumour_ml:.2f}", f"{f.fitted_tumour_ml:.2f}",
+             f"{f.volume_error_ml:+.2f}", f"{f.tumour_dice:.3f}", f"{f.initial_tumour_dice:.3f}"]
+            for f in calibration.fits]
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in [header] + body)
+
+
+def run(args) -> int:
+    from ..calibration import CalibrationSettings, HistoryScan, calibrate, forecast, load_plan_on_grid, prepare_history
+
+    started = time.perf_counter()
+    schema = DEFAULT_SCHEMA
+    items = [parse_history_item(t) for t in args.history]
+    if len(items) < 2:
+        raise InputError(f"--history needs at least 2 segmentations with their days (got {len(items)}), e.g. "
+                         "--history pre.seg.nrrd@0 post.seg.nrrd@60.")
+    days = parse_days(args.days)
+    if args.iterations < 0:
+        raise InputError(f"--iterations must be >= 0, got {args.iterations}.")
+    out = Path(args.out)
+    plan_arg = None if args.plan.strip().lower() == "none" else args.plan
+    paths = output_paths(out, days, args.alpha)
+    _check_outputs(out, paths, [p for p, _ in items] + [plan_arg], args.force)
+
+    # Inputs, all checked before the fit runs.
+    class_map = parse_class_map(args.classes)
+    scans = []
+    for path, day in items:
+        state = read_baseline(path, schema, class_map)
+        scans.append(HistoryScan(state.to_labels(), state.geometry, day, Path(path).name))
+    common = prepare_history(scans)
+    reference = common[-1]
+    shape = tuple(reference.labels.shape)
+    plan = load_plan_on_grid(plan_arg, reference.geometry, shape)
+    if days[0] <= reference.day:
+        raise InputError(f"--days must come after the last history scan (day {reference.day:g}); got "
+                         f"{', '.join(f'{d:g}' for d in days)}. Days count on the plan's axis, like the @DAY of "
+                         "--history.")
+    print(f"history: {', '.join(f'{s.name} (day {s.day:g})' for s in common)}; grid of {reference.name}: "
+          f"{'x'.join(str(n) for n in reversed(shape))} voxels, spacing "
+          f"{'x'.join(f'{v:g}' for v in reference.geometry.spacing)} mm")
+    print(f"plan: {plan_summary(plan)}")
+
+    settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations)
+    with progress_bar_count(max(args.iterations, 1), "iteration") as bar:
+        calibration = calibrate(common, plan, settings=settings,
+                                on_iteration=lambda r: bar(r["iteration"], args.iterations))
+    print(f"fit: {calibration.iterations} iterations, {calibration.stop_reason}, {calibration.seconds:.1f} s; "
+          f"loss {calibration.loss_history[0]['loss']:.4f} -> {min(r['loss'] for r in calibration.loss_history):.4f}"
+          if calibration.loss_history else "fit: no iterations (starting parameters kept)")
+    print(fit_table(calibration))
+    result = forecast(calibration, days)
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"Cannot create the output folder {str(out)!r}: {exc.strerror or exc}.") from exc
+    force = args.force
+    write_json(out / "calibrated_parameters.json", calibration.parameters.to_dict(), force=force)
+    alpha_map = calibration.growth_rate_map()
+    if alpha_map is not None:
+        write_image(out / FIELD_FILE, alpha_map, reference.geometry, force=force)
+    _write_csv(out / "fit_report.csv", ["scan", "day", "observed_tumour_ml", "fitted_tumour_ml", "volume_error_ml",
+                                        "tumour_dice", "initial_tumour_ml", "initial_tumour_dice"],
+               [[f.name, f"{f.day:g}", f"{f.observed_tumour_ml:.3f}", f"{f.fitted_tumour_ml:.3f}",
+                 f"{f.volume_error_ml:.3f}", f"{f.tumour_dice:.4f}", f"{f.initial_tumour_ml:.3f}",
+                 f"{f.initial_tumour_dice:.4f}"] for f in calibration.fits], force)
+    terms = ["loss", "tumour_dice", "volume", "classes_dice", "penalty", "learning_rate", "backtracked"]
+    _write_csv(out / "loss_curve.csv", ["iteration"] + terms,
+               [[r["iteration"]] + [f"{r[t]:.6g}" if isinstance(r[t], float) else r[t] for t in terms]
+                for r in calibration.loss_history], force)
+    tags = result.prediction.segment_tags()
+    for i, day in enumerate(result.days):
+        write_labelmap(out / FORECAST_FILE.format(day=day_tag(day)), result.labels(i), reference.geometry, schema,
+                       force=force, extra_segment_tags=tags)
+    volumes = result.volumes_ml()
+    write_volumes_csv(out / "volumes.csv", volumes, schema, force=force)
+    record = {
+        "anatomydt_run": "calibrate",
+        "inputs": {"history": [{"path": str(Path(p).resolve()), "day": d} for p, d in items],
+                   "plan_file": None if plan_arg is None else str(Path(plan_arg).resolve()),
+                   "class_map": class_map},
+        "days_axis": "days from the treatment plan's day 0 (the baseline its events count from)",
+        "plan": plan.to_dict(),
+        "plan_summary": plan_summary(plan),
+        "calibration": calibration.to_dict(),
+        "forecast": {"days": result.days, "start_day": result.start_day, "model": result.prediction.model_name,
+                     "volumes_ml": [{"day": d, **{k: round(v, 4) for k, v in vols.items()}} for d, vols in volumes]},
+        "outputs": [p.name for p in paths],
+        "software": software_versions(),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+    write_json(out / "calibration.json", record, force=force)
+    rows = [(f"last scan (day {volumes[0][0]:g})", volumes[0][1])] + [(f"day {d:g}", v) for d, v in volumes[1:]]
+    print(format_volume_table(rows, schema))
+    print(f"outputs in {out.resolve()} ({time.perf_counter() - started:.1f} s)")
+    return 0

@@ -1,0 +1,232 @@
+"""Patient-specific calibration on held-out phantom patients: does fitting the PDE to a patient's
+first two scans forecast the third better than the population model and than "no change"?
+
+For every selected patient (at least 3 scans, tumour in the first three):
+
+* **calibrated** — :func:`AnatomyDTLib.calibration.calibrate` on scans 0 and 1 (with the patient's
+  plan), then :func:`~AnatomyDTLib.calibration.forecast` from scan 1 to the day of scan 2;
+* **population** — :func:`AnatomyDTLib.predict.predict` from scan 1 to the day of scan 2 with the
+  population model (``--population``: ``default`` = the bundled trained model if it loads, else
+  ``pde-only``; or a weights file), the plan seen from scan 1;
+* **no-change** — scan 1 itself as the prediction of scan 2.
+
+Each is scored against scan 2: tumour Dice and tumour HD95 (mm; ``AnatomyDTLib.metrics``, a
+tumour missing from one map gets the image diagonal) and the tumour-volume error (mL).
+
+    python benchmarks/calibration_phantom.py --cohort /tmp/brain/cohort_test --patients 10 --out results_calib
+    python benchmarks/calibration_phantom.py --make /tmp/calib_cohort --seed 7 --patients 10 --out results_calib
+
+``--make`` generates the first ``--patients`` patients of the phantom cohort of ``--seed`` (case i
+depends only on (seed, i), so they are the first patients of the full cohort of that seed; seed 7
+is the lead's held-out cohort, seed 0 the training cohort). Writes ``per_patient.csv``,
+``summary.json`` and ``summary.md`` into ``--out`` and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from AnatomyDTLib.brain.cohort import load_cohort, make_brain_cohort
+from AnatomyDTLib.calibration import (CalibrationSettings, HistoryScan, calibrate, forecast, load_plan_on_grid,
+                                      shift_plan)
+from AnatomyDTLib.errors import InputError
+from AnatomyDTLib.io import read_labelmap
+from AnatomyDTLib.metrics import dice, hd95, image_diagonal_mm
+from AnatomyDTLib.predict import load_model, predict
+from AnatomyDTLib.schema import BRAIN_SCHEMA
+from AnatomyDTLib.state import AnatomyState, labels_to_field
+
+TUMOUR = BRAIN_SCHEMA.tumour_index
+METHODS = ("calibrated", "population", "no_change")
+HARD_CASE_NO_CHANGE_DICE = 0.65
+TARGET_DICE = 0.80
+
+
+def population_model(name: str):
+    """(model, label): ``default`` falls back to ``pde-only`` when the bundled weights do not load."""
+    if name == "default":
+        try:
+            return load_model("default"), "default (bundled trained model)"
+        except InputError as exc:
+            return load_model("pde-only"), f"pde-only (default not available: {str(exc).splitlines()[0][:80]})"
+    return load_model(name), name
+
+
+def score(pred: np.ndarray, truth: np.ndarray, spacing, diagonal: float, voxel_ml: float) -> dict:
+    a, b = pred == TUMOUR, truth == TUMOUR
+    return {"dice": float(dice(a, b)), "hd95": float(hd95(a, b, spacing, empty_value=diagonal)),
+            "volume_error_ml": float((a.sum() - b.sum()) * voxel_ml)}
+
+
+def eligible(patient) -> bool:
+    if len(patient.timepoints) < 3 or not all(t.day_known for t in patient.timepoints[:3]):
+        return False
+    return all((read_labelmap(t.segmentation).labels == TUMOUR).any() for t in patient.timepoints[:3])
+
+
+def evaluate_patient(patient, settings: CalibrationSettings, model) -> dict:
+    volumes = [read_labelmap(t.segmentation) for t in patient.timepoints[:3]]
+    scans = [HistoryScan(v.labels, v.geometry, t.day, f"{patient.case}/tp{t.index}")
+             for v, t in zip(volumes, patient.timepoints)]
+    geometry, truth = volumes[2].geometry, volumes[2].labels
+    spacing = geometry.spacing_array_order
+    diagonal = image_diagonal_mm(truth.shape, spacing)
+    voxel_ml = geometry.voxel_volume_ml
+    plan_path = str(patient.plan) if patient.plan is not None else None
+    row = {"case": patient.case, "days": "/".join(f"{d:g}" for d in patient.days[:3]),
+           "horizon_days": scans[2].day - scans[1].day}
+    try:
+        row["pattern"] = json.loads((patient.timepoints[0].segmentation.parent / "truth.json").read_text())["pattern"]
+    except (OSError, KeyError, ValueError):
+        row["pattern"] = ""
+
+    t0 = time.perf_counter()
+    calibration = calibrate(scans[:2], plan_path, settings=settings)
+    row["calibration_s"] = time.perf_counter() - t0
+    row["iterations"] = calibration.iterations
+    row["stop_reason"] = calibration.stop_reason.split(" (")[0]
+    row["fit_dice_scan1"] = calibration.fits[0].tumour_dice
+    row["fit_volume_error_ml"] = calibration.fits[0].volume_error_ml
+    row["start_fit_dice_scan1"] = calibration.fits[0].initial_tumour_dice
+    row["alpha_per_day"] = calibration.parameters.growth_rate
+    row["d_white_mm2_per_day"] = calibration.parameters.tumour_diffusion_by_tissue["white_matter"]
+    row["edge_width_mm"] = calibration.edge_width_mm
+    row["rt_scale"] = calibration.radiosensitivity_scale
+    t1 = time.perf_counter()
+    result = forecast(calibration, [scans[2].day])
+    row["forecast_s"] = time.perf_counter() - t1
+    predictions = {"calibrated": result.labels(0)}
+
+    t2 = time.perf_counter()
+    plan = shift_plan(load_plan_on_grid(plan_path, volumes[1].geometry, volumes[1].labels.shape), scans[1].day)
+    baseline = AnatomyState(labels_to_field(volumes[1].labels, BRAIN_SCHEMA.num_classes), volumes[1].geometry)
+    population = predict(baseline, days=[scans[2].day - scans[1].day], plan=plan, model=model)
+    row["population_s"] = time.perf_counter() - t2
+    predictions["population"] = population.labels(0)
+    predictions["no_change"] = volumes[1].labels
+    for method, labels in predictions.items():
+        for key, value in score(labels, truth, spacing, diagonal, voxel_ml).items():
+            row[f"{method}_{key}"] = value
+    row["truth_tumour_ml"] = float((truth == TUMOUR).sum() * voxel_ml)
+    row["scan1_tumour_ml"] = float((volumes[1].labels == TUMOUR).sum() * voxel_ml)
+    return row
+
+
+def _mean(values) -> float:
+    values = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _median(values) -> float:
+    values = [v for v in values if math.isfinite(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def summarise(rows: list[dict], info: dict) -> tuple[str, dict]:
+    """Markdown summary and the JSON summary."""
+    summary = {"n_patients": len(rows), **info, "methods": {}}
+    lines = [f"Patients: {len(rows)} (cohort {info['cohort']}); population model: {info['population_model']}; "
+             f"calibration: {info['settings_summary']}.", "",
+             "| method | tumour DSC mean ± sd | median | tumour HD95 median (mm) | |volume error| median (mL) |",
+             "|---|---|---|---|---|"]
+    for m in METHODS:
+        d = [r[f"{m}_dice"] for r in rows]
+        h = [r[f"{m}_hd95"] for r in rows]
+        v = [abs(r[f"{m}_volume_error_ml"]) for r in rows]
+        sd = statistics.stdev(d) if len(d) > 1 else 0.0
+        summary["methods"][m] = {"dice_mean": _mean(d), "dice_sd": sd, "dice_median": _median(d),
+                                 "hd95_median_mm": _median(h), "abs_volume_error_median_ml": _median(v)}
+        lines.append(f"| {m} | {_mean(d):.3f} ± {sd:.3f} | {_median(d):.3f} | {_median(h):.1f} | {_median(v):.2f} |")
+    hard = [r for r in rows if r["no_change_dice"] <= HARD_CASE_NO_CHANGE_DICE]
+    met = [r for r in hard if r["calibrated_dice"] >= TARGET_DICE]
+    summary["hard_cases"] = {"definition": f"no-change tumour DSC <= {HARD_CASE_NO_CHANGE_DICE}", "n": len(hard),
+                             "calibrated_dice_mean": _mean([r["calibrated_dice"] for r in hard]),
+                             "population_dice_mean": _mean([r["population_dice"] for r in hard]),
+                             "no_change_dice_mean": _mean([r["no_change_dice"] for r in hard]),
+                             "n_calibrated_dice_at_least_target": len(met), "target": TARGET_DICE}
+    lines += ["", f"Hard cases (no-change tumour DSC <= {HARD_CASE_NO_CHANGE_DICE}): {len(hard)}; calibrated DSC "
+                  f"mean {_mean([r['calibrated_dice'] for r in hard]):.3f} (population "
+                  f"{_mean([r['population_dice'] for r in hard]):.3f}, no-change "
+                  f"{_mean([r['no_change_dice'] for r in hard]):.3f}); calibrated DSC >= {TARGET_DICE}: "
+                  f"{len(met)} of {len(hard)}.", "",
+              "| case | pattern | days | fit DSC (scan 1) | calibrated DSC | population DSC | no-change DSC | "
+              "calibrated HD95 | population HD95 | no-change HD95 | calib s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['pattern']} | {r['days']} | {r['fit_dice_scan1']:.3f} | "
+                     f"{r['calibrated_dice']:.3f} | {r['population_dice']:.3f} | {r['no_change_dice']:.3f} | "
+                     f"{r['calibrated_hd95']:.1f} | {r['population_hd95']:.1f} | {r['no_change_hd95']:.1f} | "
+                     f"{r['calibration_s']:.0f} |")
+    return "\n".join(lines), summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cohort", type=Path, help="an existing phantom cohort (manifest.csv)")
+    source.add_argument("--make", type=Path, help="generate the first --patients patients of --seed here")
+    parser.add_argument("--seed", type=int, default=7, help="phantom seed for --make (7 = held-out cohort)")
+    parser.add_argument("--patients", type=int, default=10, help="how many eligible patients to evaluate")
+    parser.add_argument("--population", default="default", help="'default', 'pde-only' or a weights file")
+    parser.add_argument("--iterations", type=int, default=15)
+    parser.add_argument("--alpha", choices=("scalar", "field"), default="scalar")
+    parser.add_argument("--max-seconds", type=float, default=90.0, help="time limit of one calibration (s)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    if args.make is not None:
+        t = time.perf_counter()
+        make_brain_cohort(args.make, args.patients + 4, args.seed, spacing=2, force=True)
+        print(f"generated {args.patients + 4} phantom patients (seed {args.seed}) in {time.perf_counter() - t:.0f} s",
+              flush=True)
+    cohort = args.cohort if args.cohort is not None else args.make
+    model, model_label = population_model(args.population)
+    print(f"population model: {model_label}", flush=True)
+    settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, max_seconds=args.max_seconds)
+    rows, skipped = [], []
+    for patient in load_cohort(cohort):
+        if len(rows) >= args.patients:
+            break
+        if not eligible(patient):
+            skipped.append(patient.case)
+            continue
+        row = evaluate_patient(patient, settings, model)
+        rows.append(row)
+        print(f"{row['case']} {row['pattern']:>13} days {row['days']:>11}: fit {row['fit_dice_scan1']:.3f}; DSC "
+              f"calibrated {row['calibrated_dice']:.3f} population {row['population_dice']:.3f} no-change "
+              f"{row['no_change_dice']:.3f}  ({row['calibration_s']:.0f} s, {row['iterations']} it)", flush=True)
+    info = {"cohort": str(cohort), "population_model": model_label, "skipped_ineligible": skipped,
+            "settings": dict(vars(settings)),
+            "settings_summary": f"alpha {args.alpha}, <= {args.iterations} iterations, <= {args.max_seconds:g} s each",
+            "threads": args.threads, "machine": platform.platform(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "command": " ".join(sys.argv),
+            "wall_time_s": round(time.perf_counter() - started, 1)}
+    text, summary = summarise(rows, info)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "per_patient.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["case"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.out / "summary.json").write_text(json.dumps({**summary, "patients": rows}, indent=2, default=str) + "\n")
+    (args.out / "summary.md").write_text(text + "\n")
+    print(text)
+    print(f"wall time {info['wall_time_s']:.0f} s; skipped (fewer than 3 scans or a scan without tumour): "
+          f"{', '.join(skipped) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
