@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+_DEMAND_FLOOR = 1e-12  # demands (content fractions) below this are not limited; see the cross-diffusion limiter
+
 
 def spatial_dims(field: torch.Tensor) -> range:
     """Tensor dimensions of the spatial axes of a (B, C, *S) field."""
@@ -285,7 +287,12 @@ class CrossDiffusionOperator:
             out_minus = torch.clamp(-flux, min=0.0) / h  # leaves cell i+1 through its -face
             outflow = outflow + _scatter_face_to_cells(out_plus, out_minus, dim, n)
         demand = dt * outflow
-        limiter = torch.where(demand > p, p / torch.where(demand > 0, demand, torch.ones_like(demand)), torch.ones_like(p))
+        # Limit only demands above the content and above 1e-12: dividing by a denormal demand
+        # makes the backward pass multiply inf by 0 (NaN gradients after a few days of rollout).
+        # Unlimited demands below 1e-12 overshoot by at most 1e-12, which the projection removes.
+        limit = demand > torch.clamp(p, min=_DEMAND_FLOOR)
+        limiter = torch.where(limit, torch.clamp(p, min=0.0) / torch.where(limit, demand, torch.ones_like(demand)),
+                              torch.ones_like(p))
         limiter = torch.clamp(limiter, 0.0, 1.0)
         total = None
         for axis, (h, flux) in enumerate(zip(self.spacing, raw_fluxes)):

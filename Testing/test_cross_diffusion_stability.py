@@ -169,3 +169,24 @@ def test_a_parameter_file_with_ill_posed_cross_diffusion_is_refused():
     old_defaults["tumour_diffusion_by_tissue_mm2_per_day"]["lateral_ventricles"] = 0.1
     old_defaults["cross_diffusion_mm2_per_day"] = {"grey_matter": {"tumour": -0.01}}
     assert PDEParameters.from_dict(old_defaults).cross_diffusion_margins()[0][2] == pytest.approx(0.01)
+
+
+def test_library_cross_diffusion_gives_finite_gradients_over_a_long_rollout():
+    """The outflow limiter must not divide by denormal demands (NaN gradients in the backward pass)."""
+    import numpy as np
+    import torch
+
+    from AnatomyDTLib.solver import simulate
+    from AnatomyDTLib.state import labels_to_field
+
+    labels = np.full((24, 24), 2)
+    labels[:, 12:] = 3
+    labels[9:15, 9:15] = 1
+    p0 = labels_to_field(labels, 4, dtype=torch.float64)
+    chi = torch.zeros(4, 4, dtype=torch.float64)
+    chi[2, 1] = chi[3, 1] = -0.05
+    chi.requires_grad_(True)
+    out = simulate(p0, spacing=(1.0, 1.0), days=[60.0], dt=2.0, diffusion=[0.01, 0.1, 0.05, 0.05], growth_rate=0.05,
+                   carrying_capacity=1.0, tumor_class=1, cross_diffusion=chi, jacobi_iters=4)
+    (out[1] * torch.linspace(-1, 1, 24) ** 2).sum().backward()
+    assert torch.isfinite(chi.grad).all() and float(chi.grad.abs().sum()) > 0
