@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=15)
     parser.add_argument("--alpha", choices=("scalar", "field"), default="scalar")
     parser.add_argument("--max-seconds", type=float, default=90.0, help="time limit of one calibration (s)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
