@@ -113,12 +113,12 @@ def _read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def summarise(rows: list[dict], names: list[str], background_index: int) -> list[dict]:
+def summarise(rows: list[dict], names: list[str], background_index: int, models=MODELS) -> list[dict]:
     """Mean ± sd over folds of the per-fold means, for every model, scope (overall / class) and metric."""
     folds = sorted({int(r["fold"]) for r in rows})
     scopes = ["overall"] + [n for k, n in enumerate(names)]
     out = []
-    for model in MODELS:
+    for model in models:
         for scope in scopes:
             for metric in METRICS:
                 col = f"{metric}_{scope}"
