@@ -1,4 +1,4 @@
-"""The no-grad inference path of the IMEX step: same scheme as the reference path, no allocations.
+"""The no-grad inference path of the IMEX step: same scheme as the reference path, few allocations.
 
 When nothing needs gradients the solver runs each step through :class:`InferenceStepper`,
 which works in place on a private copy of the state and on buffers allocated once per solve.
@@ -7,19 +7,32 @@ grid the allocating reference path spends most of its time there.
 
 It computes the same step as :mod:`AnatomyDTLib.solver` (tested to agree within rounding); the
 step lengths — landing on events, and the sub-steps that keep the explicit cross-diffusion below
-its stability limit — are chosen by the solver's integrator, which both paths share. The exact
+its stability limit — are chosen by the solver's integrator, which both paths share. The
 economies:
 
 * classes with D_k = 0 are not diffused (their implicit solve is the identity);
-* cross-diffusion only touches the rows and columns of χ that are non-zero;
+* cross-diffusion only touches the rows and columns of χ that are non-zero; with a single
+  non-zero column (one class pushes the others, the brain's mass effect) the face gradient of
+  that class is computed once and shared by every pushed class;
 * the simplex projection is applied only to voxels that left the simplex (channel sum off 1
-  by more than the dtype's tolerance, or a negative value); the others are already on it;
+  by more than the dtype's tolerance, or a negative value); the others are left exactly as
+  they are;
 * every term is evaluated on the bounding box of where it can be non-zero: growth where there is
   tumour, cross-diffusion where its driving classes are non-zero (plus one voxel: outside, their
   gradient is exactly zero), diffusion where the diffused classes are non-zero plus m voxels (m
-  Jacobi sweeps spread by at most m voxels). These boxes are exact, not thresholds; denormal
-  floats are flushed to zero during the solve (values below ~1e-38 in float32), which keeps
-  decaying tails from spreading the boxes and avoids the CPU's slow denormal arithmetic.
+  Jacobi sweeps spread by at most m voxels). The bounding box of each watched class is found
+  once per step, searching only the window where it can be.
+* **support floor**: m Jacobi sweeps give every voxel within m voxels of the support a non-zero
+  value, so without a floor the support of a diffusing class would grow by m voxels per step
+  through values like 1e-35 that no output can show. At the start of each step, values of the
+  watched classes (those whose support sets a box) with magnitude below ``SUPPORT_FLOOR`` of the
+  dtype (1e-30 in float32, 1e-300 in float64) are set to zero. This is the only place where the
+  inference path departs from the reference path by more than rounding; each removed value is
+  below the floor, and what it could have become over a horizon T is bounded by
+  floor·exp(α·T) (logistic growth is the only amplifying term): 1e-28 after 90 days at
+  α = 0.05/day (tested against the reference path). It also keeps the arithmetic away from
+  denormal floats, which are 10–100× slower on CPUs, independently of which thread computes what
+  (``torch.set_flush_denormal`` acts on the calling thread only).
 """
 
 from __future__ import annotations
@@ -29,10 +42,15 @@ import math
 import torch
 
 from . import treatments as tx
-from .operators import face_both_inside, face_harmonic_mean
-from .simplex import project_to_simplex
+from .operators import face_both_inside
+from .simplex import simplex_threshold
 
 _SIMPLEX_SLACK = {torch.float32: 2e-7, torch.float64: 1e-13}
+
+def support_floor(dtype: torch.dtype) -> float:
+    """ε² of the dtype (1.4e-14 in float32, 4.9e-32 in float64): magnitudes below this are set to zero in
+    the watched classes at the start of each step (see the module docstring)."""
+    return float(torch.finfo(dtype).eps) ** 2
 
 
 class InferenceStepper:
@@ -46,18 +64,26 @@ class InferenceStepper:
         self.spacing = problem.grid.spacing
         self._prepare_diffusion()
         self._prepare_cross_diffusion()
+        self._prepare_limiter_check()
         n_face = max(int(math.prod(self._face_shape(d, (1, 1) + self.shape[2:]))) for d in range(2, len(self.shape)))
         self.face_buffer = torch.empty(n_face * self.shape[0] * max(1, len(self.diffused)), dtype=self.dtype,
                                        device=self.device)
         self.slack = _SIMPLEX_SLACK.get(self.dtype, 1e-6)
+        self.floor = support_floor(self.dtype)
         self.full_box = tuple(slice(0, n) for n in self.shape[2:])
         self.tumour_like = [problem.tumour] + ([problem.dying] if problem.dying is not None else [])
+        # The classes whose support decides a box: columns of χ, tumour (growth, treatment) and the
+        # diffused classes. With a learned reaction hook the diffusion box is searched after the hook.
+        watched = set(self.tumour_like) | set(self.diffused)
+        if self.cross_rows:
+            watched |= set(self.cross_cols)
+        self.watched = sorted(watched)
         # Every support this stepper looks for lies inside ``window``; it grows by at most
         # m + 1 voxels per step (m Jacobi sweeps, one upwind face), so each step searches only there.
         self.window = self.full_box
         # Start exactly on the simplex: p0 is accepted within a small tolerance, and later steps only
         # re-project the voxels they change.
-        self._project_off_simplex_(state, problem.domain)
+        self._project_off_simplex_(state, self.full_box)
 
     # -- set-up ---------------------------------------------------------------------------
     @staticmethod
@@ -98,15 +124,20 @@ class InferenceStepper:
         """Advance ``p`` (owned by the integrator, modified in place) by ``dt`` days."""
         pr = self.pr
         spatial = self.shape[2:]
-        window = _dilate(self.window, pr.jacobi_iters + 2, spatial)
+        m = pr.jacobi_iters
+        window = _dilate(self.window, m + 2, spatial)
+        support = self._floored_supports_(p, window)  # class -> box of its non-zero voxels (or None)
         changed = None  # the box of every voxel this step may change
         cross = None
         if pr.cross is not None:
-            box = self.full_box if self.cross_rows is None else support_box_within(p[:, self.cross_cols], window, 1, spatial)
+            if self.cross_rows is None:
+                box = self.full_box
+            else:
+                box = _dilate_or_none(_union_all(support[c] for c in self.cross_cols), 1, spatial)
             if box is not None:
                 cross = (box, self._cross_increment(_crop(p, box), dt, box))
                 changed = _union(changed, box)
-        tumour_box = support_box_within(p[:, self.tumour_like], window, 0, spatial)
+        tumour_box = _union_all(support[c] for c in self.tumour_like)
         if tumour_box is not None:
             self._reaction_(_crop(p, tumour_box), dt, chemo_rate, _crop(clearable, tumour_box), tumour_box)
             changed = _union(changed, tumour_box)
@@ -114,10 +145,18 @@ class InferenceStepper:
             self._hook_(p, t, dt)
             changed = self.full_box
         if cross is not None:
-            box, increment = cross
-            _crop(p, box)[:, self.cross_rows] += dt * increment
+            box, (increment, scale) = cross
+            region = _crop(p, box)
+            if scale is None:  # spatial χ: every channel's tendency
+                region.add_(increment, alpha=dt)
+            else:
+                for i, k in enumerate(self.cross_rows):
+                    region[:, k].add_(increment[:, i], alpha=dt * scale[i])
         if self.diffused:
-            box = support_box_within(p[:, self.diffused], window, pr.jacobi_iters + 1, spatial)
+            if pr.reaction_hook is not None:
+                box = support_box_within(p[:, self.diffused], self.full_box, m + 1, spatial)
+            else:
+                box = _dilate_or_none(self._diffused_support(support, cross, tumour_box), m + 1, spatial)
             if box is not None:
                 self._implicit_diffusion_(p, dt, box)
                 changed = _union(changed, box)
@@ -125,8 +164,70 @@ class InferenceStepper:
         if pr.dying is not None:  # the integrator keeps delayed-death cohorts consistent with the projection
             self.dying_before_projection = p[:, pr.dying:pr.dying + 1].clone()
         if changed is not None:
-            self._project_off_simplex_(_crop(p, changed), _crop(pr.domain, changed))
+            self._project_off_simplex_(p, changed)
         return p
+
+    def _diffused_support(self, support, cross, tumour_box):
+        """A box containing every non-zero voxel of the diffused classes after the explicit part.
+
+        Before it, their support is known; the explicit part can add support only where it acts:
+        cross-diffusion in its box (rows of χ), and the reaction in the tumour's box (the sink class
+        receives killed tumour; growth only rescales the other classes).
+        """
+        box = _union_all(support[c] for c in self.diffused)
+        diffused = set(self.diffused)
+        if cross is not None and (self.cross_rows is None or diffused & set(self.cross_rows)):
+            box = _union(box, cross[0])
+        if tumour_box is not None and self.pr.sink in diffused:
+            box = _union(box, tumour_box)
+        return box
+
+    def _floored_supports_(self, p: torch.Tensor, window) -> dict:
+        """Per watched class, the box of its non-zero voxels inside ``window`` (global slices), after
+        setting its values of magnitude below the support floor to zero (in place)."""
+        spatial = self.shape[2:]
+        region = _crop(p, window)
+        boxes = {}
+        for c in self.watched:
+            values = region[:, c]
+            keep = values.abs() >= self.floor
+            if not bool(keep.all()):
+                values.mul_(keep)  # exact: x * 1 = x, and x * 0 = 0 for the finite values of a field
+            local = _true_box(keep.any(dim=0) if keep.shape[0] > 1 else keep[0])
+            boxes[c] = None if local is None else tuple(
+                slice(w.start + b.start, w.start + b.stop) for w, b in zip(window, local))
+        return boxes
+
+    # -- events -----------------------------------------------------------------------------
+    def radiation_fraction_(self, p: torch.Tensor, dose_gy, alpha_per_gy: float, beta_per_gy2: float, target: int):
+        """One radiotherapy fraction in place, on the box of the viable tumour only: the same transfer as
+        :func:`treatments.radiation_fraction` (elsewhere the tumour is zero and nothing changes).
+
+        Returns the killed probability as a full (B, 1, *S) tensor when the solver keeps delayed-death
+        cohorts (``target`` is the dying channel), else None.
+        """
+        pr = self.pr
+        spatial = self.shape[2:]
+        box = support_box_within(p.narrow(1, pr.tumour, 1), _dilate(self.window, pr.jacobi_iters + 2, spatial), 0,
+                                 spatial)
+        keep_killed = pr.dying is not None and target == pr.dying
+        killed_full = torch.zeros_like(p[:, :1]) if keep_killed else None
+        if box is None:
+            return killed_full
+        dose = dose_gy if isinstance(dose_gy, torch.Tensor) else torch.as_tensor(float(dose_gy), dtype=p.dtype,
+                                                                                  device=p.device)
+        survival = tx.linear_quadratic_survival(_crop(dose, box) if dose.dim() > 0 else dose, alpha_per_gy, beta_per_gy2)
+        region = _crop(p, box)
+        killed = region[:, pr.tumour:pr.tumour + 1] * (1.0 - survival)
+        domain = _crop(pr.domain, box)
+        if domain is not None:
+            killed = killed * domain
+        if target != pr.tumour:
+            region[:, pr.tumour:pr.tumour + 1].sub_(killed)
+            region[:, target:target + 1].add_(killed)
+        if killed_full is not None:
+            _crop(killed_full, box).copy_(killed)
+        return killed_full
 
     # -- explicit part --------------------------------------------------------------------
     def _reaction_(self, p, dt, chemo_rate, clearable, box) -> None:
@@ -178,43 +279,110 @@ class InferenceStepper:
         viable.add_(growth).add_(shrink)
         p[:, pr.sink:pr.sink + 1].sub_(shrink)
 
-    def _cross_increment(self, p, dt, box) -> torch.Tensor:
-        """dp/dt of cross-diffusion at p^n (a crop) for the rows of χ that are non-zero (outflow limited)."""
+    def _prepare_limiter_check(self) -> None:
+        """Whether the outflow limiter can ever act, from the coefficients alone.
+
+        A face velocity of row k is |Σ_j χ_kj Δp_j| / h <= Σ_j |χ_kj| / h, since 0 <= p_j <= 1 on the
+        simplex; a cell has two faces per axis, so its outflow over a step is at most
+        Δt·Σ_j|χ_kj|·2·Σ_a 1/h_a² times its content. Below 1 the limiter min(1, content/outflow)
+        is exactly 1 everywhere; with a margin of 2 for rounding, the step then skips it.
+        """
+        if not self.cross_rows:
+            self.limiter_free_dt = None
+            return
+        reach = float(self.chi_sub.abs().sum(dim=1).max()) * 2.0 * sum(1.0 / (h * h) for h in self.spacing)
+        self.limiter_free_dt = 0.5 / reach if reach > 0 else math.inf
+
+    def _cross_increment(self, p, dt, box):
+        """dp/dt of cross-diffusion at p^n (a crop) for the rows of χ that are non-zero (outflow limited),
+        as (tendencies (B, rows, *box), per-row scale): row k changes by Δt·scale_k·tendency_k."""
         cross = self.pr.cross
         if self.cross_rows is None:
-            return cross.tendency(p, dt)
+            return cross.tendency(p, dt), None
         rows, cols = self.cross_rows, self.cross_cols
-        if len(cols) == 1:
-            potential = p[:, cols] * self.chi_sub.reshape((1, len(rows)) + (1,) * (p.dim() - 2))
-        else:
-            potential = torch.einsum("kj,bj...->bk...", self.chi_sub, p[:, cols])
-        density = p[:, rows]
+        density = _channels(p, rows)
         mask = _crop(self.pr.domain, box)
-        fluxes = []
-        outflow = torch.zeros_like(density)
-        for axis, h in enumerate(self.spacing):
-            dim = 2 + axis
+        unlimited = dt <= self.limiter_free_dt
+        if len(cols) == 1 and unlimited:
+            column = self.chi_sub[:, 0]
+            if bool((column < 0).all()) or bool((column > 0).all()):
+                tendency = self._single_column_tendency(p[:, cols[0]:cols[0] + 1], density, mask, bool(column[0] < 0))
+                return tendency, [float(c) for c in column]
+        potential = torch.einsum("kj,bj...->bk...", self.chi_sub, p[:, cols])
+        fluxes = self._general_fluxes(potential, density, mask)
+        if not unlimited:
+            self._limit_outflow_(fluxes, density, dt)
+        tendency = torch.zeros_like(density)
+        for (dim, h), flux in zip(self._axes(), fluxes):
             n = p.shape[dim]
+            tendency.narrow(dim, 1, n - 1).add_(flux, alpha=1.0 / h)
+            tendency.narrow(dim, 0, n - 1).sub_(flux, alpha=1.0 / h)
+        return tendency, [1.0] * len(rows)
+
+    def _axes(self):
+        return [(2 + axis, h) for axis, h in enumerate(self.spacing)]
+
+    def _general_fluxes(self, potential, density, mask) -> list:
+        """Upwind face fluxes of every row: face velocity = difference of the row's potential / h."""
+        fluxes = []
+        for dim, h in self._axes():
+            n = potential.shape[dim]
             v = potential.narrow(dim, 1, n - 1) - potential.narrow(dim, 0, n - 1)
             v.div_(h)
             if mask is not None:
                 v.mul_(face_both_inside(mask, dim))
             flux = torch.clamp(v, min=0.0).mul_(density.narrow(dim, 0, n - 1))
             flux.add_(torch.clamp(v, max=0.0).mul_(density.narrow(dim, 1, n - 1)))
-            del v
-            outflow.narrow(dim, 0, n - 1).add_(torch.clamp(flux, min=0.0), alpha=1.0 / h)
-            outflow.narrow(dim, 1, n - 1).add_(torch.clamp(flux, max=0.0), alpha=-1.0 / h)
             fluxes.append(flux)
+        return fluxes
+
+    def _limit_outflow_(self, fluxes, density, dt) -> None:
+        """Scale every flux by its donor cell's limiter min(1, content / (Δt·outflow)) (in place)."""
+        outflow = torch.zeros_like(density)
+        for (dim, h), flux in zip(self._axes(), fluxes):
+            n = density.shape[dim]
+            outflow.narrow(dim, 0, n - 1).add_(torch.clamp(flux, min=0.0), alpha=1.0 / h)
+            outflow.narrow(dim, 1, n - 1).sub_(torch.clamp(flux, max=0.0), alpha=1.0 / h)
         outflow.mul_(dt)
-        limiter = torch.where(outflow > density, density / outflow.clamp(min=torch.finfo(self.dtype).tiny), 1.0)
-        limiter.clamp_(0.0, 1.0)
-        tendency = torch.zeros_like(density)
-        for axis, (h, flux) in enumerate(zip(self.spacing, fluxes)):
-            dim = 2 + axis
-            n = p.shape[dim]
+        limited = outflow > density
+        limiter = torch.div(density, outflow.clamp_(min=torch.finfo(self.dtype).tiny), out=outflow)
+        limiter.masked_fill_(~limited, 1.0).clamp_(0.0, 1.0)
+        for (dim, h), flux in zip(self._axes(), fluxes):
+            n = density.shape[dim]
             flux.mul_(torch.where(flux > 0, limiter.narrow(dim, 0, n - 1), limiter.narrow(dim, 1, n - 1)))
-            tendency.narrow(dim, 1, n - 1).add_(flux, alpha=1.0 / h)
-            tendency.narrow(dim, 0, n - 1).sub_(flux, alpha=1.0 / h)
+
+    def _single_column_tendency(self, pushing, density, mask, repulsive: bool) -> torch.Tensor:
+        """Σ_faces ±flux_k/h / χ_kj when one class j drives every row (v_k = χ_kj ∇p_j), no limiter.
+
+        The face gradient g of p_j is computed once per axis and shared by all rows. For χ_kj < 0
+        the donor of a face is the upper cell where g > 0 and the lower cell where g < 0 (the
+        reverse for χ_kj > 0), so flux_k / χ_kj = a·p_k[lower] + b·p_k[upper] with (a, b) = (g⁻, g⁺)
+        the negative and positive parts of g (swapped for attraction). Per cell i this sums to
+
+            p_k(i)·G(i) + Σ_axes [a(i−½)·p_k(i−1) − b(i+½)·p_k(i+1)] / h,
+            G(i) = Σ_axes [b(i−½) − a(i+½)] / h,
+
+        where G is one channel shared by all rows: three row-sized passes fewer per axis than
+        accumulating each face flux into both of its cells.
+        """
+        coefficient = torch.zeros_like(pushing)  # G
+        faces = []
+        for dim, h in self._axes():
+            n = pushing.shape[dim]
+            g = pushing.narrow(dim, 1, n - 1) - pushing.narrow(dim, 0, n - 1)  # h·g: 1/h² is applied below
+            if mask is not None:
+                g.mul_(face_both_inside(mask, dim))
+            positive = torch.clamp(g, min=0.0)
+            negative = g.clamp_(max=0.0)
+            lower, upper = (negative, positive) if repulsive else (positive, negative)
+            coefficient.narrow(dim, 1, n - 1).add_(upper, alpha=1.0 / (h * h))
+            coefficient.narrow(dim, 0, n - 1).sub_(lower, alpha=1.0 / (h * h))
+            faces.append((dim, h, lower, upper))
+        tendency = torch.mul(density, coefficient)
+        for dim, h, lower, upper in faces:
+            n = density.shape[dim]
+            tendency.narrow(dim, 1, n - 1).addcmul_(density.narrow(dim, 0, n - 1), lower, value=1.0 / (h * h))
+            tendency.narrow(dim, 0, n - 1).addcmul_(density.narrow(dim, 1, n - 1), upper, value=-1.0 / (h * h))
         return tendency
 
     # -- implicit part --------------------------------------------------------------------
@@ -230,8 +398,13 @@ class InferenceStepper:
         return cropped
 
     def _laplacian_(self, u: torch.Tensor, weights, out: torch.Tensor) -> torch.Tensor:
-        """out = ∇·(D∇u) for the diffused classes, accumulated face by face in place."""
-        out.zero_()
+        """out = ∇·(D∇u) for the diffused classes, accumulated face by face in place.
+
+        Per axis: the face differences once, then w·difference added to the lower cell and
+        subtracted from the upper one (``addcmul_``, no separate product pass). The first axis
+        writes its lower-cell part instead of adding it to a zeroed array.
+        """
+        first = True
         for axis, w in enumerate(weights):
             dim = 2 + axis
             n = u.shape[dim]
@@ -240,9 +413,15 @@ class InferenceStepper:
             shape = self._face_shape(dim, u.shape)
             face = self.face_buffer[:math.prod(shape)].view(shape)
             torch.sub(u.narrow(dim, 1, n - 1), u.narrow(dim, 0, n - 1), out=face)
-            face.mul_(w)
-            out.narrow(dim, 0, n - 1).add_(face)
-            out.narrow(dim, 1, n - 1).sub_(face)
+            if first:
+                torch.mul(face, w, out=out.narrow(dim, 0, n - 1))
+                out.narrow(dim, n - 1, 1).zero_()
+                first = False
+            else:
+                out.narrow(dim, 0, n - 1).addcmul_(face, w)
+            out.narrow(dim, 1, n - 1).addcmul_(face, w, value=-1.0)
+        if first:
+            out.zero_()
         return out
 
     def _implicit_diffusion_(self, p: torch.Tensor, dt: float, box) -> None:
@@ -259,46 +438,79 @@ class InferenceStepper:
         weights = self._face_weights_in(box)
         for _ in range(self.pr.jacobi_iters):
             self._laplacian_(u, weights, lap)
-            lap.mul_(dt).add_(rhs).sub_(u)  # residual: rhs - (u - Δt L u)
-            lap.mul_(scale)
-            u.add_(lap)
+            residual = torch.add(rhs, lap, alpha=dt, out=lap).sub_(u)  # rhs - (u - Δt L u)
+            u.addcmul_(residual, scale)
         for i, c in enumerate(self.diffused):
             region[:, c].copy_(u[:, i])
 
     # -- projection -----------------------------------------------------------------------
-    def _project_off_simplex_(self, p: torch.Tensor, domain) -> None:
-        """Project the voxels that are off the simplex; the others are left exactly as they are."""
-        total = p.sum(dim=1)
-        off = (total - 1.0).abs_() > self.slack
-        off |= (p < 0).any(dim=1)
+    def _project_off_simplex_(self, p: torch.Tensor, box) -> None:
+        """Project the voxels of ``box`` that are off the simplex; the others are left exactly as they are."""
+        region = _crop(p, box)
+        domain = _crop(self.pr.domain, box)
+        total = region.sum(dim=1)
+        off = total.sub_(1.0).abs_() > self.slack
+        off |= region.amin(dim=1) < 0
         if domain is not None:
             off &= domain[:, 0] > 0
         n_off = int(off.sum())
         if n_off == 0:
             return
-        if n_off > off.numel() // 4:  # mostly off: projecting contiguous lanes beats gather/scatter
-            projected = project_to_simplex(p, dim=1)
-            p.copy_(torch.where(off.unsqueeze(1), projected, p))
+        if n_off > off.numel() // 4 or not p.is_contiguous():
+            # mostly off: project contiguous lanes in place, with θ = 0 where already on the simplex
+            theta = simplex_threshold(region, dim=1)
+            theta.masked_fill_(~off.unsqueeze(1), 0.0)
+            region.sub_(theta).clamp_(min=0.0)  # on-simplex voxels: x - 0 = x and x >= 0, unchanged
             return
-        moved = p.movedim(1, -1)[off]  # (n_off, K)
-        p.movedim(1, -1)[off] = project_to_simplex(moved, dim=1)
+        self._project_gathered_(p, box, off)
+
+    def _project_gathered_(self, p: torch.Tensor, box, off: torch.Tensor) -> None:
+        """Gather the off-simplex voxels of each batch item by linear index, project, scatter back."""
+        spatial = self.shape[2:]
+        strides = [math.prod(spatial[a + 1:]) for a in range(len(spatial))]
+        index = off.nonzero()  # (n, 1 + ndim): batch item, then local coordinates in the box
+        linear = torch.zeros(index.shape[0], dtype=torch.long, device=index.device)
+        for a, (b, stride) in enumerate(zip(box, strides)):
+            linear.add_(index[:, 1 + a] + b.start, alpha=stride)
+        flat = p.view(p.shape[0], p.shape[1], -1)
+        for item in range(p.shape[0]):
+            lin = linear if p.shape[0] == 1 else linear[index[:, 0] == item]
+            if lin.numel() == 0:
+                continue
+            lanes = torch.stack([flat[item, c].index_select(0, lin) for c in range(p.shape[1])])  # (K, n)
+            lanes.sub_(simplex_threshold(lanes, dim=0)).clamp_(min=0.0)
+            for c in range(p.shape[1]):
+                flat[item, c].index_copy_(0, lin, lanes[c])
+
+
+def _true_box(mask: torch.Tensor) -> tuple[slice, ...] | None:
+    """Slices of the bounding box of the True voxels of a boolean array, or None if there are none."""
+    profiles = _axis_profiles(mask)
+    slices = []
+    for line in profiles:
+        idx = torch.nonzero(line).flatten()
+        if idx.numel() == 0:
+            return None
+        slices.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(slices)
+
+
+def _axis_profiles(mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per axis, whether any element of each slice across it is True (two passes over the array)."""
+    if mask.dim() == 1:
+        return [mask]
+    last = mask.flatten(0, -2).any(dim=0)
+    return _axis_profiles(mask.any(dim=-1)) + [last]
 
 
 def support_box(channels: torch.Tensor, margin: int) -> tuple[slice, ...] | None:
     """Spatial slices of the bounding box of the non-zero voxels of ``channels`` (B, C, *S), grown
     by ``margin`` voxels and clipped to the grid; None when every voxel is zero."""
     nonzero = channels.ne(0).any(dim=1).any(dim=0)  # (*S)
-    slices = []
-    for axis in range(nonzero.dim()):
-        others = tuple(a for a in range(nonzero.dim()) if a != axis)
-        line = nonzero.any(dim=others) if others else nonzero
-        idx = torch.nonzero(line).flatten()
-        if idx.numel() == 0:
-            return None
-        lo = max(0, int(idx[0]) - margin)
-        hi = min(line.numel(), int(idx[-1]) + 1 + margin)
-        slices.append(slice(lo, hi))
-    return tuple(slices)
+    local = _true_box(nonzero)
+    if local is None:
+        return None
+    return _dilate(local, margin, tuple(nonzero.shape))
 
 
 def support_box_within(channels: torch.Tensor, window, margin: int, spatial_shape) -> tuple[slice, ...] | None:
@@ -315,6 +527,17 @@ def _dilate(box, margin: int, spatial_shape):
     return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(box, spatial_shape))
 
 
+def _dilate_or_none(box, margin: int, spatial_shape):
+    return None if box is None else _dilate(box, margin, spatial_shape)
+
+
+def _channels(p: torch.Tensor, channels: list[int]) -> torch.Tensor:
+    """p[:, channels] as a view when the channels are consecutive, else a copy."""
+    if channels == list(range(channels[0], channels[0] + len(channels))):
+        return p.narrow(1, channels[0], len(channels))
+    return p[:, channels]
+
+
 def _crop(t: torch.Tensor | None, box) -> torch.Tensor | None:
     """The (B, C, *box) view of a field, or the tensor itself if it has no spatial extent."""
     if t is None or all(n == 1 for n in t.shape[2:]):
@@ -328,6 +551,13 @@ def _union(a, b):
     if b is None:
         return a
     return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+
+
+def _union_all(boxes):
+    total = None
+    for box in boxes:
+        total = _union(total, box)
+    return total
 
 
 def _is_zero(value: torch.Tensor) -> bool:

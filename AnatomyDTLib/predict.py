@@ -135,13 +135,16 @@ class Prediction:
     model_name: str
     model_version: str
     baseline: AnatomyState
+    _labels: dict = field(default_factory=dict, repr=False, compare=False)  # index -> argmax labels, computed once
 
     def state(self, index: int) -> AnatomyState:
         return AnatomyState(self.fields[index], self.geometry, self.schema)
 
     def labels(self, index: int) -> np.ndarray:
-        """Predicted labelmap at ``days[index]`` (argmax), array order."""
-        return self.state(index).to_labels()
+        """Predicted labelmap at ``days[index]`` (argmax), array order (a copy; the argmax is computed once)."""
+        if index not in self._labels:
+            self._labels[index] = self.state(index).to_labels()
+        return self._labels[index].copy()
 
     def tumour_probability(self, index: int) -> np.ndarray:
         """Tumour probability map at ``days[index]`` in [0, 1], float32, array order."""
@@ -150,7 +153,10 @@ class Prediction:
     def volumes_ml(self) -> list[tuple[float, dict[str, float]]]:
         """Per output day, the class volumes in mL (argmax voxel count × voxel volume); day 0 = baseline."""
         rows = [(0.0, self.baseline.class_volumes_ml())]
-        rows += [(d, self.state(i).class_volumes_ml()) for i, d in enumerate(self.days)]
+        voxel_ml = self.geometry.voxel_volume_ml
+        for i, d in enumerate(self.days):
+            counts = np.bincount(self.labels(i).ravel(), minlength=self.schema.num_classes)
+            rows.append((d, {name: float(counts[k]) * voxel_ml for k, name in enumerate(self.schema.names)}))
         return rows
 
     def segment_tags(self) -> dict[str, str]:

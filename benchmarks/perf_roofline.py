@@ -1,0 +1,319 @@
+"""Roofline of the no-grad IMEX step on 240×240×155, K = 5 (issue 9, target 1): a measurement, not a test.
+
+    python benchmarks/perf_roofline.py                      # brain case + dense worst case, 5 repeats
+    python benchmarks/perf_roofline.py --threads 1 --repeats 5
+    python benchmarks/perf_roofline.py --only dense --compile   # + torch.compile experiment (needs a C++ compiler)
+
+Every configuration runs in its own subprocess (fresh allocator, its own peak RSS). Printed:
+
+* the machine's memory-copy bandwidth, measured in the same run (torch ``copy_`` of 512 MB,
+  median of 7) before and after the measurements, and the 1-minute load average;
+* per configuration the median step time (median over steps inside a run, then over repeats;
+  the spread over repeats in brackets), the bytes the step must move at least, the achieved
+  bytes/s and its ratio to the copy bandwidth (the roofline).
+
+Cases:
+
+* ``brain``: the bundled sample case resampled to 240×240×155 at 1 mm, ``pde-only`` brain
+  defaults (tumour D 0.2/0.02 mm²/day by tissue, χ = −0.01 on three rows, α = 0.05/day,
+  Δt = 1 day, m = 2 Jacobi sweeps), the sample Stupp plan, 90 steps (days 0–90). The inference
+  path works on the active box (where the tumour is non-zero); the box is reported.
+* ``dense``: everything active — a random Dirichlet field (every voxel a mixture of all 5
+  classes), every class diffuses (D = 0.05–0.2 mm²/day), every ordered pair cross-diffuses
+  (|χ| <= 0.02, well-posed), logistic growth; 5 steps per run, the first discarded (warm-up).
+
+Traffic counts (float32, N voxels, K = 5 channels), per step:
+
+* ``minimum``: read the state once and write it once, 2·K·N·4 bytes, plus every coefficient array
+  the step must read (brain: the tumour's 3 face-weight arrays, 3·N·4; dense: none, the D are
+  per-class scalars). A solver that fused the whole step into one pass would move this much.
+* ``per-stage``: the same for a solver that streams each stage once: explicit part (read K,
+  write K), each of the m Jacobi sweeps (read u and rhs, write u: 3 per diffused class) and the
+  projection (read K, write K), plus the coefficient arrays once per sweep.
+
+For the brain case both counts are given twice: over the full grid (what a dense solver moves,
+``full-grid``) and over the box the step actually changes (``box``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import perf_common as pc  # noqa: E402
+
+K = 5
+SHAPE_XYZ = (240, 240, 155)
+GB = 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# child: one configuration, one repeat; prints a JSON line
+# --------------------------------------------------------------------------------------------
+
+def _dense_problem(shape_zyx):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.distributions.Dirichlet(torch.full((K,), 0.7)).sample(shape_zyx).permute(3, 0, 1, 2).contiguous()
+    chi = (torch.rand(K, K, generator=g, dtype=torch.float64) - 0.5) * 0.04  # |χ| <= 0.02 < D_j + D_k: well-posed
+    chi.fill_diagonal_(0)
+    kwargs = dict(diffusion=[0.05, 0.2, 0.1, 0.1, 0.05], growth_rate=0.05, cross_diffusion=chi, dt=1.0,
+                  jacobi_iters=2, tumor_class=1)
+    return p0, kwargs
+
+
+def _brain_problem():
+    from AnatomyDTLib.plan import load_plan
+    from AnatomyDTLib.predict import PDEOnlyModel
+
+    p0, spacing = pc.brain_field(SHAPE_XYZ)
+    model = PDEOnlyModel()
+    kwargs = model.parameters.simulate_kwargs(p0, model.schema)
+    kwargs["plan"] = load_plan(str(pc.brain_case(SHAPE_XYZ)["plan"]), schema=model.schema)
+    kwargs["schema"] = model.schema
+    return p0, spacing, kwargs
+
+
+def child(case: str, days: int) -> dict:
+    import torch
+
+    from AnatomyDTLib import inference, simulate
+
+    boxes = []
+    original = inference.InferenceStepper.step
+
+    def recording_step(self, p, t, dt, chemo, clearable):  # measurement only: the box each step changed
+        out = original(self, p, t, dt, chemo, clearable)
+        boxes.append(int(torch.Size([s.stop - s.start for s in self.window]).numel()))
+        return out
+
+    inference.InferenceStepper.step = recording_step
+    if case == "brain":
+        p0, spacing, kwargs = _brain_problem()
+    else:
+        p0, kwargs = _dense_problem(tuple(reversed(SHAPE_XYZ)))
+        spacing = (1.0, 1.0, 1.0)
+    stamps = []
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    with torch.no_grad():
+        simulate(p0, spacing=spacing, days=float(days), progress=lambda day, horizon: stamps.append(time.perf_counter()),
+                 **kwargs)
+    total = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    steps = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
+    return {"case": case, "steps": steps, "boxes": boxes, "total_s": total, "cpu_s": cpu,
+            "voxels": int(p0[0].numel()), "threads": torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------------------------
+# traffic model
+# --------------------------------------------------------------------------------------------
+
+def traffic_bytes(case: str, voxels: int, jacobi_iters: int = 2) -> dict:
+    """Bytes per step (float32) of the two counts of the module docstring for ``voxels`` voxels."""
+    n4 = voxels * 4
+    if case == "brain":
+        diffused, coefficient_arrays = 1, 3  # the tumour; its 3 face-weight arrays
+    else:
+        diffused, coefficient_arrays = K, 0
+    minimum = 2 * K * n4 + coefficient_arrays * n4
+    per_stage = (2 * K + jacobi_iters * 3 * diffused + 2 * K) * n4 + jacobi_iters * coefficient_arrays * n4
+    return {"minimum": minimum, "per_stage": per_stage}
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile experiment (dense case): a fused prototype of the transport + projection step
+# --------------------------------------------------------------------------------------------
+
+def compile_experiment(repeats: int) -> dict:
+    """Compile a pure-function prototype of the dense step (uniform D, χ without the outflow limiter,
+    m = 2 Jacobi sweeps, simplex projection; no growth) and compare it with the library's step
+    on the same problem (growth off). Reports compile time, step times and the largest difference."""
+    import torch
+    import torch.nn.functional as F
+
+    from AnatomyDTLib import simulate
+    from AnatomyDTLib.simplex import project_to_simplex
+
+    p0, kwargs = _dense_problem(tuple(reversed(SHAPE_XYZ)))
+    kwargs = {**kwargs, "growth_rate": 0.0}
+    d = torch.tensor(kwargs["diffusion"], dtype=torch.float32).reshape(1, K, 1, 1, 1)
+    chi = kwargs["cross_diffusion"].float()
+    dt, m = 1.0, 2
+    scale = 1.0 / (1.0 + dt * 6.0 * d)  # conservative Jacobi: max diagonal of uniform D, h = 1 mm
+
+    def face_flux_divergence(flux, dim):
+        zero = torch.zeros_like(flux.narrow(dim, 0, 1))
+        padded = torch.cat([zero, flux, zero], dim=dim)
+        n = padded.shape[dim]
+        return padded.narrow(dim, 0, n - 1) - padded.narrow(dim, 1, n - 1)
+
+    def step(p):
+        potential = torch.einsum("kj,bj...->bk...", chi, p)
+        rhs = p
+        for dim in (2, 3, 4):
+            n = p.shape[dim]
+            v = potential.narrow(dim, 1, n - 1) - potential.narrow(dim, 0, n - 1)
+            flux = torch.clamp(v, min=0) * p.narrow(dim, 0, n - 1) + torch.clamp(v, max=0) * p.narrow(dim, 1, n - 1)
+            rhs = rhs + dt * face_flux_divergence(flux, dim)
+        u = rhs
+        for _ in range(m):
+            padded = F.pad(u, (1, 1, 1, 1, 1, 1), mode="replicate")
+            centre = padded[:, :, 1:-1, 1:-1, 1:-1]
+            lap = (padded[:, :, 2:, 1:-1, 1:-1] + padded[:, :, :-2, 1:-1, 1:-1] + padded[:, :, 1:-1, 2:, 1:-1]
+                   + padded[:, :, 1:-1, :-2, 1:-1] + padded[:, :, 1:-1, 1:-1, 2:] + padded[:, :, 1:-1, 1:-1, :-2]
+                   - 6.0 * centre) * d
+            u = u + scale * (rhs - u + dt * lap)
+        return project_to_simplex(u, dim=1)
+
+    x = p0[None]
+    compiled = torch.compile(step, dynamic=False)
+    t0 = time.perf_counter()
+    out = compiled(x)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = compiled(x)
+        times.append(time.perf_counter() - t0)
+    eager_times = []
+    for _ in range(max(1, repeats // 2)):
+        t0 = time.perf_counter()
+        eager = step(x)
+        eager_times.append(time.perf_counter() - t0)
+    with torch.no_grad():
+        library = simulate(p0, spacing=(1.0, 1.0, 1.0), days=1.0, **kwargs)
+    return {"compile_s": compile_s, "compiled_step_s": statistics.median(times),
+            "eager_prototype_step_s": statistics.median(eager_times),
+            "max_abs_diff_vs_library": float((out[0] - library).abs().max()),
+            "max_abs_diff_compiled_vs_eager": float((out - eager).abs().max())}
+
+
+# --------------------------------------------------------------------------------------------
+# parent
+# --------------------------------------------------------------------------------------------
+
+def run_case(case: str, days: int, repeats: int, threads: int) -> list[dict]:
+    results = []
+    for _ in range(repeats):
+        load = pc.machine_load()
+        r = pc.run_measured([sys.executable, __file__, "--child", case, "--days", str(days)],
+                            env={"OMP_NUM_THREADS": str(threads), "ANATOMYDT_PERF_THREADS": str(threads)})
+        if r["returncode"] != 0:
+            raise RuntimeError(f"{case} run failed:\n{r['stderr'][-3000:]}")
+        result = pc.last_json_line(r["stdout"])
+        result.update(load=load, peak_rss_bytes=r["peak_rss_bytes"], wall_s=r["wall_s"])
+        results.append(result)
+    return results
+
+
+def summarise(case: str, results: list[dict], bandwidth: float, skip_first: bool) -> dict:
+    per_run = []
+    for r in results:
+        steps = r["steps"][1:] if skip_first and len(r["steps"]) > 1 else r["steps"]
+        per_run.append(statistics.median(steps))
+    step = statistics.median(per_run)
+    voxels = results[0]["voxels"]
+    boxes = results[0]["boxes"]
+    box = statistics.median(boxes[1:] if skip_first and len(boxes) > 1 else boxes)
+    full = traffic_bytes(case, voxels)
+    boxed = traffic_bytes(case, box)
+    mean_step = statistics.median([r["total_s"] / len(r["steps"]) for r in results])
+    return {"case": case, "step_s": step, "step_spread": (min(per_run), max(per_run)), "mean_step_s": mean_step,
+            "run_total_s": statistics.median([r["total_s"] for r in results]),
+            "run_cpu_s": statistics.median([r["cpu_s"] for r in results]),
+            "voxels": voxels, "median_box_voxels": box, "max_box_voxels": max(boxes),
+            "traffic_full": full, "traffic_box": boxed,
+            "roofline_full_minimum": full["minimum"] / step / GB / bandwidth,
+            "roofline_full_per_stage": full["per_stage"] / step / GB / bandwidth,
+            "roofline_box_minimum": boxed["minimum"] / step / GB / bandwidth,
+            "roofline_box_per_stage": boxed["per_stage"] / step / GB / bandwidth,
+            "peak_rss_gib": max(r["peak_rss_bytes"] or 0 for r in results) / 2 ** 30,
+            "loads": [round(r["load"], 2) for r in results], "repeats": len(results)}
+
+
+def print_summary(s: dict, bandwidth: float) -> None:
+    lo, hi = s["step_spread"]
+    print(f"\n[{s['case']}] median step {s['step_s'] * 1e3:.1f} ms [{lo * 1e3:.1f}–{hi * 1e3:.1f}] over {s['repeats']} runs; "
+          f"whole run {s['run_total_s']:.2f} s wall, {s['run_cpu_s']:.2f} s CPU; peak RSS {s['peak_rss_gib']:.2f} GiB; "
+          f"load {s['loads']}")
+    print(f"  grid {s['voxels'] / 1e6:.2f} M voxels; box changed per step: median {s['median_box_voxels'] / 1e6:.2f} M, "
+          f"max {s['max_box_voxels'] / 1e6:.2f} M voxels")
+    for scope, key in (("full-grid", "traffic_full"), ("box", "traffic_box")):
+        if s["case"] == "dense" and scope == "box":
+            continue
+        t = s[key]
+        for count in ("minimum", "per_stage"):
+            achieved = t[count] / s["step_s"] / GB
+            print(f"  {scope:9} {count:9}: {t[count] / 1e6:8.1f} MB/step -> {achieved:6.2f} GB/s = "
+                  f"{achieved / bandwidth:5.2f} of the {bandwidth:.1f} GB/s copy roofline")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per case (median reported; default 5)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2 = the target machine)")
+    parser.add_argument("--only", choices=("brain", "dense"), help="run one case")
+    parser.add_argument("--brain-days", type=int, default=90)
+    parser.add_argument("--dense-days", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd dense-step prototype")
+    parser.add_argument("--json", type=Path, help="write the summaries to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--days", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("ANATOMYDT_PERF_THREADS", args.threads)))
+    if args.child:
+        print(json.dumps(child(args.child, args.days)))
+        return
+    if args.compile_child:
+        print(json.dumps(compile_experiment(args.repeats)))
+        return
+    pc.brain_case(SHAPE_XYZ)  # make the test case once, outside the timings
+    bandwidth = pc.copy_bandwidth_gb_s()
+    print(f"machine: {pc.machine_text()}; {pc.load_text()}")
+    print(f"memory-copy bandwidth (torch copy_ of 512 MB, read + write, median of 7): {bandwidth:.1f} GB/s")
+    summaries = []
+    for case in ("brain", "dense"):
+        if args.only and case != args.only:
+            continue
+        days = args.brain_days if case == "brain" else args.dense_days
+        results = run_case(case, days, args.repeats, args.threads)
+        s = summarise(case, results, bandwidth, skip_first=case == "dense")
+        print_summary(s, bandwidth)
+        summaries.append(s)
+    after = pc.copy_bandwidth_gb_s()
+    print(f"\nmemory-copy bandwidth after the runs: {after:.1f} GB/s; {pc.load_text()}")
+    report = {"bandwidth_gb_s": bandwidth, "bandwidth_after_gb_s": after, "threads": args.threads,
+              "summaries": summaries}
+    if args.compile:
+        r = pc.run_measured([sys.executable, __file__, "--compile-child", "--repeats", str(args.repeats)],
+                            env={"ANATOMYDT_PERF_THREADS": str(args.threads)})
+        if r["returncode"] != 0:
+            print(f"\ntorch.compile experiment failed: {r['stderr'].strip().splitlines()[-1:]}")
+        else:
+            c = pc.last_json_line(r["stdout"])
+            report["compile"] = c
+            minimum = traffic_bytes("dense", 240 * 240 * 155)["minimum"]
+            print(f"\ntorch.compile (dense transport + projection prototype, no growth): compile {c['compile_s']:.1f} s, "
+                  f"compiled step {c['compiled_step_s'] * 1e3:.0f} ms "
+                  f"({minimum / c['compiled_step_s'] / GB / bandwidth:.2f} of roofline, minimum count), "
+                  f"eager prototype {c['eager_prototype_step_s'] * 1e3:.0f} ms; max |diff| vs library step "
+                  f"{c['max_abs_diff_vs_library']:.1e}")
+    if args.json:
+        pc.write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()
