@@ -504,11 +504,24 @@ def test_treatment_from_nodes_changes_the_prediction():
     assert "Surgery on day 2" in treated["table"].GetAttribute("AnatomyDT.PlanSummary")
 
 
-def test_default_model_is_a_clear_input_error_and_leaves_no_nodes():
+def test_the_bundled_default_model_predicts_into_the_scene(tmp_path):
+    case = Case()
+    result = scene_logic.predict_into_scene(case.scene, case.seg, case.flair, days=[30], create_surfaces=False)
+    assert len(result["segmentations"]) == 1
+    segmentation = result["segmentations"][0].GetSegmentation()
+    assert segmentation.GetSegment("tumour") is not None
+    holder = vtk.mutable("")
+    assert segmentation.GetSegment("tumour").GetTag("DICOM.SegmentAlgorithmName", holder)
+    assert "anatomy-dt-learned" in str(holder)
+
+
+def test_unreadable_weights_are_a_clear_input_error_and_leave_no_nodes(tmp_path):
     case = Case()
     before = _node_ids(case.scene)
-    with pytest.raises(InputError, match="pde-only"):
-        scene_logic.predict_into_scene(case.scene, case.seg, case.flair, days=[30])
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(b"not weights")
+    with pytest.raises(InputError, match="corrupt"):
+        scene_logic.predict_into_scene(case.scene, case.seg, case.flair, days=[30], model=str(bad))
     assert _node_ids(case.scene) == before
 
 
