@@ -47,6 +47,12 @@ MODEL_KEYS: dict[str, tuple[Any, str]] = {
     "repulsion_init_mm2_per_day": (0.02, "initial repulsion strength r_kj >= 0 (mm²/day), chi_kj = -r_kj for j != k"),
     "learn_cross_diffusion": (True, "train r_kj (kept positive by softplus)"),
     "cross_diffusion": (True, "use the cross-diffusion term at all (false: chi = 0)"),
+    "well_posed_cross_diffusion": (False, "bound every repulsion by the well-posedness condition: r_kj = (D_j + D_k) * sigmoid(rho_kj) <= D_j + D_k"),
+    "visibility_threshold": (None, "tumour density tau in (0, 1) above which a scan shows tumour (models/visibility.py: the baseline label becomes a density with an invisible infiltration tail, forecasts are labelled by p_tumour > tau); null = off, the tumour channel is labelled by argmax"),
+    "infiltration_length_mm": (4.0, "initial e-folding length lambda (mm) of the tumour density at the visible margin (visibility coding)"),
+    "infiltrated_classes": (None, "channels the invisible tumour tail may occupy and from which the tissue under the tumour is taken (null = all but tumour and sink)"),
+    "visibility_sharpness": (0.1, "width of the soft visibility step as a fraction of tau (keeps the training loss differentiable)"),
+    "learn_visibility": (True, "train tau and lambda of the visibility coding"),
     "solver_checkpoint": (False, "recompute each solver step in the backward pass (less memory, ~40 % slower)"),
 }
 
@@ -160,7 +166,7 @@ class Config:
         _integer(m, "max_jacobi_iters", where, 1)
         _in_range(m, "omega", where, 1e-6, 1.0)
         for key in ("spatial_alpha", "growth_cnn", "learn_diffusion", "learn_cross_diffusion", "cross_diffusion",
-                    "solver_checkpoint"):
+                    "solver_checkpoint", "well_posed_cross_diffusion", "learn_visibility"):
             _boolean(m, key, where)
         _positive(m, "k_max_per_day", where)
         _positive(m, "alpha_init_per_day", where)
@@ -184,6 +190,13 @@ class Config:
             raise ParameterError(f"{where}model.diffusion_init_mm2_per_day must be a number > 0 or a list of them "
                                  f"(mm²/day), got {dinit!r}.")
         _non_negative(m, "repulsion_init_mm2_per_day", where)
+        if m["visibility_threshold"] is not None:
+            _in_range(m, "visibility_threshold", where, 1e-3, 0.9)
+        if not (_is_number(m["infiltration_length_mm"]) and m["infiltration_length_mm"] > 0.2):
+            raise ParameterError(f"{where}infiltration_length_mm must be a number > 0.2 (mm), got {m['infiltration_length_mm']!r}.")
+        if m["infiltrated_classes"] is not None:
+            _int_list(m, "infiltrated_classes", where, allow_empty=False)
+        _in_range(m, "visibility_sharpness", where, 1e-3, 1.0)
         # loss
         if lo["seg_classes"] is not None:
             _int_list(lo, "seg_classes", where, allow_empty=False)
@@ -219,11 +232,12 @@ class Config:
 
     def check_classes(self, num_classes: int) -> None:
         """Check the class indices and per-class lists against the data's K."""
-        for key in ("seg_classes", "cl_classes"):
-            values = self.loss[key] or []
+        for key in ("seg_classes", "cl_classes", "infiltrated_classes"):
+            section = self.model if key == "infiltrated_classes" else self.loss
+            values = section[key] or []
             bad = [c for c in values if not 0 <= c < num_classes]
             if bad:
-                raise ParameterError(f"loss.{key} {bad} are not channels of this dataset (0..{num_classes - 1}).")
+                raise ParameterError(f"{'model' if section is self.model else 'loss'}.{key} {bad} are not channels of this dataset (0..{num_classes - 1}).")
         dinit = self.model["diffusion_init_mm2_per_day"]
         if isinstance(dinit, list) and len(dinit) != num_classes:
             raise ParameterError(f"model.diffusion_init_mm2_per_day lists {len(dinit)} values but the data have "

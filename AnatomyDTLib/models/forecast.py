@@ -110,12 +110,12 @@ class LearnedForecastModel:
             m = None if m is None else (resize_field(m[None], shape)[0] > 0.5).to(torch.float32)
             run_plan = resize_plan(run_plan, shape)
         with torch.no_grad():
-            traj, _ = self.model(work[None], spacing=spacing, days=days, conditioning=conditioning,
+            traj, aux = self.model(work[None], spacing=spacing, days=days, conditioning=conditioning,
                                  mask=None if m is None else m[None], plan=run_plan, schema=self.schema,
                                  progress=progress)
             out = traj[:, 0]
             if resample:
-                out = changes_to_input_grid(fine, work, out)
+                out = changes_to_input_grid(fine, aux["p0_visible"][0], out)
         return out.to(device=p0.device, dtype=p0.dtype)
 
     @property

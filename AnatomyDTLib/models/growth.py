@@ -49,6 +49,7 @@ from ..schema import ClassSchema
 from ..solver import simulate
 from .conditioning import NUM_FEATURES, Conditioning
 from .physics import cross_diffusion_tendency
+from .visibility import VisibilityCoding
 
 #: Global state features appended to the treatment features of the Growth CNN's FiLM:
 #: log1p(current tumour volume)/10, log1p(baseline tumour volume)/10, log((current+1)/(baseline+1)).
@@ -137,13 +138,26 @@ class AnatomyDTModel(nn.Module):
         else:
             self.register_buffer("raw_diffusion", raw_d)
         self.use_cross = bool(cfg["cross_diffusion"])
+        self.well_posed = bool(cfg.get("well_posed_cross_diffusion", False))
         if self.use_cross:
-            raw_r = torch.full((k, k), _inverse_softplus(cfg["repulsion_init_mm2_per_day"]), dtype=torch.float32)
+            if self.well_posed:  # r_kj = (D_j + D_k) sigmoid(rho_kj): start at the requested r, inside the bound
+                pair = dvals[:, None] + dvals[None, :]
+                frac = torch.clamp(cfg["repulsion_init_mm2_per_day"] / pair, 0.01, 0.99)
+                raw_r = torch.log(frac / (1.0 - frac)).to(torch.float32)
+            else:
+                raw_r = torch.full((k, k), _inverse_softplus(cfg["repulsion_init_mm2_per_day"]), dtype=torch.float32)
             if cfg["learn_cross_diffusion"]:
                 self.raw_repulsion = nn.Parameter(raw_r)
             else:
                 self.register_buffer("raw_repulsion", raw_r)
             self.register_buffer("offdiag", 1.0 - torch.eye(k))
+        # --- visibility coding of the tumour channel (models/visibility.py) ----------------------
+        self.visibility = None
+        if cfg.get("visibility_threshold") is not None:
+            self.visibility = VisibilityCoding(
+                k, tumour_index, infiltrated_classes=cfg.get("infiltrated_classes"), excluded=(sink_index,),
+                threshold=float(cfg["visibility_threshold"]), length_mm=float(cfg.get("infiltration_length_mm", 4.0)),
+                sharpness=float(cfg.get("visibility_sharpness", 0.1)), learn=bool(cfg.get("learn_visibility", True)))
         # --- growth-rate field -----------------------------------------------------------------
         k_max = float(cfg["k_max_per_day"])
         bias = math.log(cfg["alpha_init_per_day"] / (k_max - cfg["alpha_init_per_day"]))  # logit(alpha0/k_max)
@@ -172,9 +186,16 @@ class AnatomyDTModel(nn.Module):
         return F.softplus(self.raw_diffusion) + MIN_DIFFUSION
 
     def repulsion(self) -> torch.Tensor | None:
-        """r_kj (K, K) in mm²/day, >= 0 with zero diagonal; None without cross-diffusion."""
+        """r_kj (K, K) in mm²/day, >= 0 with zero diagonal; None without cross-diffusion.
+
+        With ``well_posed_cross_diffusion`` r_kj = (D_j + D_k)·sigmoid(ρ_kj) < D_j + D_k, so the
+        well-posedness condition D_j + D_k + χ_kj >= 0 (docs/solver.md) holds by construction.
+        """
         if not self.use_cross:
             return None
+        if self.well_posed:
+            d = self.diffusion()
+            return (d[:, None] + d[None, :]) * torch.sigmoid(self.raw_repulsion) * self.offdiag
         return F.softplus(self.raw_repulsion) * self.offdiag
 
     def cross_diffusion(self) -> torch.Tensor | None:
@@ -250,7 +271,13 @@ class AnatomyDTModel(nn.Module):
 
         ``conditioning`` has one schedule per batch item; ``mask`` (B|1, *S) restricts the
         dynamics to a domain; ``plan`` (one for the batch) adds the solver's own treatment terms.
-        ``aux`` holds ``alpha`` (B, *S), the growth-rate field in 1/day.
+        ``aux`` holds ``alpha`` (B, *S), the growth-rate field in 1/day, and ``p0_visible``, the
+        baseline as the returned trajectory labels it (with visibility coding: the decoded encoded
+        baseline, the reference of "no change"; without: ``p0``).
+
+        With visibility coding (``visibility_threshold``) the rollout evolves tumour *densities*:
+        p0 is encoded before and every output day decoded after (models/visibility.py), so the
+        returned trajectory is what a scan would show.
         """
         if p0.dim() != self.ndim + 2 or p0.shape[1] != self.num_classes:
             raise InputError(f"The model expects a (B, {self.num_classes}, *S) field with {self.ndim} spatial axes, "
@@ -262,6 +289,10 @@ class AnatomyDTModel(nn.Module):
         m = None
         if mask is not None:
             m = mask.to(dtype=p0.dtype, device=p0.device).reshape((-1, 1) + tuple(p0.shape[2:]))
+        p0_visible = p0
+        if self.visibility is not None:
+            p0 = self.visibility.encode(p0, spacing, m)
+            p0_visible = self.visibility.decode(p0)
         v0 = self._tumour_volume(p0, m, voxel_volume)
         cond0 = conditioning.features(0.0, dtype=p0.dtype, device=p0.device)
         alpha = self.growth_rate_field(p0, cond0, v0)
@@ -277,7 +308,9 @@ class AnatomyDTModel(nn.Module):
                         jacobi_iters=self.jacobi_iters(spacing), omega=float(self.cfg["omega"]),
                         reaction_hook=hook, checkpoint=bool(self.cfg["solver_checkpoint"]),
                         return_trajectory=True, progress=progress)
-        return traj, {"alpha": alpha}
+        if self.visibility is not None:
+            traj = self.visibility.decode_trajectory(traj)
+        return traj, {"alpha": alpha, "p0_visible": p0_visible}
 
 
 def total_variation(field: torch.Tensor) -> torch.Tensor:
@@ -296,7 +329,7 @@ def parameter_groups(model: AnatomyDTModel) -> dict[str, list[str]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith("raw_"):
+        if name.startswith("raw_") or name.startswith("visibility."):
             groups["physics"].append(name)
         elif name.startswith("alpha_"):
             groups["alpha"].append(name)
