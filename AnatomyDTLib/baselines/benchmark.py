@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, OutputExistsError, ParameterError
-from . import BASELINES, METHODS
+from . import METHODS
 from .tables import ABLATIONS
 
 PARTS = ("table1", "table2", "sensitivity", "figure")
@@ -189,7 +189,7 @@ def _base_config(opts: BenchmarkOptions, kind: str):
 
 def _learned_seconds(run: Path, folds: int) -> float:
     """Training + test seconds of a cross_validate directory (from its files, so also for resumed runs)."""
-    from ..models.evaluation import _read_rows
+    from ..models.evaluation import read_rows
 
     total = 0.0
     for k in range(folds):
@@ -197,7 +197,7 @@ def _learned_seconds(run: Path, folds: int) -> float:
         if done.is_file():
             total += float(json.loads(done.read_text()).get("train_seconds", 0.0))
         if test.is_file():
-            total += sum(float(r["seconds"] or 0) for r in _read_rows(test) if r["model"] == "anatomy-dt")
+            total += sum(float(r["seconds"] or 0) for r in read_rows(test) if r["model"] == "anatomy-dt")
     return total
 
 
@@ -284,7 +284,7 @@ class Benchmark:
         return rows
 
     def _reused_rows(self, results: Path) -> list[dict]:
-        from ..models.evaluation import _read_rows
+        from ..models.evaluation import read_rows
 
         per_case, folds_file = results / "per_case.csv", results / "folds.json"
         if not per_case.is_file() or not folds_file.is_file():
@@ -295,7 +295,7 @@ class Benchmark:
         if int(stored.get("folds", -1)) != self.opts.folds or stored.get("assignment") != ours:
             raise InputError(f"The folds of {results} differ from this benchmark's ({self.opts.folds} folds of "
                              f"{self.data_dir}, fold_seed {self.config.data['fold_seed']}); evaluate on the same data.")
-        rows = [r for r in _read_rows(per_case) if r["model"] == "anatomy-dt"]
+        rows = [r for r in read_rows(per_case) if r["model"] == "anatomy-dt"]
         done = sorted({int(r["fold"]) for r in rows})
         if done != list(range(self.opts.folds)):
             self.log(f"note: {results} has scored folds {done} only")
@@ -339,7 +339,7 @@ class Benchmark:
     # parts
     # ------------------------------------------------------------------------------------------
     def table1(self) -> None:
-        from ..models.evaluation import _columns, _write_rows
+        from ..models.evaluation import per_case_columns, write_rows
         from .tables import method_summary, write_table1
 
         rows = []
@@ -349,7 +349,7 @@ class Benchmark:
             self.timings[f"table1:{m}"] = time.perf_counter() - tic
         rows += self.identity_rows()
         order = [m for m in METHODS if m in self.opts.methods] + ["identity"]
-        _write_rows(self.out / "per_case.csv", rows, _columns(self.info.class_names))
+        write_rows(self.out / "per_case.csv", rows, per_case_columns(self.info.class_names))
         summary = method_summary(rows, self.info.class_names, self.info.background_index, order,
                                  self.info.class_names[self.info.tumour_index])
         write_table1(self.out, summary, self.kind, self.seconds, order, self.epochs)
@@ -407,7 +407,7 @@ class Benchmark:
     def figure(self) -> None:
         from ..models import load_checkpoint
         from ..models.config import Config
-        from ..models.evaluation import _read_rows, predict_case
+        from ..models.evaluation import read_rows, predict_case
         from .figure import pick_cases, qualitative_figure
 
         test = [c for c, f in zip(self.cases, self.assignment) if f == 0]
@@ -431,7 +431,7 @@ class Benchmark:
                     predictions[m] = {c.name: data[c.name] for c in chosen}
                 scored = self.out / "baselines" / m / "fold_0" / "test_cases.csv"
             model_name = "anatomy-dt" if m in RUN_SWITCHES else m
-            dice[m] = {r["case"]: float(r["dice_overall"]) for r in _read_rows(scored) if r["model"] == model_name}
+            dice[m] = {r["case"]: float(r["dice_overall"]) for r in read_rows(scored) if r["model"] == model_name}
         if not predictions:
             self.log("figure: no fold-0 forecasts to show")
             return

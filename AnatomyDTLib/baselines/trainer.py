@@ -37,7 +37,7 @@ from ..losses import soft_dice_loss
 from ..metrics import evaluate_labels, image_diagonal_mm
 from ..models.config import Config
 from ..models.data import Case, DatasetInfo, epoch_batches, fold_assignment, load_cases, make_batch, split_cases
-from ..models.evaluation import _case_row, _columns, _read_rows, _write_rows
+from ..models.evaluation import case_row, per_case_columns, read_rows, write_rows
 from ..models.training import _hard_dice
 
 NEURAL_METHODS = ("unet", "convlstm", "neuralode")
@@ -172,7 +172,7 @@ def score_cases(method: str, fold: int, cases: list[Case], predictions: list[np.
     for case, labels, sec in zip(cases, predictions, seconds):
         diag = image_diagonal_mm(case.labels_t0.shape, case.spacing)
         result = evaluate_labels(labels, case.labels_t1, classes, spacing=case.spacing, hd95_empty_value=diag)
-        rows.append(_case_row(fold, case, method, result, names, foreground, sec))
+        rows.append(case_row(fold, case, method, result, names, foreground, sec))
     return rows
 
 
@@ -217,7 +217,7 @@ def run_fold(method: str, cases: list[Case], info: DatasetInfo, config: Config, 
                 "class_names": info.class_names}, run / "model.pt")
     _write_history(run / "history.csv", history)
     np.savez_compressed(run / "predictions.npz", **{c.name: p.astype(np.uint8) for c, p in zip(test_cases, preds)})
-    _write_rows(run / "test_cases.csv", rows, _columns(info.class_names))
+    write_rows(run / "test_cases.csv", rows, per_case_columns(info.class_names))
     facts = {"method": method, "fold": fold, "folds": folds, "train_cases": len(train_cases), "val_cases": len(val_cases),
              "test_cases": len(test_cases), "epochs_run": len(history),
              "best_epoch": max(history, key=lambda r: (r["improved"], r["epoch"]))["epoch"] if history else 0,
@@ -254,7 +254,7 @@ def cross_validate_baseline(method: str, data_dir, out_dir, config: Config, sett
         done = run / "test_cases.csv"
         if not (resume and done.is_file() and (run / "done.json").is_file()):
             run_fold(method, cases, info, config, settings, k, folds, run, log)
-        rows += _read_rows(done)  # as stored: a resumed benchmark gives exactly the same numbers
+        rows += read_rows(done)  # as stored: a resumed benchmark gives exactly the same numbers
     names = {c.name for c, f in zip(cases, assignment) if f in fold_list}
     if {r["case"] for r in rows} != names:
         raise InputError(f"The stored folds of {out} do not match this dataset's folds; rerun with --force.")

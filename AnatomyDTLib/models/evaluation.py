@@ -38,14 +38,15 @@ from ..state import labels_to_field
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data import Case, DatasetInfo, fold_assignment, load_cases
-from .training import DistContext, init_distributed, train
+from .training import init_distributed, train
 
 METRICS = ("dice", "hd95", "cldice")
 MODELS = ("anatomy-dt", "identity")
 
 
-def _case_row(fold: int, case: Case, model: str, result: dict, names: list[str], foreground: list[int],
-              seconds: float) -> dict:
+def case_row(fold: int, case: Case, model: str, result: dict, names: list[str], foreground: list[int],
+             seconds: float) -> dict:
+    """One per-case results row: identity, treatment, wall time and every metric of ``result``."""
     row = {"fold": fold, "case": case.name, "model": model, "interval_days": case.interval_days,
            "treated": case.treatment.get("treated", ""), "dose_gy": case.treatment.get("dose_gy", ""),
            "seconds": round(seconds, 4)}
@@ -57,7 +58,8 @@ def _case_row(fold: int, case: Case, model: str, result: dict, names: list[str],
     return row
 
 
-def _columns(names: list[str]) -> list[str]:
+def per_case_columns(names: list[str]) -> list[str]:
+    """Columns of a per-case results CSV: case identity, then every metric per class and overall."""
     cols = ["fold", "case", "model", "interval_days", "treated", "dose_gy", "seconds"]
     for metric in METRICS:
         cols += [f"{metric}_{n}" for n in names] + [f"{metric}_overall"]
@@ -92,7 +94,7 @@ def score_fold(checkpoint, test_cases: list[Case], info: DatasetInfo, cfg: Confi
             diag = image_diagonal_mm(case.labels_t0.shape, case.spacing)
             for model, labels in (("anatomy-dt", pred), ("identity", case.labels_t0)):
                 result = evaluate_labels(labels, case.labels_t1, classes, spacing=case.spacing, hd95_empty_value=diag)
-                rows.append(_case_row(fold, case, model, result, names, foreground,
+                rows.append(case_row(fold, case, model, result, names, foreground,
                                       seconds if model == "anatomy-dt" else 0.0))
     finally:
         if flushing:
@@ -100,7 +102,8 @@ def score_fold(checkpoint, test_cases: list[Case], info: DatasetInfo, cfg: Confi
     return rows
 
 
-def _write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
+def write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """Write result rows as CSV (floats with 6 significant digits), in the given column order."""
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
@@ -108,7 +111,8 @@ def _write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
             writer.writerow({c: (f"{r[c]:.6g}" if isinstance(r[c], float) else r[c]) for c in columns})
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a results CSV as dicts of strings (what :func:`write_rows` wrote)."""
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
 
@@ -146,7 +150,7 @@ def write_report(out: Path, rows: list[dict], info: DatasetInfo, cfg: Config, fo
     summary = summarise(rows, names, info.background_index)
     fold_ids = sorted({int(r["fold"]) for r in rows})
     columns = ["model", "scope", "metric", "mean", "sd"] + [f"fold_{f}" for f in fold_ids]
-    _write_rows(out / "summary.csv", summary, columns)
+    write_rows(out / "summary.csv", summary, columns)
     get = {(e["model"], e["scope"], e["metric"]): e for e in summary}
     n_cases = len({(r["fold"], r["case"]) for r in rows})
     fg = [n for k, n in enumerate(names) if k != info.background_index]
@@ -230,7 +234,7 @@ def cross_validate(data_dir, config: Config, out_dir, *, folds: int = 5, only_fo
             if ctx.is_main and not (resume and scored.is_file() and scored.stat().st_mtime >= done.stat().st_mtime):
                 test = [c for c, f in zip(cases, assignment) if f == k]
                 rows = score_fold(run / "best.pt", test, info, config, k, device=str(ctx.device))
-                _write_rows(scored, rows, _columns(info.class_names))
+                write_rows(scored, rows, per_case_columns(info.class_names))
                 mean = np.mean([r["dice_overall"] for r in rows if r["model"] == "anatomy-dt"])
                 log(f"fold {k}: test DSC (overall) {100 * mean:.2f} % on {len(test)} cases")
             ctx.barrier()
@@ -240,12 +244,12 @@ def cross_validate(data_dir, config: Config, out_dir, *, folds: int = 5, only_fo
             for k in range(folds):
                 path = out / f"fold_{k}" / "test_cases.csv"
                 if path.is_file():
-                    rows += _read_rows(path)
+                    rows += read_rows(path)
                     if k not in fold_facts and (out / f"fold_{k}" / "done.json").is_file():
                         fold_facts[k] = json.loads((out / f"fold_{k}" / "done.json").read_text())
             if not rows:
                 raise InputError("No fold was scored.")
-            _write_rows(out / "per_case.csv", rows, _columns(info.class_names))
+            write_rows(out / "per_case.csv", rows, per_case_columns(info.class_names))
             md, csv_path = write_report(out, rows, info, config, folds, data_dir, fold_facts)
             result = {"summary_md": md, "summary_csv": csv_path, "per_case_csv": out / "per_case.csv", "rows": rows}
         ctx.barrier()
