@@ -91,6 +91,7 @@ import torch
 from .errors import Cancelled, InputError, ParameterError
 from .io import Geometry, read_image_on_grid
 from .losses import soft_dice_loss
+from .models.visibility import VisibilityCoding
 from .operators import face_both_inside, face_difference, flux_divergence
 from .parameters import PDEParameters
 from .plan import TreatmentPlan, load_plan
@@ -107,6 +108,9 @@ TISSUES = tuple(n for n in SCHEMA.names if n != SCHEMA.tumour)
 PUSHED = ("white_matter", "grey_matter", "lateral_ventricles")
 """Classes the tumour pushes away (mass effect, χ_k,tumour <= 0) in the fit."""
 ALPHA_MODES = ("scalar", "field")
+OBSERVATIONS = ("threshold", "argmax")
+INFILTRATED = (SCHEMA.index("white_matter"), SCHEMA.index("grey_matter"))
+"""Tissues the invisible tumour tail of the threshold observation model may occupy."""
 _DAY_TOLERANCE = 1e-9
 _CHI_SHARE_RANGE = (0.02, 0.98)  # initial s_k is clipped to this, so the logit is finite
 _FIT_DTYPE = torch.float32  # float64 gives the same losses to 1e-6 here, ~1.7x slower
@@ -155,7 +159,17 @@ class CalibrationSettings:
             into the calibrated parameters so the forecast uses the same discretisation.
         max_steps: the step budget of the longest rollout when dt_days is None.
         volume_weight: weight of the squared relative tumour-volume error.
-        sharpness: width of the soft argmax of the tumour terms (0 = use p_tumour itself).
+        observation: how a tumour density becomes a tumour label. "threshold" (default): a scan
+            shows tumour where p_tumour > ``visibility_threshold`` (FLAIR sees infiltrated tissue
+            at a low cell density, models/visibility.py); each rollout starts from its scan's labels
+            coded as a density with an exponential edge of length ``infiltration_length_mm``
+            (fitted) and an invisible tail. "argmax": the label is the argmax of the field and the
+            start has a soft edge of ``edge_width_mm`` (the behaviour before the threshold model).
+        visibility_threshold: τ of the threshold observation model (fraction of carrying capacity).
+        infiltration_length_mm: starting e-folding length λ (mm) of the coded density.
+        fit_infiltration_length: fit λ (log-parametrised).
+        sharpness: width of the soft argmax of the tumour terms (0 = use p_tumour itself); argmax
+            observation only (the threshold model's soft step is 0.1·τ wide).
         classes_weight: weight of the mean soft-Dice loss of the tissue classes (0 = tumour only).
         prior_weight: weight of the log-space prior pulling parameters towards the start
             (per squared decade for D and α).
@@ -190,6 +204,10 @@ class CalibrationSettings:
     dt_days: float | None = None
     max_steps: int = 48
     volume_weight: float = 1.0
+    observation: str = "threshold"
+    visibility_threshold: float = 0.1
+    infiltration_length_mm: float = 2.0
+    fit_infiltration_length: bool = True
     sharpness: float = 0.1
     classes_weight: float = 0.25
     prior_weight: float = 0.01
@@ -211,6 +229,14 @@ class CalibrationSettings:
         """Raise :class:`ParameterError` for a setting out of range."""
         if self.alpha not in ALPHA_MODES:
             raise ParameterError(f"alpha must be one of {list(ALPHA_MODES)}, got {self.alpha!r}.")
+        if self.observation not in OBSERVATIONS:
+            raise ParameterError(f"observation must be one of {list(OBSERVATIONS)}, got {self.observation!r}.")
+        if not (isinstance(self.visibility_threshold, (int, float)) and 0.001 <= self.visibility_threshold <= 0.9):
+            raise ParameterError(f"visibility_threshold must be a number in [0.001, 0.9] (fraction of the carrying "
+                                 f"capacity), got {self.visibility_threshold!r}.")
+        if not (isinstance(self.infiltration_length_mm, (int, float)) and math.isfinite(self.infiltration_length_mm)
+                and self.infiltration_length_mm > 0.2):
+            raise ParameterError(f"infiltration_length_mm must be a number > 0.2 mm, got {self.infiltration_length_mm!r}.")
         if not (isinstance(self.iterations, int) and not isinstance(self.iterations, bool) and self.iterations >= 0):
             raise ParameterError(f"iterations must be an integer >= 0, got {self.iterations!r}.")
         positive = {"learning_rate": self.learning_rate, "max_steps": self.max_steps,
@@ -473,6 +499,17 @@ def _logit(x: float) -> float:
     return math.log(x / (1.0 - x))
 
 
+def visibility_coding(threshold: float, length_mm: float, *, learn_length: bool = False) -> VisibilityCoding:
+    """The threshold observation model of the brain schema: τ fixed, λ optionally trained.
+
+    The tail enters white and grey matter only (:data:`INFILTRATED`), never the ventricles or the
+    background; tumour voxels hide the nearest white/grey-matter tissue.
+    """
+    return VisibilityCoding(SCHEMA.num_classes, TUMOUR, infiltrated_classes=INFILTRATED, excluded=(BACKGROUND,),
+                            threshold=float(threshold), length_mm=float(length_mm), learn=False,
+                            learn_length=learn_length)
+
+
 class _Parametrisation(torch.nn.Module):
     """The fitted parameters as unconstrained tensors, and the PDE coefficients they give."""
 
@@ -488,8 +525,12 @@ class _Parametrisation(torch.nn.Module):
         self.log_alpha0 = torch.tensor(math.log(alpha0), dtype=dtype)
         self.log_alpha = torch.nn.Parameter(self.log_alpha0.clone())
         self.log_width0 = torch.tensor(math.log(max(settings.edge_width_mm, 1e-3)), dtype=dtype)
-        self.log_width = torch.nn.Parameter(self.log_width0.clone(),
-                                            requires_grad=settings.fit_edge_width and settings.edge_width_mm > 0)
+        threshold = settings.observation == "threshold"
+        self.log_width = torch.nn.Parameter(self.log_width0.clone(), requires_grad=(
+            not threshold and settings.fit_edge_width and settings.edge_width_mm > 0))
+        self.visibility = visibility_coding(settings.visibility_threshold, settings.infiltration_length_mm,
+                                            learn_length=settings.fit_infiltration_length) if threshold else None
+        self.log_length0 = torch.tensor(math.log(settings.infiltration_length_mm), dtype=dtype)
         self.log_rt_scale0 = torch.tensor(math.log(settings.radiosensitivity_start), dtype=dtype)
         self.log_rt_scale = torch.nn.Parameter(self.log_rt_scale0.clone(), requires_grad=settings.fit_radiosensitivity)
         self.field = None
@@ -552,8 +593,8 @@ class _Parametrisation(torch.nn.Module):
         return alpha * torch.exp(_control_to_field(self.field, _full_box(crop_shape), crop_shape))
 
     def edge_width(self) -> torch.Tensor | None:
-        """The tumour edge width of the start field (mm), or None for a one-hot start."""
-        if self.settings.edge_width_mm <= 0:
+        """The tumour edge width of the start field (mm), or None for a one-hot (or threshold-coded) start."""
+        if self.settings.edge_width_mm <= 0 or self.visibility is not None:
             return None
         return torch.exp(self.log_width)
 
@@ -569,8 +610,18 @@ class _Parametrisation(torch.nn.Module):
         return scale_radiosensitivity(plan, self.radiosensitivity_scale())
 
     def start_field(self, problem: "_Problem") -> torch.Tensor:
+        if self.visibility is not None:
+            return self.visibility.encode(problem.p0[None], problem.spacing)[0]
         width = self.edge_width()
         return problem.p0 if width is None else soft_start(problem.profile, width)
+
+    def observe(self, trajectory: torch.Tensor) -> torch.Tensor:
+        """What the scans would show of an (n, K, *S) rollout: decoded by the threshold model, or as is."""
+        return trajectory if self.visibility is None else self.visibility.decode(trajectory)
+
+    def infiltration_length(self) -> float | None:
+        """λ (mm) of the threshold observation model, None for the argmax model."""
+        return None if self.visibility is None else float(self.visibility.length_mm().detach())
 
     def penalty(self) -> torch.Tensor:
         """Log-space prior towards the start (per squared decade) and the α-field smoothness."""
@@ -581,6 +632,8 @@ class _Parametrisation(torch.nn.Module):
             prior = prior + 0.25 * (self.chi_logit - self.chi_logit0).pow(2).sum()
         if self.log_width.requires_grad:
             prior = prior + ((self.log_width - self.log_width0) / decade).pow(2)
+        if self.visibility is not None and self.visibility.raw_length.requires_grad:
+            prior = prior + ((torch.log(self.visibility.length_mm()) - self.log_length0) / decade).pow(2)
         if self.log_rt_scale.requires_grad:
             prior = prior + ((self.log_rt_scale - self.log_rt_scale0) / decade).pow(2)
         total = self.settings.prior_weight * prior
@@ -706,7 +759,9 @@ class Calibration:
         plan: the plan with its arrays on that grid (days on the plan's axis).
         crop: the fit box in array order, ``[(start, stop), ...]``.
         growth_control: the α field's log-multiplier control grid (None for a scalar α).
-        edge_width_mm: the fitted width of the start field's tumour edge (None: one-hot start).
+        edge_width_mm: the fitted width of the start field's tumour edge (None: one-hot or threshold-coded start).
+        visibility_threshold: τ of the threshold observation model (None: argmax observation).
+        infiltration_length_mm: the fitted λ of the threshold observation model (None: argmax).
         radiosensitivity_scale: the fitted factor on the plan's LQ α and β (1 if not fitted).
         fits: per later scan, the fit quality.
         loss_history: per iteration, the loss and its terms.
@@ -728,6 +783,8 @@ class Calibration:
     stop_reason: str
     seconds: float
     settings: CalibrationSettings
+    visibility_threshold: float | None = None
+    infiltration_length_mm: float | None = None
 
     @property
     def reference(self) -> HistoryScan:
@@ -752,7 +809,8 @@ class Calibration:
         alpha = self.growth_rate_map()
         return CalibratedPDEModel(parameters=self.parameters,
                                   growth_rate_map=None if alpha is None else torch.as_tensor(alpha),
-                                  edge_width_mm=self.edge_width_mm)
+                                  edge_width_mm=self.edge_width_mm, visibility_threshold=self.visibility_threshold,
+                                  infiltration_length_mm=self.infiltration_length_mm)
 
     def to_dict(self) -> dict:
         """A JSON-ready summary (no arrays)."""
@@ -772,8 +830,15 @@ class Calibration:
                 "alpha0_per_day": self.parameters.growth_rate,
                 "min_per_day": float(alpha_map.min()), "max_per_day": float(alpha_map.max())},
             "start_field": {"tumour_edge_width_mm": self.edge_width_mm,
-                            "note": "each rollout starts from its scan's labels with a soft tumour edge of this "
-                                    "width (AnatomyDTLib.calibration.soft_start); not part of the PDEParameters file"},
+                            "observation": self.settings.observation,
+                            "visibility_threshold": self.visibility_threshold,
+                            "infiltration_length_mm": self.infiltration_length_mm,
+                            "note": "threshold observation: each rollout starts from its scan's labels coded as a "
+                                    "tumour density (exp edge of the infiltration length, invisible tail) and "
+                                    "labels tumour where the density exceeds the threshold "
+                                    "(AnatomyDTLib/models/visibility.py); argmax observation: a soft tumour edge "
+                                    "of tumour_edge_width_mm (calibration.soft_start). Not part of the "
+                                    "PDEParameters file"},
             "radiotherapy": {"radiosensitivity_scale": self.radiosensitivity_scale,
                              "note": "multiplies the plan's LQ alpha and beta (alpha/beta kept) in the forecast"},
             "fit": [f.to_dict() for f in self.fits],
@@ -795,11 +860,18 @@ class CalibratedPDEModel(PDEOnlyModel):
 
     growth_rate_map: torch.Tensor | None = None
     edge_width_mm: float | None = None
+    visibility_threshold: float | None = None
+    infiltration_length_mm: float | None = None
     name: str = "pde-calibrated"
 
     def forecast(self, p0, *, spacing, days, plan, mask=None, progress=None) -> torch.Tensor:
         work = p0.to(torch.float32)
-        if self.edge_width_mm:
+        coding = None
+        if self.visibility_threshold is not None:
+            coding = visibility_coding(self.visibility_threshold, self.infiltration_length_mm or 2.0)
+            with torch.no_grad():
+                work = coding.encode(work[None], spacing)[0]
+        elif self.edge_width_mm:
             labels = work.argmax(0).cpu().numpy()
             work = soft_start(edge_profile(labels, spacing), self.edge_width_mm).to(work.device)
         kwargs = self.parameters.simulate_kwargs(work, self.schema)
@@ -811,6 +883,9 @@ class CalibratedPDEModel(PDEOnlyModel):
             kwargs["growth_rate"] = self.growth_rate_map.to(work)
         out = simulate(work, spacing=spacing, days=list(days), plan=plan, mask=mask, schema=self.schema,
                        return_trajectory=True, progress=progress, **kwargs)
+        if coding is not None:
+            with torch.no_grad():
+                out = coding.decode(out)
         return out.to(p0.dtype)
 
 
@@ -886,7 +961,8 @@ def _loss_terms(trajectory: torch.Tensor, problem: _Problem, settings: Calibrati
     ``settings.sharpness > 0``: what is evaluated is the argmax labelmap, and a diffuse tumour
     field can match the soft volume while its argmax volume is far off.
     """
-    tumour_field = tumour_indicator(trajectory, settings.sharpness)
+    tumour_field = (trajectory[:, TUMOUR:TUMOUR + 1] if settings.observation == "threshold"
+                    else tumour_indicator(trajectory, settings.sharpness))
     tumour = soft_dice_loss(tumour_field, problem.targets[:, TUMOUR:TUMOUR + 1], reduction="mean")
     volume = tumour_field.flatten(1).sum(1) * problem.voxel_ml
     relative = ((volume - problem.observed_ml) / problem.observed_ml).pow(2).mean()
@@ -998,8 +1074,12 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     span = problem.days[-1]
     dt = settings.dt_days if settings.dt_days is not None else max(float(initial.dt_days), span / settings.max_steps)
     params = _Parametrisation(initial, settings, len(shape), dtype)
-    initial_model = CalibratedPDEModel(parameters=replace(initial, dt_days=dt),
-                                       edge_width_mm=settings.edge_width_mm if settings.edge_width_mm > 0 else None)
+    threshold = settings.observation == "threshold"
+    initial_model = CalibratedPDEModel(
+        parameters=replace(initial, dt_days=dt),
+        edge_width_mm=settings.edge_width_mm if settings.edge_width_mm > 0 and not threshold else None,
+        visibility_threshold=settings.visibility_threshold if threshold else None,
+        infiltration_length_mm=settings.infiltration_length_mm if threshold else None)
     initial_quality = _fit_quality(initial_model, problem, scans, box)
 
     trainable = [p for p in params.parameters() if p.requires_grad]
@@ -1023,7 +1103,7 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
         except _TimeUp:  # the best iterate so far is kept; this one is abandoned mid-rollout
             stop_reason = f"time limit ({settings.max_seconds:g} s)"
             break
-        terms = _loss_terms(trajectory, problem, settings)
+        terms = _loss_terms(params.observe(trajectory), problem, settings)
         penalty = params.penalty()
         loss = (terms["tumour_dice"] + settings.volume_weight * terms["volume"]
                 + settings.classes_weight * terms["classes_dice"] + penalty)
@@ -1071,7 +1151,9 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     rt_scale = float(params.radiosensitivity_scale().detach()) if problem.plan.radiotherapy is not None else 1.0
     result = Calibration(calibrated, initial, scans, treatment, [(s.start, s.stop) for s in box], control, width,
                          rt_scale, [],
-                         history_records, len(history_records), stop_reason, 0.0, settings)
+                         history_records, len(history_records), stop_reason, 0.0, settings,
+                         visibility_threshold=settings.visibility_threshold if threshold else None,
+                         infiltration_length_mm=params.infiltration_length())
     quality = _fit_quality(result.model(), problem, scans, box, rt_scale)
     for scan, observed, (ml, d), (ml0, d0) in zip(scans[1:], problem.observed_ml.tolist(), quality, initial_quality):
         result.fits.append(ScanFit(scan.name, scan.day, float(observed), ml, d, ml0, d0))

@@ -1,9 +1,14 @@
 """Patient-specific calibration (AnatomyDTLib.calibration, ``anatomydt calibrate``) on solver-made histories.
 
 The synthetic patients are made by the solver itself (:func:`AnatomyDTLib.solver.simulate`) from
-known parameters, started from a Gaussian-softened labelmap (state.labels_to_field, not the
-calibration's own soft start), and observed as argmax labelmaps: the fit must find the
-parameters back from the labels alone.
+known parameters and observed as labelmaps, in two ways, one per observation model of the fit:
+
+* argmax: started from a Gaussian-softened labelmap (state.labels_to_field, not the
+  calibration's own soft start), labelled by argmax;
+* threshold: started from the labelmap coded as a density with an infiltration length the fit
+  does not know (2.5 mm; the fit starts at 2 mm), labelled where the tumour density exceeds 0.1.
+
+The fit must find the parameters back from the labels alone.
 """
 
 from __future__ import annotations
@@ -66,22 +71,49 @@ def solver_history(labels: np.ndarray, geometry: Geometry, days, params: PDEPara
     return scans
 
 
-@pytest.fixture(scope="module")
-def slice_patient():
-    """A 2D brain slice (1.5 mm pixels) with a tumour in white matter, seen on days 0, 25, 50, 75."""
+def threshold_history(labels: np.ndarray, geometry: Geometry, days, params: PDEParameters,
+                      threshold: float = 0.1, length_mm: float = 2.5) -> list[C.HistoryScan]:
+    """Labelmaps of a solver run seen through the threshold observation model (day 0 = ``labels``)."""
+    coding = C.visibility_coding(threshold, length_mm)
+    with torch.no_grad():
+        p0 = coding.encode(labels_to_field(labels, 5)[None], geometry.spacing_array_order)[0].to(torch.float64)
+        traj = simulate(p0, spacing=geometry.spacing_array_order, days=list(days), return_trajectory=True,
+                        mask=labels != 0, schema=BRAIN_SCHEMA, **params.simulate_kwargs(p0, BRAIN_SCHEMA))
+        seen = coding.decode(traj)
+    scans = [C.HistoryScan(labels, geometry, 0.0, "day0")]
+    scans += [C.HistoryScan(seen[i].argmax(0).numpy().astype(np.uint8), geometry, float(d), f"day{d:g}")
+              for i, d in enumerate(days)]
+    return scans
+
+
+def _slice_anatomy():
     labels3, _, _ = ellipsoid_brain(shape=(31, 56, 56), spacing_mm=(1.5, 1.5, 1.5), tumour_centre_mm=(0, -4, 6),
                                     tumour_radius_mm=5.0)
-    labels = labels3[15]
-    geometry = Geometry(spacing=(1.5, 1.5), origin=(-40.0, 12.0))
+    return labels3[15], Geometry(spacing=(1.5, 1.5), origin=(-40.0, 12.0))
+
+
+@pytest.fixture(scope="module")
+def slice_patient():
+    """A 2D brain slice (1.5 mm pixels) with a tumour in white matter, seen on days 0, 25, 50, 75 (argmax)."""
+    labels, geometry = _slice_anatomy()
     return solver_history(labels, geometry, [25.0, 50.0, 75.0], truth_parameters())
 
 
 @pytest.fixture(scope="module")
-def fitted(slice_patient):
-    """Calibration on the first three scans (days 0, 25, 50) and its forecast of day 75."""
+def threshold_patient():
+    """The same slice and parameters, seen through the threshold observation model."""
+    labels, geometry = _slice_anatomy()
+    return threshold_history(labels, geometry, [25.0, 50.0, 75.0], truth_parameters())
+
+
+@pytest.fixture(scope="module", params=["argmax", "threshold"])
+def fitted(request, slice_patient, threshold_patient):
+    """(patient, calibration on days 0, 25, 50, forecast of day 75), once per observation model."""
     torch.set_num_threads(1)
-    calibration = C.calibrate(slice_patient[:3], None, settings=C.CalibrationSettings(iterations=25))
-    return calibration, C.forecast(calibration, [75.0])
+    patient = slice_patient if request.param == "argmax" else threshold_patient
+    calibration = C.calibrate(patient[:3], None,
+                              settings=C.CalibrationSettings(iterations=25, observation=request.param))
+    return patient, calibration, C.forecast(calibration, [75.0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,9 +121,19 @@ def fitted(slice_patient):
 # --------------------------------------------------------------------------------------------
 
 def test_calibration_recovers_growth_rate_and_white_matter_diffusion(fitted):
-    calibration, _ = fitted
+    """Argmax: α and D_white. Threshold: α and the infiltration length λ; there the visible front
+    runs at ≈ α·λ + D/λ (an exponential edge wider than sqrt(D/α) = 0.8 mm), so with λ = 2.5 mm it
+    is set by α·λ and D is not identifiable from these labels (measured: D 0.27, α 0.090, λ 2.52)."""
+    _, calibration, _ = fitted
     truth, start = truth_parameters(), PDEParameters.brain_defaults()
     fit = calibration.parameters
+    if calibration.settings.observation == "threshold":
+        assert fit.growth_rate == pytest.approx(truth.growth_rate, rel=0.3)
+        assert calibration.infiltration_length_mm == pytest.approx(2.5, rel=0.2)
+        assert abs(math.log(fit.growth_rate / truth.growth_rate)) < 0.5 * abs(math.log(start.growth_rate
+                                                                                  / truth.growth_rate))
+        fit.check_well_posed(BRAIN_SCHEMA)
+        return
     # Stated tolerance: α within 30 %, D in white matter within 60 % (from 0.05 -> 0.1 and 0.2 -> 0.06,
     # i.e. starting 2x and 3.3x away). Grey matter, ventricles and background hold too little tumour
     # here to be identifiable and are not checked.
@@ -109,7 +151,7 @@ def test_calibration_recovers_growth_rate_and_white_matter_diffusion(fitted):
 
 
 def test_loss_decreases_and_the_history_is_reproduced(fitted):
-    calibration, _ = fitted
+    _, calibration, _ = fitted
     losses = [r["loss"] for r in calibration.loss_history]
     assert 2 <= len(losses) <= 25 and calibration.iterations == len(losses)
     assert min(losses) < 0.5 * losses[0]
@@ -123,10 +165,10 @@ def test_loss_decreases_and_the_history_is_reproduced(fitted):
     assert summary["iterations"] == calibration.iterations and len(summary["fit"]) == 2
 
 
-def test_forecast_beats_no_change(fitted, slice_patient):
-    calibration, result = fitted
-    truth = slice_patient[3].labels == TUMOUR
-    last = slice_patient[2].labels == TUMOUR
+def test_forecast_beats_no_change(fitted):
+    patient, calibration, result = fitted
+    truth = patient[3].labels == TUMOUR
+    last = patient[2].labels == TUMOUR
     predicted = result.labels(0) == TUMOUR
     assert result.days == [75.0] and result.start_day == 50.0 and result.prediction.days == [25.0]
     assert result.prediction.model_name == "pde-calibrated"
@@ -156,10 +198,10 @@ def test_calibration_is_deterministic_reports_progress_and_can_be_cancelled(slic
         C.calibrate(slice_patient[:2], None, settings=settings, cancel=lambda: calls.append(1) or len(calls) > 5)
 
 
-def test_growth_rate_field_fit_gives_a_smooth_positive_map(slice_patient):
-    calibration = C.calibrate(slice_patient[:2], None, settings=C.CalibrationSettings(alpha="field", iterations=3))
+def test_growth_rate_field_fit_gives_a_smooth_positive_map(threshold_patient):
+    calibration = C.calibrate(threshold_patient[:2], None, settings=C.CalibrationSettings(alpha="field", iterations=3))
     alpha = calibration.growth_rate_map()
-    shape = slice_patient[1].labels.shape
+    shape = threshold_patient[1].labels.shape
     assert alpha.shape == shape and alpha.dtype == np.float32 and alpha.min() > 0
     assert alpha.max() > alpha.min()  # the field moved
     assert np.abs(np.diff(alpha, axis=0)).max() < 0.1 * alpha.max()  # smooth: no voxel-scale jumps

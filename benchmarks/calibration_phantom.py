@@ -183,6 +183,9 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", choices=("scalar", "field"), default="scalar")
     parser.add_argument("--max-seconds", type=float, default=90.0, help="time limit of one calibration (s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
+    parser.add_argument("--observation", choices=("threshold", "argmax"), default="threshold",
+                        help="observation model of the fit and forecast (docs/calibration.md)")
+    parser.add_argument("--skip", type=int, default=0, help="skip the first N eligible patients (to split a run)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -195,13 +198,17 @@ def main(argv=None) -> int:
     cohort = args.cohort if args.cohort is not None else args.make
     model, model_label = population_model(args.population)
     print(f"population model: {model_label}", flush=True)
-    settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, max_seconds=args.max_seconds)
-    rows, skipped = [], []
+    settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, max_seconds=args.max_seconds,
+                                   observation=args.observation)
+    rows, skipped, passed = [], [], 0
     for patient in load_cohort(cohort):
         if len(rows) >= args.patients:
             break
         if not eligible(patient):
             skipped.append(patient.case)
+            continue
+        if passed < args.skip:
+            passed += 1
             continue
         row = evaluate_patient(patient, settings, model)
         rows.append(row)
@@ -210,7 +217,7 @@ def main(argv=None) -> int:
               f"{row['no_change_dice']:.3f}  ({row['calibration_s']:.0f} s, {row['iterations']} it)", flush=True)
     info = {"cohort": str(cohort), "population_model": model_label, "skipped_ineligible": skipped,
             "settings": dict(vars(settings)),
-            "settings_summary": f"alpha {args.alpha}, <= {args.iterations} iterations, <= {args.max_seconds:g} s each",
+            "settings_summary": f"{args.observation} observation, alpha {args.alpha}, <= {args.iterations} iterations, <= {args.max_seconds:g} s each",
             "threads": args.threads, "machine": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "command": " ".join(sys.argv),
             "wall_time_s": round(time.perf_counter() - started, 1)}

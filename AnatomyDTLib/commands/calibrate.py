@@ -68,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fit the growth rate as one value or as a smooth field (default: %(default)s)")
     parser.add_argument("--iterations", type=int, default=30, metavar="N",
                         help="most gradient steps (each one rollout forward and back; default %(default)s)")
+    parser.add_argument("--observation", choices=("threshold", "argmax"), default="threshold",
+                        help="how a tumour density becomes a label: above a visibility threshold (FLAIR-like; "
+                             "default) or by argmax (docs/calibration.md)")
+    parser.add_argument("--visibility-threshold", type=float, default=0.1, metavar="TAU",
+                        help="tumour density (fraction of capacity) a scan shows as tumour (default %(default)s)")
     add_class_map_argument(parser)
     add_force_argument(parser)
 
@@ -187,7 +192,9 @@ def run(args) -> int:
           f"{'x'.join(f'{v:g}' for v in reference.geometry.spacing)} mm")
     print(f"plan: {plan_summary(plan)}")
 
-    settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations)
+    settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, observation=args.observation,
+                                   visibility_threshold=args.visibility_threshold)
+    settings.check()
     with progress_bar_count(max(args.iterations, 1), "iteration") as bar:
         calibration = calibrate(common, plan, settings=settings,
                                 on_iteration=lambda r: bar(r["iteration"], args.iterations))

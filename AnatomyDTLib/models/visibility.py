@@ -69,12 +69,13 @@ class VisibilityCoding(nn.Module):
         threshold: initial τ in (0, 1).
         length_mm: initial λ in mm.
         sharpness: width of the soft visibility step as a fraction of τ.
-        learn: train τ and λ.
+        learn: train τ and λ (``learn_threshold`` / ``learn_length`` choose them one by one).
     """
 
     def __init__(self, num_classes: int, tumour_index: int, *, infiltrated_classes: Sequence[int] | None = None,
                  excluded: Sequence[int] = (), threshold: float = 0.15, length_mm: float = 4.0,
-                 sharpness: float = 0.1, learn: bool = True):
+                 sharpness: float = 0.1, learn: bool = True, learn_threshold: bool | None = None,
+                 learn_length: bool | None = None):
         super().__init__()
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"visibility threshold must be in (0, 1), got {threshold}")
@@ -88,12 +89,12 @@ class VisibilityCoding(nn.Module):
         self.sharpness = float(sharpness)
         raw_tau = torch.tensor(_logit(threshold), dtype=torch.float32)
         raw_len = torch.tensor(_inverse_softplus(length_mm - MIN_LENGTH_MM), dtype=torch.float32)
-        if learn:
-            self.raw_threshold = nn.Parameter(raw_tau)
-            self.raw_length = nn.Parameter(raw_len)
-        else:
-            self.register_buffer("raw_threshold", raw_tau)
-            self.register_buffer("raw_length", raw_len)
+        for name, value, trained in (("raw_threshold", raw_tau, learn if learn_threshold is None else learn_threshold),
+                                     ("raw_length", raw_len, learn if learn_length is None else learn_length)):
+            if trained:
+                setattr(self, name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
 
     def threshold(self) -> torch.Tensor:
         """τ: tumour density at which the scan shows tumour (fraction of carrying capacity)."""
