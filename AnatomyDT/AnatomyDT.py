@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from typing import Annotated, Optional
@@ -28,7 +29,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLSequenceNode
 
 try:  # Slicer >= 5.4
     from slicer.i18n import tr as _
@@ -58,6 +59,7 @@ PYTHON_REQUIREMENTS = {
 }
 CLASS_IGNORE = "(ignore)"
 CLASS_NAMES = ("background", "tumour", "white_matter", "grey_matter", "lateral_ventricles")  # BRAIN_SCHEMA order
+EARLIER_SCAN_SLOTS = 3  # earlier-scan rows of the "Calibrate on earlier scans" section
 
 
 #
@@ -70,7 +72,7 @@ class AnatomyDT(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("AnatomyDT")
         self.parent.categories = [_("Segmentation")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Sequences"]  # sequence outputs, history sequences (vtkMRMLSequenceNode)
         self.parent.contributors = ["AnatomyDT developers (PLACEHOLDER_ORGANISATION)"]
         self.parent.helpText = _("""
 Predicts how a brain-tumour patient's anatomy (tumour, white matter, cortical grey matter, lateral
@@ -78,6 +80,8 @@ ventricles) will look days to months after a baseline scan, under a treatment pl
 radiotherapy, chemotherapy). Select the baseline segmentation and the FLAIR it was drawn on, check
 the segment-to-class table, enter the treatment and the horizon, and click Apply. The result is a
 new segmentation per time point, a tumour-probability overlay, and a table and chart of volumes.
+With earlier scans of the patient, the model can be calibrated on them first, and a
+growth-probability map can be made from their tumour volumes.
 <b>Research software: not for clinical decisions.</b>
 See <a href="PLACEHOLDER_HOMEPAGE_URL/blob/main/docs/slicer.md">the AnatomyDT Slicer guide</a>.
 """)
@@ -134,6 +138,25 @@ class AnatomyDTParameterNode:
     modelFile: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     replaceOutputs: bool = False
+
+    # Earlier scans: calibration and the growth-probability map. Scan and treatment days count on
+    # one axis, the plan's; the baseline segmentation is the latest scan, on day baselineDay.
+    calibrateEnabled: bool = False
+    historySource: Annotated[str, Choice(["segmentations", "sequence"])] = "segmentations"
+    earlierSegmentation1: vtkMRMLSegmentationNode
+    earlierDay1: Annotated[float, WithinRange(0.0, 3650.0)] = 0.0
+    earlierSegmentation2: vtkMRMLSegmentationNode
+    earlierDay2: Annotated[float, WithinRange(0.0, 3650.0)] = 0.0
+    earlierSegmentation3: vtkMRMLSegmentationNode
+    earlierDay3: Annotated[float, WithinRange(0.0, 3650.0)] = 0.0
+    baselineDay: Annotated[float, WithinRange(0.0, 3650.0)] = 0.0
+    historySequence: vtkMRMLSequenceNode
+    historySequenceDays: str = ""  # empty: the sequence's index values (numbers of days)
+    calibrationIterations: Annotated[int, WithinRange(0, 500)] = 30
+    calibrationAlpha: Annotated[str, Choice(["scalar", "field"])] = "scalar"
+
+    probabilityMapEnabled: bool = False
+    probabilityMembers: Annotated[int, WithinRange(1, 200)] = 20
 
 
 #
@@ -243,8 +266,26 @@ class AnatomyDTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resectionSegmentationSelector.enabled = p.surgeryEnabled and p.surgeryUseSegment
         self.ui.resectionSegmentComboBox.enabled = p.surgeryEnabled and p.surgeryUseSegment
         self.ui.rtDoseVolumeSelector.enabled = p.rtEnabled and p.rtUseDoseVolume
-        self.ui.modelFilePathLineEdit.enabled = p.modelChoice == "file"
+        self.ui.modelFilePathLineEdit.enabled = p.modelChoice == "file" and not p.calibrateEnabled
+        self._updateHistoryWidgets()
         self._updateApplyButton()
+
+    def _updateHistoryWidgets(self):
+        """Earlier-scan rows are used by calibration and by the growth-probability map."""
+        p = self._parameterNode
+        useHistory = p.calibrateEnabled or p.probabilityMapEnabled
+        bySequence = p.historySource == "sequence"
+        for i in range(1, EARLIER_SCAN_SLOTS + 1):
+            getattr(self.ui, f"earlierSegmentation{i}Selector").enabled = useHistory and not bySequence
+            getattr(self.ui, f"earlierDay{i}SpinBox").enabled = useHistory and not bySequence
+        self.ui.baselineDaySpinBox.enabled = not bySequence
+        self.ui.historySequenceSelector.enabled = useHistory and bySequence
+        self.ui.historySequenceDaysLineEdit.enabled = useHistory and bySequence
+        self.ui.calibrationIterationsSpinBox.enabled = p.calibrateEnabled
+        self.ui.calibrationAlphaComboBox.enabled = p.calibrateEnabled
+        self.ui.modelComboBox.enabled = not p.calibrateEnabled  # calibration fits its own PDE
+        self.ui.deviceComboBox.enabled = not p.calibrateEnabled
+        self.ui.probabilityMembersSpinBox.enabled = p.probabilityMapEnabled
 
     _SEGMENT_EVENTS = ("SegmentAdded", "SegmentRemoved", "SegmentModified")
 
@@ -275,8 +316,15 @@ class AnatomyDTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         ready = bool(p and p.inputSegmentation and p.referenceVolume)
         self.ui.applyButton.text = _("Apply")
-        self.ui.applyButton.toolTip = _("Predict the anatomy at the horizon (and intermediate time points).") \
-            if ready else _("Select the baseline segmentation and the FLAIR volume.")
+        if not ready:
+            self.ui.applyButton.toolTip = _("Select the baseline segmentation and the FLAIR volume.")
+        elif p.calibrateEnabled:
+            self.ui.applyButton.toolTip = _("Calibrate the model on the earlier scans, then forecast from the "
+                                            "latest scan to the horizon (and intermediate time points).")
+        else:
+            self.ui.applyButton.toolTip = _("Predict the anatomy at the horizon (and intermediate time points).")
+        if ready and p.probabilityMapEnabled:
+            self.ui.applyButton.toolTip += _(" Then make the growth-probability map of the horizon.")
         self.ui.applyButton.enabled = ready
 
     # -- class table -------------------------------------------------------------------------
@@ -394,7 +442,7 @@ class AnatomyDTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setInputsEnabled(False)
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
-        self.ui.statusLabel.text = _("Predicting...")
+        self.ui.statusLabel.text = _("Calibrating...") if self._parameterNode.calibrateEnabled else _("Predicting...")
         try:
             from AnatomyDTLib.errors import AnatomyDTError, Cancelled
 
@@ -428,7 +476,7 @@ class AnatomyDTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setInputsEnabled(self, enabled):
         for name in ("inputsCollapsibleButton", "classesCollapsibleButton", "treatmentCollapsibleButton",
-                     "predictionCollapsibleButton"):
+                     "calibrationCollapsibleButton", "predictionCollapsibleButton"):
             getattr(self.ui, name).enabled = enabled
 
     @staticmethod
@@ -543,16 +591,18 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
 
     # -- run ---------------------------------------------------------------------------------
 
-    def run(self, p, progress=None, cancel=None):
-        """Predict with the values of parameter node ``p``; returns AnatomyDTLib.scene's dict of new nodes."""
-        from AnatomyDTLib import scene
-        from AnatomyDTLib.errors import InputError
+    @staticmethod
+    def classMap(p):
+        """The class table's segment -> class map (None when the table was never edited)."""
+        if not p.classMapJson:
+            return None
+        return {k: (None if v == CLASS_IGNORE else v) for k, v in json.loads(p.classMapJson).items()}
 
-        if p.inputSegmentation is None or p.referenceVolume is None:
-            raise InputError("Select the baseline segmentation and the FLAIR volume.")
-        classMap = None
-        if p.classMapJson:
-            classMap = {k: (None if v == CLASS_IGNORE else v) for k, v in json.loads(p.classMapJson).items()}
+    @staticmethod
+    def panelPlan(p):
+        """The plan dict of the treatment panel; its days count on the plan's axis."""
+        from AnatomyDTLib import scene
+
         resectionMask = None
         if p.surgeryEnabled and p.surgeryUseSegment:
             resectionMask = scene.resection_mask_from_segment(p.resectionSegmentation, p.resectionSegmentID,
@@ -560,7 +610,7 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
         doseMap = None
         if p.rtEnabled and p.rtUseDoseVolume:
             doseMap = scene.dose_array_from_volume(p.rtDoseVolume, p.referenceVolume)
-        plan = scene.panel_plan(
+        return scene.panel_plan(
             surgery_enabled=p.surgeryEnabled, surgery_day=p.surgeryDay, resection_mask=resectionMask,
             surgery_extent=None if p.surgeryUseSegment else p.surgeryExtentPercent / 100.0,
             rt_enabled=p.rtEnabled, rt_start_day=p.rtStartDay, rt_total_dose_gy=p.rtTotalDoseGy,
@@ -569,6 +619,108 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
             chemo_concurrent_start_day=p.chemoConcurrentStartDay, chemo_concurrent_days=p.chemoConcurrentDays,
             chemo_adjuvant_start_day=p.chemoAdjuvantStartDay, chemo_adjuvant_cycles=p.chemoAdjuvantCycles,
             chemo_days_on=p.chemoDaysOn, chemo_cycle_length_days=p.chemoCycleLengthDays)
+
+    @staticmethod
+    def parseDays(text):
+        """``"0, 30 60"`` -> [0.0, 30.0, 60.0] (commas, semicolons or spaces)."""
+        from AnatomyDTLib.errors import InputError
+
+        try:
+            return [float(t) for t in re.split(r"[,;\s]+", text.strip()) if t]
+        except ValueError:
+            raise InputError(f"Scan days must be numbers separated by commas, got {text!r}.") from None
+
+    def history(self, p):
+        """The earlier scans of the panel: ``(history, historyDays, baselineDay)``.
+
+        ``history`` is a list of (segmentation node, day) pairs, the earlier scans sorted by day then
+        the baseline segmentation on ``baselineDay``, or the history sequence node (its days in
+        ``historyDays``, None for its index values; ``baselineDay`` is then its last item's day).
+        Days count on the plan's axis.
+        """
+        from AnatomyDTLib import scene
+        from AnatomyDTLib.errors import InputError
+
+        if p.historySource == "sequence":
+            if p.historySequence is None:
+                raise InputError("Select the sequence that holds the patient's segmentations (one per scan, the "
+                                 "last one the scan of the FLAIR), or choose 'segmentations' as the history source.")
+            days = self.parseDays(p.historySequenceDays) if p.historySequenceDays.strip() else None
+            pairs = scene.history_from_sequence(p.historySequence, days)
+            if not pairs:
+                raise InputError(f"The sequence '{p.historySequence.GetName()}' is empty.")
+            return p.historySequence, days, pairs[-1][1]
+        earlier = [(getattr(p, f"earlierSegmentation{i}"), getattr(p, f"earlierDay{i}"))
+                   for i in range(1, EARLIER_SCAN_SLOTS + 1) if getattr(p, f"earlierSegmentation{i}") is not None]
+        if not earlier:
+            raise InputError("Add at least one earlier scan (its segmentation and day) under 'Calibrate on earlier "
+                             "scans'.")
+        return sorted(earlier, key=lambda pair: pair[1]) + [(p.inputSegmentation, p.baselineDay)], None, \
+            p.baselineDay
+
+    def baselineDay(self, p):
+        """The baseline segmentation's day on the plan's axis: 'Day of the baseline scan', or with a
+        history sequence (when calibration or the map is on) the day of its last item."""
+        if p.historySource == "sequence":
+            return self.history(p)[2] if (p.calibrateEnabled or p.probabilityMapEnabled) else 0.0
+        return float(p.baselineDay)
+
+    @staticmethod
+    def planFromBaseline(plan, baselineDay):
+        """The plan seen from the baseline scan (its day 0) when the baseline is on ``baselineDay`` > 0."""
+        if not baselineDay:
+            return plan
+        from AnatomyDTLib.calibration import shift_plan
+        from AnatomyDTLib.plan import load_plan
+
+        return shift_plan(load_plan(plan), baselineDay)
+
+    def _checkInputs(self, p):
+        from AnatomyDTLib.errors import InputError
+
+        if p.inputSegmentation is None or p.referenceVolume is None:
+            raise InputError("Select the baseline segmentation and the FLAIR volume.")
+
+    def run(self, p, progress=None, cancel=None):
+        """Apply: the prediction (or, with calibration on, the calibrated forecast), then the
+        growth-probability map when it is on. Returns AnatomyDTLib.scene's dict of new nodes (the map's
+        nodes under ``"probability_map"`` and ``"probability_report"``). All or nothing: if the map fails
+        or is cancelled, the prediction's nodes are removed again."""
+        from AnatomyDTLib import scene
+
+        self._checkInputs(p)
+        withMap = p.probabilityMapEnabled
+        if withMap:
+            self.history(p)  # refuse a missing history before the (long) first run
+        share = 0.5 if withMap else 1.0
+
+        def firstProgress(fraction):
+            if progress is not None:
+                progress(share * fraction)
+
+        if p.calibrateEnabled:
+            result = self.runCalibration(p, firstProgress, cancel)
+        else:
+            result = self.runPrediction(p, firstProgress, cancel)
+        if not withMap:
+            return result
+        try:
+            mapResult = self.runProbabilityMap(
+                p, None if progress is None else (lambda fraction: progress(share + (1 - share) * fraction)), cancel)
+        except BaseException:
+            scene.remove_outputs(p.inputSegmentation.GetScene(), result)
+            raise
+        result = dict(result)
+        result["probability_map"], result["probability_report"] = mapResult["probability_map"], mapResult["report"]
+        return result
+
+    def runPrediction(self, p, progress=None, cancel=None):
+        """Predict from the baseline segmentation with the panel's model (AnatomyDTLib.scene.predict_into_scene)."""
+        from AnatomyDTLib import scene
+        from AnatomyDTLib.errors import InputError
+
+        self._checkInputs(p)
+        plan = self.panelPlan(p)
         days = scene.time_points(p.horizonValue, p.horizonUnit, p.intermediateTimePoints)
         model = p.modelChoice
         if model == "file":
@@ -576,21 +728,67 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
                 raise InputError("Model 'file' is selected: choose the weights file.")
             model = p.modelFile
         return scene.predict_into_scene(
-            p.inputSegmentation.GetScene(), p.inputSegmentation, p.referenceVolume, days=days, plan=plan,
-            class_map=classMap, model=model, progress=progress, cancel=cancel, replace=p.replaceOutputs,
-            device=p.device, complete_anatomy=p.completeAnatomy)
+            p.inputSegmentation.GetScene(), p.inputSegmentation, p.referenceVolume, days=days,
+            plan=self.planFromBaseline(plan, self.baselineDay(p)), class_map=self.classMap(p), model=model,
+            progress=progress, cancel=cancel, replace=p.replaceOutputs, device=p.device,
+            complete_anatomy=p.completeAnatomy)
+
+    def runCalibration(self, p, progress=None, cancel=None):
+        """Calibrate on the earlier scans, then forecast from the latest (AnatomyDTLib.scene.calibrate_into_scene).
+        The horizon and intermediate time points count after the latest scan."""
+        from AnatomyDTLib import scene
+        from AnatomyDTLib.calibration import CalibrationSettings
+        from AnatomyDTLib.errors import InputError
+
+        self._checkInputs(p)
+        if p.completeAnatomy:
+            raise InputError("Anatomy completion is not available with calibration: every scan of the history "
+                             "needs its own classes. Untick 'Complete missing anatomy' or segment all classes.")
+        history, historyDays, baselineDay = self.history(p)
+        days = [baselineDay + d for d in scene.time_points(p.horizonValue, p.horizonUnit, p.intermediateTimePoints)]
+        settings = CalibrationSettings(alpha=p.calibrationAlpha, iterations=int(p.calibrationIterations))
+        return scene.calibrate_into_scene(
+            p.referenceVolume.GetScene(), history, p.referenceVolume, days=days, history_days=historyDays,
+            plan=self.panelPlan(p), settings=settings, class_map=self.classMap(p), progress=progress,
+            cancel=cancel, replace=p.replaceOutputs)
+
+    def runProbabilityMap(self, p, progress=None, cancel=None):
+        """Growth-probability map on the last time point from the tumour volumes of the earlier scans and the
+        baseline (AnatomyDTLib.scene.probability_map_into_scene)."""
+        from AnatomyDTLib import scene
+
+        self._checkInputs(p)
+        history, historyDays, baselineDay = self.history(p)
+        pairs = history if isinstance(history, list) else scene.history_from_sequence(history, historyDays)
+        day = scene.time_points(p.horizonValue, p.horizonUnit, p.intermediateTimePoints)[-1]
+        return scene.probability_map_into_scene(
+            p.inputSegmentation.GetScene(), p.inputSegmentation, p.referenceVolume, day=day, history=pairs,
+            baseline_day=baselineDay, plan=self.panelPlan(p), members=int(p.probabilityMembers),
+            class_map=self.classMap(p), progress=progress, cancel=cancel, replace=p.replaceOutputs)
 
     @staticmethod
     def summary(result):
-        """One line for the status label: tumour volume per output day."""
+        """The status line: tumour volume per output day (the first row is the baseline, or the latest
+        scan of a calibration), the calibrated fit, and the growth-probability map's burden forecast."""
         table = result["table"].GetTable()
         parts = []
         tumourColumn = next(c for c in range(table.GetNumberOfColumns()) if table.GetColumnName(c) == "tumour")
         for row in range(table.GetNumberOfRows()):
             day = table.GetValue(row, 0).ToDouble()
             volume = table.GetValue(row, tumourColumn).ToDouble()
-            parts.append(f"{'baseline' if day == 0 else f'day {day:g}'}: {volume:.1f} mL")
-        return _("Tumour volume: ") + "; ".join(parts)
+            label = f"day {day:g}" if row else ("baseline" if day == 0 else f"latest scan (day {day:g})")
+            parts.append(f"{label}: {volume:.1f} mL")
+        text = _("Tumour volume: ") + "; ".join(parts)
+        fitTable = result.get("fit_table")
+        if fitTable is not None:
+            fit = fitTable.GetTable()
+            columns = [fit.GetColumnName(c) for c in range(fit.GetNumberOfColumns())]
+            dice = [fit.GetValue(r, columns.index("tumour_dice")).ToDouble() for r in range(fit.GetNumberOfRows())]
+            text += _(". Calibrated: tumour Dice on the history ") + ", ".join(f"{d:.2f}" for d in dice)
+        report = result.get("probability_report")
+        if report is not None:
+            text += _(". Growth-probability map ") + (report.GetAttribute("AnatomyDT.Summary") or "")
+        return text
 
 
 #
@@ -609,6 +807,8 @@ class AnatomyDTTest(ScriptedLoadableModuleTest):
         self.test_AnatomyDT_EndToEnd()
         self.setUp()
         self.test_AnatomyDT_CancelLeavesSceneUnchanged()
+        self.setUp()
+        self.test_AnatomyDT_CalibrationAndProbabilityMap()
 
     # The bundled sample case (Resources/SampleData), else a small synthetic brain.
     def _loadCase(self):
@@ -702,3 +902,37 @@ class AnatomyDTTest(ScriptedLoadableModuleTest):
             logic.run(p, progress=calls.append, cancel=lambda: len(calls) > 3)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
         self.delayDisplay("Cancel test passed")
+
+    def test_AnatomyDT_CalibrationAndProbabilityMap(self):
+        """Calibrate on an earlier scan (a copy of the baseline with a smaller tumour, day 0; the baseline on
+        day 30), forecast 2 weeks after the baseline, and make the growth-probability map."""
+        if not (AnatomyDTLogic.torchInstalled() and not AnatomyDTLogic.missingPythonRequirements()):
+            return
+        flair, seg = self._loadCase()
+        earlier = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Earlier")
+        earlier.GetSegmentation().DeepCopy(seg.GetSegmentation())
+        tumour = next(earlier.GetSegmentation().GetNthSegmentID(i)
+                      for i in range(earlier.GetSegmentation().GetNumberOfSegments())
+                      if earlier.GetSegmentation().GetNthSegment(i).GetName().lower() in ("tumor", "tumour"))
+        earlier.CreateBinaryLabelmapRepresentation()
+        logic, p = self._parameters(flair, seg)
+        for key, value in logic.presetParameters("none").items():
+            setattr(p, key, value)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(earlier, tumour, flair)
+        import numpy as np
+        from scipy import ndimage
+
+        slicer.util.updateSegmentBinaryLabelmapFromArray(ndimage.binary_erosion(mask).astype(np.uint8), earlier,
+                                                         tumour, flair)
+        p.calibrateEnabled, p.historySource = True, "segmentations"
+        p.earlierSegmentation1, p.earlierDay1, p.baselineDay = earlier, 0.0, 30.0
+        p.calibrationIterations = 1
+        p.probabilityMapEnabled, p.probabilityMembers = True, 2
+        p.horizonValue, p.horizonUnit, p.intermediateTimePoints = 2.0, "weeks", ""
+        result = logic.run(p, progress=lambda f: None, cancel=lambda: False)
+        self.assertEqual(result["segmentations"][0].GetName(), f"{seg.GetName()} calibrated day 44")
+        self.assertEqual(result["fit_table"].GetTable().GetNumberOfRows(), 1)
+        probability = slicer.util.arrayFromVolume(result["probability_map"])
+        self.assertTrue(probability.min() >= 0.0 and probability.max() <= 1.0)
+        self.delayDisplay(logic.summary(result))
+        self.delayDisplay("Calibration and probability map test passed")

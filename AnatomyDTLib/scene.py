@@ -2,8 +2,10 @@
 
 This is everything the AnatomyDT Slicer module does, written against MRML only (``slicer`` and
 ``vtk``), so it runs unchanged inside the Slicer application and in plain Python with the
-``slicer-core`` wheel (which is how ``Testing/test_scene.py`` runs it on a real ``vtkMRMLScene``).
-The Qt widget only collects parameters and calls :func:`predict_into_scene`.
+``slicer-core`` wheel (which is how ``Testing/test_scene.py`` and ``Testing/test_scene_calibration.py``
+run it on a real ``vtkMRMLScene``). The Qt widget only collects parameters and calls
+:func:`predict_into_scene`, :func:`calibrate_into_scene` (calibration on earlier scans, then a
+forecast from the last one) and :func:`probability_map_into_scene` (growth-probability map).
 
 Nothing else in :mod:`AnatomyDTLib` imports this module, so the library itself still imports
 without Slicer. torch is imported only when a prediction runs, so the segment-to-class helpers
@@ -51,6 +53,10 @@ if not hasattr(slicer, "vtkMRMLScene"):  # e.g. the unrelated PyPI package named
 
 __all__ = [
     "predict_into_scene",
+    "calibrate_into_scene",
+    "probability_map_into_scene",
+    "history_from_sequence",
+    "remove_outputs",
     "SegmentClass",
     "segment_classes",
     "read_baseline",
@@ -85,6 +91,12 @@ _ATTR_DAY = ATTRIBUTE_PREFIX + "Day"
 _ATTR_MODEL = ATTRIBUTE_PREFIX + "Model"
 _ATTR_PLAN = ATTRIBUTE_PREFIX + "PlanSummary"
 _ATTR_NOTES = ATTRIBUTE_PREFIX + "PlanNotes"
+_ATTR_KIND = ATTRIBUTE_PREFIX + "RunKind"  # "prediction", "calibration" or "probability_map"
+_ATTR_HISTORY = ATTRIBUTE_PREFIX + "HistoryIDs"
+_ATTR_SUMMARY = ATTRIBUTE_PREFIX + "Summary"
+_KIND_PREDICTION = "prediction"
+_KIND_CALIBRATION = "calibration"
+_KIND_PROBABILITY_MAP = "probability_map"
 
 _LUT_SINGLETON_TAG = "AnatomyDT.TumourProbabilityLUT"
 _LUT_NAME = "AnatomyDT tumour probability"
@@ -846,7 +858,11 @@ def _probability_volume(scene, name: str, probability: np.ndarray, geometry: Geo
     return node
 
 
-def _volume_table(scene, name: str, rows: list[tuple[float, dict[str, float]]], schema: ClassSchema):
+_DAY_DESCRIPTION = "days after the baseline scan (0 = baseline)"
+
+
+def _volume_table(scene, name: str, rows: list[tuple[float, dict[str, float]]], schema: ClassSchema,
+                  day_description: str = _DAY_DESCRIPTION):
     """A table node: day, then one column per non-background class in mL."""
     table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table = table_node.GetTable()
@@ -863,7 +879,7 @@ def _volume_table(scene, name: str, rows: list[tuple[float, dict[str, float]]], 
         for c, cls in enumerate(classes, start=1):
             table.SetValue(r, c, float(volumes.get(cls, 0.0)))
     table_node.SetColumnUnitLabel("day", "day")
-    table_node.SetColumnDescription("day", "days after the baseline scan (0 = baseline)")
+    table_node.SetColumnDescription("day", day_description)
     for cls in classes:
         table_node.SetColumnUnitLabel(cls, "mL")
         table_node.SetColumnDescription(cls, f"{cls} volume (argmax voxel count x voxel volume)")
@@ -871,10 +887,10 @@ def _volume_table(scene, name: str, rows: list[tuple[float, dict[str, float]]], 
     return table_node
 
 
-def _volume_chart(scene, name: str, table_node, schema: ClassSchema):
+def _volume_chart(scene, name: str, table_node, schema: ClassSchema, x_title: str = "days after baseline"):
     chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
     chart.SetTitle(name)
-    chart.SetXAxisTitle("days after baseline")
+    chart.SetXAxisTitle(x_title)
     chart.SetYAxisTitle("volume (mL)")
     series_nodes = []
     for k, cls in enumerate(schema.names):
@@ -1039,27 +1055,71 @@ def predict_into_scene(scene, segmentation_node, reference_volume_node, *, days,
     _check_progress_and_cancel(progress, cancel, _PROGRESS_PREDICT_END)
 
     run_id = secrets.token_hex(6)
+
+    def build(result: dict, created: list) -> None:
+        _build_outputs(scene, segmentation_node, reference_volume_node, prediction, mapping, schema, result, created,
+                       run_id=run_id, replace=replace, create_surfaces=create_surfaces, summary=summary, notes=notes,
+                       progress=progress, cancel=cancel)
+
+    result = _add_outputs(scene, reference_volume_node, segmentation_node, build, _prediction_overlay, run_id=run_id,
+                          replace=replace, kind=_KIND_PREDICTION, progress=progress, cancel=cancel)
+    for note in notes:
+        logger.info("AnatomyDT: %s", note)
+    return result
+
+
+def _prediction_overlay(result: Mapping[str, Any]):
+    """The probability node to overlay: the sequence proxy with several days, else the only map."""
+    return result.get("probability_proxy") or result["tumour_probability"][-1]
+
+
+def _add_outputs(scene, reference_volume_node, source_node, build: Callable[[dict, list], None],
+                 overlay: Callable[[Mapping[str, Any]], Any], *, run_id: str, replace: bool, kind: str,
+                 progress: ProgressCallback | None, cancel: CancelCallback | None) -> dict:
+    """Create a run's output nodes all or nothing.
+
+    ``build(result, created)`` adds the nodes (into the ``result`` dict); then ``overlay(result)`` is
+    shown over the reference volume in the slice views. If anything fails or is cancelled, every
+    node added since this call (with its display, storage and proxy nodes) is removed and the slice
+    views are restored. With ``replace``, the earlier runs of the same ``kind`` on ``source_node``
+    are removed once this one has finished.
+    """
     result: dict[str, Any] = {}
     created: list = []
     overlay_previous: list = []
     existing_ids = _node_ids(scene)
     try:
-        _build_outputs(scene, segmentation_node, reference_volume_node, prediction, mapping, schema, result, created,
-                       run_id=run_id, replace=replace, create_surfaces=create_surfaces, summary=summary, notes=notes,
-                       progress=progress, cancel=cancel)
-        overlay = result.get("probability_proxy") or result["tumour_probability"][-1]
-        _show_overlay(scene, reference_volume_node, overlay, overlay_previous)
+        build(result, created)
+        node = overlay(result)
+        if node is not None:
+            _show_overlay(scene, reference_volume_node, node, overlay_previous)
         _check_progress_and_cancel(progress, cancel, 1.0)
     except BaseException:
         _restore_overlay(overlay_previous)
-        # Everything this run added: output nodes and their display, storage and proxy nodes.
         _remove_nodes(scene, [n for n in _nodes(scene) if n.GetID() not in existing_ids])
         raise
     if replace:
-        _remove_earlier_runs(scene, segmentation_node, run_id)
-    for note in notes:
-        logger.info("AnatomyDT: %s", note)
+        _remove_earlier_runs(scene, source_node, run_id, kind)
     return result
+
+
+def _marker(created: list, source_node, reference_volume_node, run_id: str, model_label: str, kind: str):
+    """``mark(node, role, day=None)``: records a new output node and sets its AnatomyDT attributes."""
+
+    def mark(node, role: str, day: float | None = None):
+        created.append(node)
+        node.SetAttribute(_ATTR_SOURCE, source_node.GetID())
+        node.SetAttribute(_ATTR_REFERENCE, reference_volume_node.GetID())
+        node.SetAttribute(_ATTR_RUN, run_id)
+        node.SetAttribute(_ATTR_ROLE, role)
+        node.SetAttribute(_ATTR_KIND, kind)
+        if model_label:
+            node.SetAttribute(_ATTR_MODEL, model_label)
+        if day is not None:
+            node.SetAttribute(_ATTR_DAY, _format_day(day))
+        return node
+
+    return mark
 
 
 def _volume_array(volume_node) -> np.ndarray:
@@ -1070,25 +1130,25 @@ def _volume_array(volume_node) -> np.ndarray:
 
 def _build_outputs(scene, segmentation_node, reference_volume_node, prediction, mapping, schema, result, created, *,
                    run_id: str, replace: bool, create_surfaces: bool, summary: str, notes: list[str],
-                   progress, cancel) -> None:
-    """Create all output nodes; every node is appended to ``created`` as soon as it exists."""
-    input_name = segmentation_node.GetName() or "segmentation"
+                   progress, cancel, base_name: str | None = None, day_offset: float = 0.0,
+                   day_label: Callable[[float], str] | None = None, kind: str = _KIND_PREDICTION,
+                   day_description: str = _DAY_DESCRIPTION, chart_x_title: str = "days after baseline") -> None:
+    """Create all output nodes; every node is appended to ``created`` as soon as it exists.
+
+    ``segmentation_node`` is the node the outputs are named after and attributed to (for a
+    calibration: the last history scan, or the sequence holding the history). ``base_name``
+    replaces its name in the node names; ``day_offset`` is added to the prediction's days (which
+    count from its baseline) wherever a day is shown; ``day_label(day)`` formats a day in node
+    names (default ``"+90 d"``).
+    """
+    input_name = base_name or segmentation_node.GetName() or "segmentation"
     parent_item = _study_item_of(scene, reference_volume_node)
     tags = prediction.segment_tags()
     terminologies = _class_terminologies(mapping, schema)
     several = len(prediction.days) > 1
     model_label = f"{prediction.model_name} {prediction.model_version}"
-
-    def mark(node, role: str, day: float | None = None):
-        created.append(node)
-        node.SetAttribute(_ATTR_SOURCE, segmentation_node.GetID())
-        node.SetAttribute(_ATTR_REFERENCE, reference_volume_node.GetID())
-        node.SetAttribute(_ATTR_RUN, run_id)
-        node.SetAttribute(_ATTR_ROLE, role)
-        node.SetAttribute(_ATTR_MODEL, model_label)
-        if day is not None:
-            node.SetAttribute(_ATTR_DAY, _format_day(day))
-        return node
+    mark = _marker(created, segmentation_node, reference_volume_node, run_id, model_label, kind)
+    day_label = day_label or (lambda d: f"+{_format_day(d)} d")
 
     lut, lut_created = _probability_lut(scene)
     if lut_created:
@@ -1096,9 +1156,10 @@ def _build_outputs(scene, segmentation_node, reference_volume_node, prediction, 
         result["color_table"] = lut
     result["segmentations"], result["tumour_probability"] = [], []
     n_days = len(prediction.days)
-    for i, day in enumerate(prediction.days):
+    for i, model_day in enumerate(prediction.days):
         _check_progress_and_cancel(progress, cancel, _PROGRESS_PREDICT_END + 0.1 * i / n_days)
-        label = f"+{_format_day(day)} d"
+        day = float(model_day) + float(day_offset)
+        label = day_label(day)
         seg = mark(scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                            _unique_name(scene, f"{input_name} {label}", replace)), "segmentation", day)
         seg.CreateDefaultDisplayNodes()
@@ -1122,14 +1183,15 @@ def _build_outputs(scene, segmentation_node, reference_volume_node, prediction, 
         _build_sequences(scene, input_name, result, mark, parent_item, replace)
 
     _check_progress_and_cancel(progress, cancel, _PROGRESS_PREDICT_END + 0.12)
-    table = mark(_volume_table(scene, _unique_name(scene, f"{input_name} predicted volumes", replace),
-                               prediction.volumes_ml(), schema), "volume_table")
+    rows = [(float(d) + float(day_offset), volumes) for d, volumes in prediction.volumes_ml()]
+    table = mark(_volume_table(scene, _unique_name(scene, f"{input_name} predicted volumes", replace), rows, schema,
+                               day_description), "volume_table")
     table.SetAttribute(_ATTR_PLAN, summary)
     table.SetAttribute(_ATTR_NOTES, "\n".join(notes))
     _place_in_hierarchy(scene, table, parent_item)
     result["table"] = table
     chart_name = _unique_name(scene, f"{input_name} predicted volumes chart", replace)
-    chart, series_nodes = _volume_chart(scene, chart_name, table, schema)
+    chart, series_nodes = _volume_chart(scene, chart_name, table, schema, chart_x_title)
     mark(chart, "volume_chart")
     for series in series_nodes:
         mark(series, "volume_series")
@@ -1208,11 +1270,604 @@ def _remove_nodes(scene, nodes) -> None:
             scene.RemoveNode(node)
 
 
-def _remove_earlier_runs(scene, segmentation_node, run_id: str) -> None:
+def _remove_earlier_runs(scene, segmentation_node, run_id: str, kind: str = _KIND_PREDICTION) -> None:
+    """Remove the outputs of earlier runs of ``kind`` on ``segmentation_node`` (nodes without a kind
+    attribute, from earlier versions, count as predictions)."""
     old = [node for node in _nodes(scene)
            if node.GetAttribute(_ATTR_SOURCE) == segmentation_node.GetID()
-           and node.GetAttribute(_ATTR_RUN) not in (None, run_id)]
+           and node.GetAttribute(_ATTR_RUN) not in (None, run_id)
+           and (node.GetAttribute(_ATTR_KIND) or _KIND_PREDICTION) == kind]
     _remove_nodes(scene, old)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration on earlier scans, growth-probability maps
+# --------------------------------------------------------------------------------------------
+
+_DAY_TOLERANCE = 1e-9
+
+
+def history_from_sequence(sequence_node, days: Sequence[float] | None = None) -> list[tuple[Any, float]]:
+    """The ``(segmentation node, day)`` pairs of a sequence node holding one segmentation per scan.
+
+    Args:
+        sequence_node: a vtkMRMLSequenceNode whose data nodes are segmentation nodes, oldest scan first.
+        days: the day of every item, in item order, on the treatment plan's day axis. ``None``: use
+            the sequence's index values, which must then be numbers of days (a numeric index whose
+            unit is empty, ``d``, ``day`` or ``days``); any other index needs explicit days.
+
+    The returned nodes are the sequence's own data nodes: they are read, never modified.
+
+    Raises:
+        InputError: not a sequence node, an item that is not a segmentation, index values that are
+            not days (without ``days``), or a wrong number of days.
+    """
+    if sequence_node is None or not hasattr(sequence_node, "IsA") or not sequence_node.IsA("vtkMRMLSequenceNode"):
+        raise InputError("Select the sequence that holds the earlier segmentations (one item per scan).")
+    count = sequence_node.GetNumberOfDataNodes()
+    nodes = [sequence_node.GetNthDataNode(i) for i in range(count)]
+    bad = [i + 1 for i, node in enumerate(nodes) if node is None or not node.IsA("vtkMRMLSegmentationNode")]
+    if bad:
+        raise InputError(f"Item(s) {', '.join(map(str, bad))} of the sequence {_node_label(sequence_node)} are not "
+                         "segmentations; the history sequence must hold one segmentation node per scan.")
+    if days is None:
+        unit = (sequence_node.GetIndexUnit() or "").strip().lower()
+        values: list[float] = []
+        numeric = sequence_node.GetIndexType() == sequence_node.NumericIndex and unit in ("", "d", "day", "days")
+        if numeric:
+            try:
+                values = [float(sequence_node.GetNthIndexValue(i)) for i in range(count)]
+            except ValueError:
+                numeric = False
+        if not numeric:
+            raise InputError(
+                f"The index of the sequence {_node_label(sequence_node)} ({sequence_node.GetIndexName() or 'index'}"
+                f"{f' in {unit}' if unit else ''}) is not a number of days; give the day of every scan "
+                "(days on the treatment plan's axis, oldest scan first).")
+    else:
+        values = [float(d) for d in np.atleast_1d(np.asarray(days, dtype=float)).tolist()]
+        if len(values) != count:
+            raise InputError(f"The sequence {_node_label(sequence_node)} holds {count} segmentations but {len(values)} "
+                             "days were given; give one day per item, in item order.")
+    return list(zip(nodes, values))
+
+
+def _history_items(history, scene, *, in_sequence: bool) -> list[tuple[Any, float, str]]:
+    """Checked ``(node, day, label)`` of a history: >= 2 scans, finite days >= 0, strictly increasing."""
+    try:
+        items = list(history)
+    except TypeError:
+        raise InputError("Give the history as a list of (segmentation node, day) pairs or as a sequence node of "
+                         "segmentations.") from None
+    checked = []
+    for i, item in enumerate(items, start=1):
+        try:
+            node, day = item
+        except (TypeError, ValueError):
+            raise InputError(f"History entry {i} is not a (segmentation node, day) pair.") from None
+        if node is None or not hasattr(node, "IsA") or not node.IsA("vtkMRMLSegmentationNode"):
+            raise InputError(f"History entry {i}: select a segmentation node (got {type(node).__name__}).")
+        if not in_sequence and node.GetScene() is not scene:
+            raise InputError(f"History entry {i}: the segmentation {_node_label(node)} is not in this scene.")
+        try:
+            day = float(day)
+        except (TypeError, ValueError):
+            raise InputError(f"History entry {i} ({_node_label(node)}): the day {day!r} is not a number.") from None
+        if not (np.isfinite(day) and day >= 0):
+            raise InputError(f"History entry {i} ({_node_label(node)}): the day must be a finite number >= 0 on the "
+                             f"treatment plan's axis (day 0 = the day its events count from), got {day:g}.")
+        checked.append((node, day, f"{_node_label(node)} (day {day:g})"))
+    if len(checked) < 2:
+        raise InputError(f"Calibration needs at least 2 scans with their days (got {len(checked)}): the first is "
+                         "rolled forward and compared with the later ones. Add an earlier scan.")
+    for (_, day_a, label_a), (_, day_b, label_b) in zip(checked, checked[1:]):
+        if abs(day_b - day_a) <= _DAY_TOLERANCE:
+            raise InputError(f"Two scans are on the same day {day_a:g}: {label_a} and {label_b}. Give each scan its "
+                             "own day.")
+        if day_b < day_a:
+            raise InputError(f"Scan days must increase, oldest scan first: {label_a} comes before {label_b}. "
+                             "Order the scans by day.")
+    return checked
+
+
+def _segmentation_grid(segmentation_node) -> tuple[np.ndarray, tuple[int, int, int]] | None:
+    """IJK-to-RAS (IJK counted from the first voxel) and dimensions ``(i, j, k)`` of a segmentation's
+    own reference image geometry, or None if it has none."""
+    serialized = segmentation_node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    if not serialized:
+        return None
+    grid = slicer.vtkOrientedImageData()
+    if not slicer.vtkSegmentationConverter.DeserializeImageGeometry(serialized, grid, False):
+        return None
+    extent = grid.GetExtent()
+    dims = tuple(int(extent[2 * a + 1] - extent[2 * a] + 1) for a in range(3))
+    if min(dims) < 2:
+        return None
+    matrix = vtk.vtkMatrix4x4()
+    grid.GetImageToWorldMatrix(matrix)
+    ijk_to_ras = _matrix_to_numpy(matrix)
+    ijk_to_ras[:3, 3] += ijk_to_ras[:3, :3] @ np.asarray(extent[0::2], dtype=float)
+    return ijk_to_ras, dims
+
+
+def _read_scan(scene, segmentation_node, reference_volume_node, class_map, schema: ClassSchema, *,
+               on_reference: bool) -> LabelVolume:
+    """A scan's class labelmap with the class mapping of :func:`read_baseline`.
+
+    ``on_reference``: on the reference volume's grid, refusing a segmentation drawn on another grid
+    (as :func:`read_baseline`). Otherwise on the reference grid when the segmentation was drawn on
+    the same voxel lattice, else on the segmentation's own reference grid (a temporary volume node,
+    removed again); the calibration resamples it in physical space.
+    """
+    if not on_reference:
+        own = _segmentation_grid(segmentation_node)
+        if own is not None and not _same_lattice(own[0], _ijk_to_ras(reference_volume_node)):
+            ijk_to_ras, dims = own
+            with _TemporaryNodes(scene):
+                grid_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                                    f"{segmentation_node.GetName() or 'scan'} grid")
+                grid_node.SetHideFromEditors(True)
+                grid_node.SetIJKToRASMatrix(_numpy_to_matrix(ijk_to_ras))
+                grid_node.SetAndObserveImageData(_image_data(np.zeros(dims[::-1], np.uint8), vtk.VTK_UNSIGNED_CHAR))
+                return _read_baseline(segmentation_node, grid_node, class_map, schema, scene)[0]
+    return _read_baseline(segmentation_node, reference_volume_node, class_map, schema, scene)[0]
+
+
+def _check_scene_inputs(scene, nodes_and_roles) -> None:
+    if scene is None:
+        raise InputError("No MRML scene given.")
+    for node, what in nodes_and_roles:
+        if node is None:
+            raise InputError(f"Select the {what}.")
+        if node.GetScene() is not scene:
+            raise InputError(f"The {what} {_node_label(node)} is not in this scene.")
+
+
+def _table_node(scene, name: str, columns: Sequence[tuple[str, str, str, str]], rows: Sequence[Sequence[Any]]):
+    """A table node; ``columns`` are ``(name, "str" or "float", unit, description)``, rows match them
+    (``None`` in a float column is NaN)."""
+    table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = table_node.GetTable()
+    for column_name, kind, _, _ in columns:
+        array = vtk.vtkStringArray() if kind == "str" else vtk.vtkDoubleArray()
+        array.SetName(column_name)
+        table.AddColumn(array)
+    table.SetNumberOfRows(len(rows))
+    for r, row in enumerate(rows):
+        for c, ((_, kind, _, _), value) in enumerate(zip(columns, row)):
+            if kind == "str":
+                table.SetValue(r, c, vtk.vtkVariant(str(value)))
+            else:
+                table.SetValue(r, c, vtk.vtkVariant(float("nan") if value is None else float(value)))
+    for column_name, _, unit, description in columns:
+        if unit:
+            table_node.SetColumnUnitLabel(column_name, unit)
+        table_node.SetColumnDescription(column_name, description)
+    table_node.Modified()
+    return table_node
+
+
+_PARAMETER_COLUMNS = (("name", "str", "", "quantity"), ("value", "float", "", "value"),
+                      ("unit", "str", "", "unit of the value"), ("note", "str", "", "what it is, where it comes from"))
+
+
+def _fit_table(scene, name: str, calibration):
+    """Per later history scan: how well the calibrated model reproduces it."""
+    columns = (("scan", "str", "", "history scan (segmentation node)"),
+               ("day", "float", "day", "scan day on the treatment plan's axis"),
+               ("measured_tumour_ml", "float", "mL", "tumour volume of the scan (voxel count x voxel volume)"),
+               ("fitted_tumour_ml", "float", "mL", "tumour volume of the calibrated model rolled forward from the "
+                                                   "first scan to this day"),
+               ("volume_error_ml", "float", "mL", "fitted minus measured tumour volume"),
+               ("tumour_dice", "float", "", "Dice of the fitted and the measured tumour (on the fit crop)"),
+               ("tumour_dice_at_start", "float", "", "the same Dice with the starting (literature) parameters"))
+    rows = [[f.name, f.day, f.observed_tumour_ml, f.fitted_tumour_ml, f.volume_error_ml, f.tumour_dice,
+             f.initial_tumour_dice] for f in calibration.fits]
+    return _table_node(scene, name, columns, rows)
+
+
+def _calibrated_parameter_rows(calibration) -> list[list]:
+    from .calibration import PUSHED, TISSUES
+
+    params = calibration.parameters
+    rows = []
+    by_tissue = params.tumour_diffusion_by_tissue or {}
+    for tissue in TISSUES:
+        if tissue in by_tissue:
+            rows.append([f"tumour diffusion in {tissue}", by_tissue[tissue], "mm²/day", "fitted (D)"])
+    alpha_map = calibration.growth_rate_map()
+    rows.append(["tumour growth rate", params.growth_rate, "1/day",
+                 "fitted (α); the scalar α0 of the fitted α field" if alpha_map is not None else "fitted (α)"])
+    if alpha_map is not None:
+        rows.append(["growth rate map minimum", float(alpha_map.min()), "1/day", "α(x) on the last scan's grid"])
+        rows.append(["growth rate map maximum", float(alpha_map.max()), "1/day", "α(x) on the last scan's grid"])
+    for tissue in PUSHED:
+        value = params.cross_diffusion.get(tissue, {}).get(DEFAULT_SCHEMA.tumour)
+        if value is not None:
+            rows.append([f"mass effect on {tissue}", value, "mm²/day",
+                         "fitted χ (< 0: the tumour pushes this tissue away)"])
+    if calibration.plan.radiotherapy is not None:
+        rows.append(["radiosensitivity factor", calibration.radiosensitivity_scale, "",
+                     "fitted factor on the plan's radiotherapy LQ α and β (1 = as planned)"])
+    if calibration.infiltration_length_mm is not None:
+        rows.append(["infiltration length", calibration.infiltration_length_mm, "mm",
+                     "fitted e-folding length of the tumour density beyond the visible edge"])
+    if calibration.visibility_threshold is not None:
+        rows.append(["visibility threshold", calibration.visibility_threshold, "",
+                     "tumour density (fraction of capacity) a scan shows as tumour (setting)"])
+    if calibration.edge_width_mm is not None:
+        rows.append(["tumour edge width", calibration.edge_width_mm, "mm", "fitted width of the start field's edge"])
+    rows.append(["time step", params.dt_days, "day", "solver step of the fit and the forecast"])
+    rows.append(["iterations", calibration.iterations, "", f"fit stopped: {calibration.stop_reason}"])
+    if calibration.loss_history:
+        rows.append(["loss at start", calibration.loss_history[0]["loss"], "", "fit loss, first iteration"])
+        rows.append(["best loss", min(r["loss"] for r in calibration.loss_history), "", "fit loss, kept iterate"])
+    return rows
+
+
+def calibrate_into_scene(scene, history, reference_volume_node, *, days, history_days: Sequence[float] | None = None,
+                         plan=None, settings=None, class_map: Mapping[Any, Any] | None = None,
+                         progress: ProgressCallback | None = None, cancel: CancelCallback | None = None,
+                         replace: bool = False, output_name: str | None = None,
+                         create_surfaces: bool = True) -> dict:
+    """Calibrate the PDE on a patient's earlier scans, forecast from the last one, add the result to ``scene``.
+
+    The 3D Slicer counterpart of ``anatomydt calibrate`` (:func:`AnatomyDTLib.calibration.calibrate_and_forecast`,
+    docs/calibration.md): the tumour's diffusivity per tissue, growth rate and mass effect (and the
+    radiosensitivity and tumour-edge parameters) are fitted so that the first scan, rolled forward,
+    reproduces the later ones; the calibrated model then forecasts from the LAST scan.
+
+    Days: every day (scan days and ``days``) counts on the treatment plan's day axis: day 0 is the
+    day the plan's events count from, usually the first scan.
+
+    Args:
+        scene: the vtkMRMLScene (``slicer.mrmlScene``).
+        history: the scans, oldest first: a list of ``(segmentation node, day)`` pairs, or a
+            vtkMRMLSequenceNode with one segmentation per scan (days from ``history_days``, or from
+            the sequence's index values when they are numbers of days, see :func:`history_from_sequence`).
+            Segments are mapped to classes as for :func:`read_baseline` (names, terminology, ``class_map``).
+        reference_volume_node: the FLAIR of the LAST scan. The last scan must be on its grid (a
+            volume on another grid is refused as in :func:`predict_into_scene`); the forecast is
+            made and written on that grid. Earlier scans drawn on other grids are read on their own
+            grid and resampled onto it (nearest neighbour, physical space).
+        days: forecast day(s), after the last scan, on the plan's axis.
+        history_days: the scan days of a sequence ``history`` (not used with pairs).
+        plan: the treatment plan over the whole history and forecast, on the same day axis (as for
+            :func:`predict_into_scene`; arrays must be on the reference grid).
+        settings: :class:`~AnatomyDTLib.calibration.CalibrationSettings` (default: scalar α, at most
+            30 iterations).
+        class_map, progress, cancel, replace, create_surfaces: as :func:`predict_into_scene`.
+            ``replace`` removes earlier calibrated runs on the same last scan (or sequence) only.
+        output_name: the name the output nodes start with (default ``"<last scan> calibrated"``,
+            ``"<sequence> calibrated"`` for a sequence).
+
+    Returns:
+        A dict of the created nodes, as :func:`predict_into_scene` (``"segmentations"`` named
+        ``"<input> calibrated day 90"``, ``"tumour_probability"``, ``"table"`` (first row: the last
+        scan), chart, sequences and browser with several days; days on the plan's axis), plus:
+
+        * ``"fit_table"``: per later scan: ``scan``, ``day``, ``measured_tumour_ml``,
+          ``fitted_tumour_ml``, ``volume_error_ml``, ``tumour_dice``, ``tumour_dice_at_start``;
+        * ``"parameter_table"``: the fitted parameters: ``name``, ``value``, ``unit``, ``note``;
+        * ``"growth_rate_map"``: with ``settings.alpha == "field"``, α(x) in 1/day as a volume.
+
+        The segments carry the DICOM AUTOMATIC tags with the model name ``pde-calibrated``. Every node
+        has the attributes of :func:`predict_into_scene` plus ``AnatomyDT.RunKind = calibration``; the
+        tables also ``AnatomyDT.HistoryIDs``.
+
+    Raises:
+        InputError: fewer than 2 scans; a day that is negative, repeated or out of order; forecast days
+            not after the last scan; a scan without tumour; and everything :func:`read_baseline`
+            refuses. PlanError, ParameterError (settings). Cancelled. In every case no node is left behind.
+    """
+    from .calibration import HistoryScan, calibrate_and_forecast
+    from .plan import load_plan, plan_summary
+
+    schema = DEFAULT_SCHEMA
+    _check_scene_inputs(scene, [(reference_volume_node, "reference volume (the FLAIR of the last scan)")])
+    is_sequence = hasattr(history, "IsA") and history.IsA("vtkMRMLSequenceNode")
+    if is_sequence:
+        _check_scene_inputs(scene, [(history, "history sequence")])
+        pairs = history_from_sequence(history, history_days)
+    else:
+        if history_days is not None:
+            raise InputError("history_days is for a sequence node; give a list of (segmentation node, day) pairs.")
+        pairs = history
+    items = _history_items(pairs, scene, in_sequence=is_sequence)
+    source_node = history if is_sequence else items[-1][0]
+    last_day = items[-1][1]
+    values = [float(d) for d in np.atleast_1d(np.asarray(days, dtype=float)).tolist()]
+    if not values or not all(np.isfinite(values)) or min(values) <= last_day + _DAY_TOLERANCE:
+        raise InputError(f"Forecast days must come after the last scan ({items[-1][2]}), on the same day axis as the "
+                         f"scan days; got {', '.join(f'{d:g}' for d in values) or 'none'}.")
+    days_list = sorted(set(values))
+
+    _check_progress_and_cancel(progress, cancel, 0.0)
+    _ensure_segmentation_converters()
+    scans = []
+    for i, (node, day, label) in enumerate(items):
+        volume = _read_scan(scene, node, reference_volume_node, class_map, schema, on_reference=i == len(items) - 1)
+        if not (volume.labels == schema.tumour_index).any():
+            raise InputError(f"The scan {label} has no tumour voxels; every scan of the history needs a tumour (a "
+                             "complete response cannot be fitted by the growth model). Leave it out, or check its "
+                             "segment-to-class mapping.")
+        scans.append(HistoryScan(volume.labels, volume.geometry, day, node.GetName() or f"scan {i + 1}"))
+        _check_progress_and_cancel(progress, cancel, _PROGRESS_READ * (i + 1) / len(items))
+    mapping = segment_classes(items[-1][0], class_map, schema)
+    geometry, shape = scans[-1].geometry, tuple(scans[-1].labels.shape)
+    treatment = load_plan(plan, schema=schema).with_loaded_arrays(_plan_file_loader(geometry, shape), grid_shape=shape)
+    notes = treatment.events_after_horizon(days_list[-1])
+    summary = plan_summary(treatment)
+    span = _PROGRESS_PREDICT_END - _PROGRESS_READ
+
+    def on_progress(fraction: float) -> None:
+        if progress is not None:
+            progress(_PROGRESS_READ + span * float(fraction))
+
+    calibration, forecast = calibrate_and_forecast(scans, days_list, treatment, settings=settings,
+                                                   progress=on_progress, cancel=cancel)
+    _check_progress_and_cancel(progress, cancel, _PROGRESS_PREDICT_END)
+
+    run_id = secrets.token_hex(6)
+    base = output_name or f"{source_node.GetName() or 'history'} calibrated"
+    history_ids = " ".join(node.GetID() for node, _, _ in items if not is_sequence) or history.GetID()
+    prediction = forecast.prediction
+
+    def build(result: dict, created: list) -> None:
+        _build_outputs(scene, source_node, reference_volume_node, prediction, mapping, schema, result, created,
+                       run_id=run_id, replace=replace, create_surfaces=create_surfaces, summary=summary, notes=notes,
+                       progress=progress, cancel=cancel, base_name=base, day_offset=forecast.start_day,
+                       day_label=lambda d: f"day {_format_day(d)}", kind=_KIND_CALIBRATION,
+                       day_description="day on the treatment plan's axis (first row: the last history scan)",
+                       chart_x_title="day (treatment plan's axis)")
+        mark = _marker(created, source_node, reference_volume_node, run_id,
+                       f"{prediction.model_name} {prediction.model_version}", _KIND_CALIBRATION)
+        parent_item = _study_item_of(scene, reference_volume_node)
+        fit = mark(_fit_table(scene, _unique_name(scene, f"{base} fit on history", replace), calibration), "fit_table")
+        parameters = mark(_table_node(scene, _unique_name(scene, f"{base} parameters", replace), _PARAMETER_COLUMNS,
+                                      _calibrated_parameter_rows(calibration)), "parameter_table")
+        for table in (fit, parameters):
+            table.SetAttribute(_ATTR_HISTORY, history_ids)
+            table.SetAttribute(_ATTR_PLAN, summary)
+            _place_in_hierarchy(scene, table, parent_item)
+        result["fit_table"], result["parameter_table"] = fit, parameters
+        alpha_map = calibration.growth_rate_map()
+        if alpha_map is not None:
+            name = _unique_name(scene, f"{base} growth rate map", replace)
+            node = mark(add_volume_from_array(scene, alpha_map, geometry, name), "growth_rate_map")
+            _place_in_hierarchy(scene, node, parent_item)
+            result["growth_rate_map"] = node
+
+    result = _add_outputs(scene, reference_volume_node, source_node, build, _prediction_overlay, run_id=run_id,
+                          replace=replace, kind=_KIND_CALIBRATION, progress=progress, cancel=cancel)
+    for note in notes:
+        logger.info("AnatomyDT: %s", note)
+    return result
+
+
+def _history_tumour_volumes(scene, history, segmentation_node, reference_volume_node, class_map,
+                            schema: ClassSchema) -> tuple[list[float], list[float]]:
+    """(days, tumour mL) of ``(segmentation node, day)`` pairs, each read as :func:`_read_scan` does."""
+    try:
+        items = list(history)
+    except TypeError:
+        raise InputError("Give the volume history as (segmentation node, day) pairs.") from None
+    days, volumes = [], []
+    for i, item in enumerate(items, start=1):
+        try:
+            node, day = item
+        except (TypeError, ValueError):
+            raise InputError(f"History entry {i} is not a (segmentation node, day) pair.") from None
+        if node is None or not hasattr(node, "IsA") or not node.IsA("vtkMRMLSegmentationNode"):
+            raise InputError(f"History entry {i}: select a segmentation node (got {type(node).__name__}).")
+        volume = _read_scan(scene, node, reference_volume_node, class_map, schema,
+                            on_reference=node is segmentation_node)
+        days.append(float(day))
+        volumes.append(float((volume.labels == schema.tumour_index).sum()) * volume.geometry.voxel_volume_ml)
+    return days, volumes
+
+
+def probability_map_into_scene(scene, segmentation_node, reference_volume_node, *, day, volumes=None, history=None,
+                               baseline_day: float = 0.0, plan=None, members: int = 20, bootstrap: int = 1000,
+                               seed: int = 0, parameters=None,
+                               class_map: Mapping[Any, Any] | None = None, progress: ProgressCallback | None = None,
+                               cancel: CancelCallback | None = None, replace: bool = False,
+                               output_name: str | None = None) -> dict:
+    """Tumour growth-probability map on ``day``, added to ``scene`` as a probability overlay.
+
+    The 3D Slicer counterpart of ``anatomydt probability-map`` (docs/burden.md): the tumour-burden
+    model is fitted to measured tumour volumes and bootstrapped; ``members`` volumes on ``day`` are
+    drawn from its forecast (stratified quantiles); the PDE's growth rate is steered so that each
+    member's tumour has that volume (:func:`AnatomyDTLib.guided.guided_ensemble`); the map is the
+    fraction of members in which a voxel is tumour.
+
+    Days: the measurement days and the plan count on the plan's day axis, on which the scan of
+    ``segmentation_node`` (the baseline the PDE starts from) is on ``baseline_day``. With the
+    default ``baseline_day = 0`` (as ``anatomydt probability-map``) the baseline is day 0 and
+    earlier measurements have negative days. ``day`` counts after the baseline scan.
+
+    Args:
+        scene, segmentation_node, reference_volume_node, class_map: as :func:`predict_into_scene`.
+        day: the forecast day (> 0, days after the baseline scan).
+        volumes: measured tumour volumes as ``(days, volumes_ml)`` (two sequences), or
+        history: instead of ``volumes``, ``(segmentation node, day)`` pairs whose tumour volumes are
+            measured here (voxel count x voxel volume, classes as :func:`read_baseline`; scans on other
+            grids are read on their own grid). Include the baseline scan to fit through it.
+        baseline_day: the baseline scan's day on the plan's axis (default 0).
+        plan: treatment plan (as :func:`predict_into_scene`) on the plan's axis: the burden model's
+            schedule, and, seen from ``baseline_day``, the PDE's treatment.
+        members: number of guided PDE forecasts (>= 1). bootstrap, seed: the burden bootstrap.
+        parameters: PDE parameters (:class:`~AnatomyDTLib.parameters.PDEParameters`, a JSON path or
+            dict); default: the literature values.
+        progress, cancel, replace: as :func:`predict_into_scene` (``replace`` removes earlier maps of
+            this segmentation only).
+        output_name: the name the output nodes start with (default: the segmentation's name).
+
+    Returns:
+        ``{"probability_map": volume node (float32 in [0, 1] on the reference grid, warm colour map,
+        transparent below 0.05, shown over the reference volume), "report": table node (columns
+        ``name``, ``value``, ``unit``, ``note``: measured and fitted volumes, the burden parameters
+        and their source, R², RMSE, the 90 % band on ``day``, the members and the map's volumes),
+        "color_table": only when created}``. Notes (clamped members, a baseline volume far from the
+        fit) are in the report's ``AnatomyDT.PlanNotes`` attribute and the log.
+
+    Raises:
+        InputError: no or both of ``volumes``/``history``, fewer than 2 volumes, bad days or volumes,
+            unusable segmentation; PlanError; ParameterError (members, bootstrap); Cancelled. In
+            every case no node is left behind.
+    """
+    import warnings
+
+    from .burden import DESCRIPTIONS, PARAMETER_NAMES, UNITS, bootstrap_burden, fit_burden, schedule_from_plan
+    from .calibration import shift_plan
+    from .errors import ParameterError
+    from .guided import GuidedForecastWarning, guided_ensemble
+    from .parameters import PDEParameters
+    from .plan import load_plan, plan_summary
+    from .state import AnatomyState
+
+    schema = DEFAULT_SCHEMA
+    _check_scene_inputs(scene, [(segmentation_node, "baseline segmentation"),
+                                (reference_volume_node, "reference volume")])
+    try:
+        day = float(day)
+    except (TypeError, ValueError):
+        raise InputError(f"The forecast day must be a number of days after the baseline scan, got {day!r}.") from None
+    if not (np.isfinite(day) and day > 0):
+        raise InputError(f"The forecast day must be > 0 (days after the baseline scan), got {day:g}.")
+    baseline_day = float(baseline_day)
+    if not np.isfinite(baseline_day):
+        raise InputError(f"The baseline day must be a finite number of days, got {baseline_day!r}.")
+    plan_day = baseline_day + day  # the forecast day on the plan's axis
+    if not (isinstance(members, (int, np.integer)) and not isinstance(members, bool) and members >= 1):
+        raise ParameterError(f"members must be an integer >= 1, got {members!r}.")
+    if (volumes is None) == (history is None):
+        raise InputError("Give the measured tumour volumes either as volumes=(days, volumes_ml) or as history="
+                         "[(segmentation node, day), ...], not both and not neither.")
+
+    _check_progress_and_cancel(progress, cancel, 0.0)
+    _ensure_segmentation_converters()
+    baseline_volume = _read_baseline(segmentation_node, reference_volume_node, class_map, schema, scene)[0]
+    if history is not None:
+        measured_days, measured_ml = _history_tumour_volumes(scene, history, segmentation_node,
+                                                             reference_volume_node, class_map, schema)
+    else:
+        try:
+            measured_days, measured_ml = volumes
+        except (TypeError, ValueError):
+            raise InputError("volumes must be (days, volumes_ml): two sequences of the same length.") from None
+    _check_progress_and_cancel(progress, cancel, _PROGRESS_READ)
+    geometry, shape = baseline_volume.geometry, tuple(baseline_volume.labels.shape)
+    treatment = load_plan(plan, schema=schema)
+    loaded = treatment.with_loaded_arrays(_plan_file_loader(geometry, shape), grid_shape=shape)
+    fit = fit_burden(measured_days, measured_ml, schedule_from_plan(treatment))
+    boot = bootstrap_burden(fit, bootstrap, seed=seed)
+    targets = boot.volume_quantiles(plan_day, int(members))  # stratified draws, as guided_ensemble does
+    if baseline_day:
+        loaded = shift_plan(loaded, baseline_day)
+    model = parameters if isinstance(parameters, PDEParameters) else PDEParameters.load(parameters, schema)
+    state = AnatomyState.from_labelmap(baseline_volume)
+    _check_progress_and_cancel(progress, cancel, 0.1)
+
+    def on_members(done: int, total: int) -> None:
+        if progress is not None:
+            progress(0.1 + 0.8 * float(done) / max(int(total), 1))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GuidedForecastWarning)
+        ensemble = guided_ensemble(state.field, geometry.spacing_array_order, day, targets, plan=loaded, model=model,
+                                   schema=schema, progress=on_members, cancel=cancel)
+    notes = [str(w.message) for w in caught if issubclass(w.category, GuidedForecastWarning)]
+    for w in caught:
+        if not issubclass(w.category, GuidedForecastWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    seg_ml = float((baseline_volume.labels == schema.tumour_index).sum()) * geometry.voxel_volume_ml
+    v0 = float(np.atleast_1d(fit.predict([baseline_day]))[0])
+    if seg_ml > 0 and abs(seg_ml - v0) > 0.1 * max(seg_ml, v0):
+        notes.append(f"The segmentation's tumour volume ({seg_ml:.2f} mL) and the burden fit on the baseline day "
+                     f"{baseline_day:g} ({v0:.2f} mL) "
+                     "differ by more than 10 %; the members' volumes are the burden forecast's (check that the "
+                     "measured volumes are of the same tumour region as the segmentation).")
+    notes += list(fit.notes)
+    _check_progress_and_cancel(progress, cancel, 0.9)
+
+    band = boot.band([plan_day])
+    probability = ensemble.probability
+    voxel_ml = geometry.voxel_volume_ml
+    fitted = fit.predict(fit.days)
+    rows: list[list] = []
+    for d, measured, model_ml in zip(fit.days.tolist(), fit.volumes_ml.tolist(), np.atleast_1d(fitted).tolist()):
+        rows.append([f"tumour volume on day {d:g}", measured, "mL", f"measured; burden fit {model_ml:.3g} mL"])
+    for name in PARAMETER_NAMES:
+        if name == "rt_survival" and not fit.schedule.has_rt:
+            continue
+        if name == "surgery_residual" and not fit.schedule.has_surgery:
+            continue
+        if name in ("clearance_half_life_days", "death_delay_days") and not fit.schedule.has_rt:
+            continue
+        rows.append([name, float(getattr(fit.parameters, name)), UNITS[name],
+                     f"{fit.sources[name]}; {DESCRIPTIONS[name]}"])
+    rows.append(["R²", fit.r2, "", f"burden fit over {fit.days.size} volumes, {len(fit.free)} free parameters"])
+    rows.append(["RMSE", fit.rmse_ml, "mL", "burden fit"])
+    after = f"{day:g} days after the baseline scan"
+    rows.append([f"forecast on day {plan_day:g}: fit", float(band["fit"][0]), "mL", f"burden model; {after}"])
+    rows.append([f"forecast on day {plan_day:g}: median", float(band["median"][0]), "mL",
+                 f"{boot.size} bootstrap members; {after}"])
+    rows.append([f"forecast on day {plan_day:g}: 5 %", float(band["lower"][0]), "mL", "lower end of the 90 % band"])
+    rows.append([f"forecast on day {plan_day:g}: 95 %", float(band["upper"][0]), "mL", "upper end of the 90 % band"])
+    rows.append(["members", int(ensemble.targets_ml.size), "", "guided PDE forecasts in the map"])
+    rows.append(["members within tolerance", int(ensemble.within_tolerance.sum()), "", "volume met within tolerance"])
+    rows.append(["members clamped", int(ensemble.clamped.sum()), "", "target volume out of the PDE's reach"])
+    rows.append(["PDE runs", ensemble.pde_runs, "", "forecasts computed for the map"])
+    rows.append(["map volume p >= 0.5", float((probability >= 0.5).sum()) * voxel_ml, "mL",
+                 "tumour in half the members"])
+    rows.append(["map volume p > 0", float((probability > 0).sum()) * voxel_ml, "mL", "tumour in any member"])
+    rows.append(["map volume p >= 0.95", float((probability >= 0.95).sum()) * voxel_ml, "mL",
+                 "tumour in 95 % of members"])
+    summary_text = (f"+{day:g} d: burden forecast {float(band['median'][0]):.1f} mL (90 % band "
+                    f"{float(band['lower'][0]):.1f}-{float(band['upper'][0]):.1f} mL), R² {fit.r2:.3f}; "
+                    f"{ensemble.summary()}")
+
+    run_id = secrets.token_hex(6)
+    base = output_name or segmentation_node.GetName() or "segmentation"
+    plan_text = plan_summary(treatment)
+
+    def build(result: dict, created: list) -> None:
+        mark = _marker(created, segmentation_node, reference_volume_node, run_id, "pde-guided", _KIND_PROBABILITY_MAP)
+        parent_item = _study_item_of(scene, reference_volume_node)
+        lut, lut_created = _probability_lut(scene)
+        if lut_created:
+            created.append(lut)
+            result["color_table"] = lut
+        node = mark(_probability_volume(scene, _unique_name(scene, f"{base} growth probability +{_format_day(day)} d",
+                                                            replace), probability, geometry, lut),
+                    "growth_probability", day)
+        _place_in_hierarchy(scene, node, parent_item)
+        result["probability_map"] = node
+        _check_progress_and_cancel(progress, cancel, 0.95)
+        report = mark(_table_node(scene, _unique_name(scene, f"{base} growth probability report", replace),
+                                  _PARAMETER_COLUMNS, rows), "growth_probability_report", day)
+        report.SetAttribute(_ATTR_PLAN, plan_text)
+        report.SetAttribute(_ATTR_NOTES, "\n".join(notes))
+        report.SetAttribute(_ATTR_SUMMARY, summary_text)
+        _place_in_hierarchy(scene, report, parent_item)
+        result["report"] = report
+
+    result = _add_outputs(scene, reference_volume_node, segmentation_node, build, lambda r: r["probability_map"],
+                          run_id=run_id, replace=replace, kind=_KIND_PROBABILITY_MAP, progress=progress,
+                          cancel=cancel)
+    for note in notes:
+        logger.info("AnatomyDT: %s", note)
+    return result
+
+
+def remove_outputs(scene, result: Mapping[str, Any]) -> None:
+    """Remove the nodes of a :func:`predict_into_scene`, :func:`calibrate_into_scene` or
+    :func:`probability_map_into_scene` result (with their display and storage nodes); the shared
+    colour table stays. For callers that chain runs and must undo an earlier one."""
+    _remove_nodes(scene, [n for n in created_nodes(result)
+                          if not n.IsA("vtkMRMLColorTableNode") and n.GetScene() is scene])
 
 
 # --------------------------------------------------------------------------------------------

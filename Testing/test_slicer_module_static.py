@@ -4,6 +4,10 @@
 * every ``SlicerParameterName`` dynamic property in the .ui names a field of the
   ``@parameterNodeWrapper`` class (found by parsing AnatomyDT.py with ast), and each bound widget
   has a type the wrapper can connect to that field's type;
+* the "Calibrate on earlier scans" section and the growth-probability map option are bound to
+  their parameters, every node selector gets the scene, every ``p.<field>`` the module reads is a
+  field of the wrapper, and every ``scene.<function>(...)`` it calls exists in AnatomyDTLib/scene.py
+  and takes the keywords it is given (both found by parsing, no Slicer needed);
 * every file the CMakeLists.txt files list exists, and every file of the module folder is listed;
 * the ExtensionsIndex entry is valid JSON with the fields the catalog schema requires.
 """
@@ -21,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULE_DIR = ROOT / "AnatomyDT"
 MODULE_PY = MODULE_DIR / "AnatomyDT.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "AnatomyDT.ui"
+SCENE_PY = ROOT / "AnatomyDTLib" / "scene.py"
 
 # Widget classes the parameterNodeWrapper's GUI connectors bind, per field type.
 CONNECTABLE = {
@@ -90,6 +95,104 @@ def test_ui_widgets_used_by_the_module_exist():
     names = {w.get("name") for w in ET.parse(UI_FILE).getroot().iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text(encoding="utf-8")))
     assert used - names == set()
+
+
+# widget -> (class, parameter) of the calibration section and the probability-map option.
+HISTORY_WIDGETS = {
+    "calibrateEnabledCheckBox": ("QCheckBox", "calibrateEnabled"),
+    "historySourceComboBox": ("QComboBox", "historySource"),
+    "earlierSegmentation1Selector": ("qMRMLNodeComboBox", "earlierSegmentation1"),
+    "earlierSegmentation2Selector": ("qMRMLNodeComboBox", "earlierSegmentation2"),
+    "earlierSegmentation3Selector": ("qMRMLNodeComboBox", "earlierSegmentation3"),
+    "earlierDay1SpinBox": ("QDoubleSpinBox", "earlierDay1"),
+    "earlierDay2SpinBox": ("QDoubleSpinBox", "earlierDay2"),
+    "earlierDay3SpinBox": ("QDoubleSpinBox", "earlierDay3"),
+    "baselineDaySpinBox": ("QDoubleSpinBox", "baselineDay"),
+    "historySequenceSelector": ("qMRMLNodeComboBox", "historySequence"),
+    "historySequenceDaysLineEdit": ("QLineEdit", "historySequenceDays"),
+    "calibrationIterationsSpinBox": ("QSpinBox", "calibrationIterations"),
+    "calibrationAlphaComboBox": ("QComboBox", "calibrationAlpha"),
+    "probabilityMapCheckBox": ("QCheckBox", "probabilityMapEnabled"),
+    "probabilityMembersSpinBox": ("QSpinBox", "probabilityMembers"),
+}
+
+
+def _parents(root: ET.Element) -> dict:
+    return {child: parent for parent in root.iter() for child in parent}
+
+
+def test_calibration_section_and_probability_map_option_are_bound():
+    root = ET.parse(UI_FILE).getroot()
+    bindings = {name: (cls, param) for cls, name, param in _ui_bindings()}
+    for name, expected in HISTORY_WIDGETS.items():
+        assert bindings.get(name) == expected, name
+    parents = _parents(root)
+    section = next(w for w in root.iter("widget") if w.get("name") == "calibrationCollapsibleButton")
+    assert section.get("class") == "ctkCollapsibleButton"
+    assert section.find("property[@name='text']/string").text == "Calibrate on earlier scans"
+    inside = {w.get("name") for w in section.iter("widget")}
+    assert {n for n in HISTORY_WIDGETS if not n.startswith("probability")} <= inside
+    prediction = next(w for w in root.iter("widget") if w.get("name") == "predictionCollapsibleButton")
+    assert {"probabilityMapCheckBox", "probabilityMembersSpinBox"} <= {w.get("name") for w in prediction.iter("widget")}
+    # The section sits between the treatment and the prediction sections.
+    order = [w.get("name") for w in root.iter("widget") if w.get("class") == "ctkCollapsibleButton"
+             and parents.get(parents.get(w)) is root.find("widget/layout")]
+    assert order == ["inputsCollapsibleButton", "classesCollapsibleButton", "treatmentCollapsibleButton",
+                     "calibrationCollapsibleButton", "predictionCollapsibleButton"]
+    # Each form row holds one widget per cell.
+    for layout in root.iter("layout"):
+        cells = [(item.get("row"), item.get("column")) for item in layout.findall("item") if item.get("row")]
+        assert len(cells) == len(set(cells)), f"two widgets in one cell of {layout.get('name')}"
+    source = MODULE_PY.read_text(encoding="utf-8")
+    assert "calibrationCollapsibleButton" in source  # disabled while running
+
+
+def test_every_node_selector_gets_the_scene():
+    root = ET.parse(UI_FILE).getroot()
+    selectors = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    connected = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert selectors and selectors - connected == set()
+
+
+def test_parameter_fields_read_by_the_module_exist():
+    source = MODULE_PY.read_text(encoding="utf-8")
+    fields = _wrapper_fields(source)
+    used = set(re.findall(r"\bp\.(\w+)", source))
+    assert used - set(fields) == set()
+    slots = int(re.search(r"EARLIER_SCAN_SLOTS = (\d+)", source).group(1))
+    for i in range(1, slots + 1):
+        assert {f"earlierSegmentation{i}", f"earlierDay{i}"} <= set(fields)
+        assert fields[f"earlierSegmentation{i}"] == "node" and fields[f"earlierDay{i}"] == "float"
+
+
+def _scene_functions() -> dict[str, ast.FunctionDef]:
+    tree = ast.parse(SCENE_PY.read_text(encoding="utf-8"))
+    return {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_scene_calls_of_the_module_exist_and_take_their_keywords():
+    functions = _scene_functions()
+    tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and isinstance(n.func.value, ast.Name) and n.func.value.id == "scene"]
+    names = {c.func.attr for c in calls}
+    assert {"predict_into_scene", "calibrate_into_scene", "probability_map_into_scene",
+            "history_from_sequence", "remove_outputs"} <= names
+    for call in calls:
+        assert call.func.attr in functions, f"AnatomyDTLib.scene has no function {call.func.attr}"
+        args = functions[call.func.attr].args
+        accepted = {a.arg for a in args.args + args.kwonlyargs}
+        given = {k.arg for k in call.keywords if k.arg is not None}
+        assert given <= accepted, (call.func.attr, given - accepted)
+        assert len(call.args) <= len(args.args), call.func.attr
+    # The logic methods call the scene entry points of their feature.
+    methods = {n.name: ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert "scene.calibrate_into_scene(" in methods["runCalibration"]
+    assert "scene.probability_map_into_scene(" in methods["runProbabilityMap"]
+    assert "scene.predict_into_scene(" in methods["runPrediction"]
+    assert "scene.remove_outputs(" in methods["run"]
 
 
 def _cmake_list(text: str, variable: str, substitutions: dict[str, str]) -> list[str]:
