@@ -146,6 +146,7 @@ def test_labels_outside_the_schema_are_reported_with_the_class_map_hint(tmp_path
 
 
 def test_demo_runs_and_treatment_changes_the_outcome(tmp_path):
+    """The README's main job with the bundled default model: untreated grows, Stupp shrinks by day 90."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     rows = [line.split(",") for line in (out / "volumes.csv").read_text().splitlines()]
@@ -161,7 +162,7 @@ def test_demo_runs_and_treatment_changes_the_outcome(tmp_path):
     for plan in ("no_treatment", "stupp"):
         for name in ("volumes.csv", "overlay_montage.png", "volumes.png", "run.json", "prediction_day90_labels.nii.gz"):
             assert (out / plan / name).is_file(), (plan, name)
-        assert json.loads((out / plan / "run.json").read_text())["model"]["name"] == "pde-only"
+        assert json.loads((out / plan / "run.json").read_text())["model"]["name"] == "anatomy-dt-learned"
     # A second run refuses to overwrite the folder's files.
     assert main(["demo", "--out", str(out)]) == 2
 

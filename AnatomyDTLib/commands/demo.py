@@ -47,7 +47,9 @@ def demo_stupp_plan():
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="anatomydt_demo", help="output folder (default: ./anatomydt_demo)")
-    parser.add_argument("--model", default="pde-only", help="'pde-only' (default), 'default' or a weights file")
+    parser.add_argument("--model", default="default",
+                        help="'default' (the bundled learned model, Resources/Models/MODEL_CARD.md), 'pde-only' "
+                             "(literature parameters) or a weights file")
     add_force_argument(parser)
 
 
