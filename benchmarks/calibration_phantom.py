@@ -91,22 +91,29 @@ def evaluate_patient(patient, settings: CalibrationSettings, model) -> dict:
     except (OSError, KeyError, ValueError):
         row["pattern"] = ""
 
-    t0 = time.perf_counter()
-    calibration = calibrate(scans[:2], plan_path, settings=settings)
-    row["calibration_s"] = time.perf_counter() - t0
-    row["iterations"] = calibration.iterations
-    row["stop_reason"] = calibration.stop_reason.split(" (")[0]
-    row["fit_dice_scan1"] = calibration.fits[0].tumour_dice
-    row["fit_volume_error_ml"] = calibration.fits[0].volume_error_ml
-    row["start_fit_dice_scan1"] = calibration.fits[0].initial_tumour_dice
-    row["alpha_per_day"] = calibration.parameters.growth_rate
-    row["d_white_mm2_per_day"] = calibration.parameters.tumour_diffusion_by_tissue["white_matter"]
-    row["edge_width_mm"] = calibration.edge_width_mm
-    row["rt_scale"] = calibration.radiosensitivity_scale
-    t1 = time.perf_counter()
-    result = forecast(calibration, [scans[2].day])
-    row["forecast_s"] = time.perf_counter() - t1
-    predictions = {"calibrated": result.labels(0)}
+    predictions = {}
+    if settings is None:  # --population-only: the baselines without a fit
+        for key in ("calibration_s", "iterations", "fit_dice_scan1", "fit_volume_error_ml", "start_fit_dice_scan1",
+                    "alpha_per_day", "d_white_mm2_per_day", "edge_width_mm", "rt_scale", "forecast_s"):
+            row[key] = math.nan
+        row["stop_reason"] = "not calibrated"
+    else:
+        t0 = time.perf_counter()
+        calibration = calibrate(scans[:2], plan_path, settings=settings)
+        row["calibration_s"] = time.perf_counter() - t0
+        row["iterations"] = calibration.iterations
+        row["stop_reason"] = calibration.stop_reason.split(" (")[0]
+        row["fit_dice_scan1"] = calibration.fits[0].tumour_dice
+        row["fit_volume_error_ml"] = calibration.fits[0].volume_error_ml
+        row["start_fit_dice_scan1"] = calibration.fits[0].initial_tumour_dice
+        row["alpha_per_day"] = calibration.parameters.growth_rate
+        row["d_white_mm2_per_day"] = calibration.parameters.tumour_diffusion_by_tissue["white_matter"]
+        row["edge_width_mm"] = calibration.edge_width_mm
+        row["rt_scale"] = calibration.radiosensitivity_scale
+        t1 = time.perf_counter()
+        result = forecast(calibration, [scans[2].day])
+        row["forecast_s"] = time.perf_counter() - t1
+        predictions["calibrated"] = result.labels(0)
 
     t2 = time.perf_counter()
     plan = shift_plan(load_plan_on_grid(plan_path, volumes[1].geometry, volumes[1].labels.shape), scans[1].day)
@@ -118,6 +125,8 @@ def evaluate_patient(patient, settings: CalibrationSettings, model) -> dict:
     for method, labels in predictions.items():
         for key, value in score(labels, truth, spacing, diagonal, voxel_ml).items():
             row[f"{method}_{key}"] = value
+    if "calibrated" not in predictions:
+        row.update(calibrated_dice=math.nan, calibrated_hd95=math.nan, calibrated_volume_error_ml=math.nan)
     row["truth_tumour_ml"] = float((truth == TUMOUR).sum() * voxel_ml)
     row["scan1_tumour_ml"] = float((volumes[1].labels == TUMOUR).sum() * voxel_ml)
     return row
@@ -144,7 +153,8 @@ def summarise(rows: list[dict], info: dict) -> tuple[str, dict]:
         d = [r[f"{m}_dice"] for r in rows]
         h = [r[f"{m}_hd95"] for r in rows]
         v = [abs(r[f"{m}_volume_error_ml"]) for r in rows]
-        sd = statistics.stdev(d) if len(d) > 1 else 0.0
+        finite = [x for x in d if math.isfinite(x)]
+        sd = statistics.stdev(finite) if len(finite) > 1 else (0.0 if finite else math.nan)
         summary["methods"][m] = {"dice_mean": _mean(d), "dice_sd": sd, "dice_median": _median(d),
                                  "hd95_median_mm": _median(h), "abs_volume_error_median_ml": _median(v)}
         lines.append(f"| {m} | {_mean(d):.3f} ± {sd:.3f} | {_median(d):.3f} | {_median(h):.1f} | {_median(v):.2f} |")
@@ -185,6 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     parser.add_argument("--observation", choices=("threshold", "argmax"), default="threshold",
                         help="observation model of the fit and forecast (docs/calibration.md)")
+    parser.add_argument("--population-only", action="store_true",
+                        help="score only the population model and no change (no calibration; seconds per patient)")
     parser.add_argument("--skip", type=int, default=0, help="skip the first N eligible patients (to split a run)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -210,7 +222,7 @@ def main(argv=None) -> int:
         if passed < args.skip:
             passed += 1
             continue
-        row = evaluate_patient(patient, settings, model)
+        row = evaluate_patient(patient, None if args.population_only else settings, model)
         rows.append(row)
         print(f"{row['case']} {row['pattern']:>13} days {row['days']:>11}: fit {row['fit_dice_scan1']:.3f}; DSC "
               f"calibrated {row['calibrated_dice']:.3f} population {row['population_dice']:.3f} no-change "
