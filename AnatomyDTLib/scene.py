@@ -1332,6 +1332,17 @@ def history_from_sequence(sequence_node, days: Sequence[float] | None = None) ->
     return list(zip(nodes, values))
 
 
+def _history_pair(item, i: int):
+    """``(segmentation node, day)`` of history entry ``i`` (1-based, for messages), checked for shape and type."""
+    try:
+        node, day = item
+    except (TypeError, ValueError):
+        raise InputError(f"History entry {i} is not a (segmentation node, day) pair.") from None
+    if node is None or not hasattr(node, "IsA") or not node.IsA("vtkMRMLSegmentationNode"):
+        raise InputError(f"History entry {i}: select a segmentation node (got {type(node).__name__}).")
+    return node, day
+
+
 def _history_items(history, scene, *, in_sequence: bool) -> list[tuple[Any, float, str]]:
     """Checked ``(node, day, label)`` of a history: >= 2 scans, finite days >= 0, strictly increasing."""
     try:
@@ -1341,12 +1352,7 @@ def _history_items(history, scene, *, in_sequence: bool) -> list[tuple[Any, floa
                          "segmentations.") from None
     checked = []
     for i, item in enumerate(items, start=1):
-        try:
-            node, day = item
-        except (TypeError, ValueError):
-            raise InputError(f"History entry {i} is not a (segmentation node, day) pair.") from None
-        if node is None or not hasattr(node, "IsA") or not node.IsA("vtkMRMLSegmentationNode"):
-            raise InputError(f"History entry {i}: select a segmentation node (got {type(node).__name__}).")
+        node, day = _history_pair(item, i)
         if not in_sequence and node.GetScene() is not scene:
             raise InputError(f"History entry {i}: the segmentation {_node_label(node)} is not in this scene.")
         try:
@@ -1655,12 +1661,7 @@ def _history_tumour_volumes(scene, history, segmentation_node, reference_volume_
         raise InputError("Give the volume history as (segmentation node, day) pairs.") from None
     days, volumes = [], []
     for i, item in enumerate(items, start=1):
-        try:
-            node, day = item
-        except (TypeError, ValueError):
-            raise InputError(f"History entry {i} is not a (segmentation node, day) pair.") from None
-        if node is None or not hasattr(node, "IsA") or not node.IsA("vtkMRMLSegmentationNode"):
-            raise InputError(f"History entry {i}: select a segmentation node (got {type(node).__name__}).")
+        node, day = _history_pair(item, i)
         volume = _read_scan(scene, node, reference_volume_node, class_map, schema,
                             on_reference=node is segmentation_node)
         days.append(float(day))
