@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,25 @@ def parse_class_map(text: str | None) -> dict | None:
             key, value = item.split("=", 1)
             raw[key.strip()] = value.strip()
     return {int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in raw.items()}
+
+
+def parse_days(values) -> list[float]:
+    """Days of a ``--days`` option given as '30,60,90', '30 60 90' or a mix; sorted, duplicates removed."""
+    days = []
+    for value in values:
+        for item in str(value).replace(";", ",").split(","):
+            if not item.strip():
+                continue
+            try:
+                d = float(item)
+            except ValueError:
+                raise InputError(f"--days: {item.strip()!r} is not a number of days; give e.g. --days 30,60,90.") from None
+            if not math.isfinite(d):
+                raise InputError(f"--days: {item.strip()!r} is not a finite number of days.")
+            days.append(d)
+    if not days:
+        raise InputError("--days is empty; give the days to forecast, e.g. --days 30,60,90.")
+    return sorted(set(days))
 
 
 def resolve_output_paths(template: str, days: list[float]) -> list[Path]:

@@ -39,7 +39,7 @@ from ..io import atomic_output, write_image, write_labelmap
 from ..outputs import day_tag, software_versions, write_json, write_volumes_csv
 from ..plan import plan_summary
 from ..schema import DEFAULT_SCHEMA
-from ._common import (add_class_map_argument, add_force_argument, format_volume_table, parse_class_map,
+from ._common import (add_class_map_argument, add_force_argument, format_volume_table, parse_class_map, parse_days,
                       progress_bar_count, read_baseline)
 
 NAME = "calibrate"
@@ -91,26 +91,6 @@ def parse_history_item(text: str) -> tuple[str, float]:
     if not math.isfinite(day):
         raise InputError(f"--history entry {text!r}: the day must be finite.")
     return path, day
-
-
-def parse_days(tokens: list[str]) -> list[float]:
-    """``--days 90 120`` or ``--days 90,120`` -> [90.0, 120.0] (sorted, unique)."""
-    values = []
-    for token in tokens:
-        for part in token.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                value = float(part)
-            except ValueError:
-                raise InputError(f"--days: {part!r} is not a number of days.") from None
-            if not math.isfinite(value):
-                raise InputError(f"--days: {part!r} must be finite.")
-            values.append(value)
-    if not values:
-        raise InputError("--days is empty; give at least one forecast day.")
-    return sorted(set(values))
 
 
 def output_paths(out: Path, days: list[float], alpha: str) -> list[Path]:

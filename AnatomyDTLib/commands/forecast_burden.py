@@ -16,15 +16,13 @@ import argparse
 import csv
 import io as _io
 import json
-import math
 from pathlib import Path
 
 from ..burden import (PARAMETER_NAMES, bootstrap_burden, fit_burden, plot_burden_forecast, read_volumes_csv,
                       schedule_from_plan)
-from ..errors import InputError
 from ..io import atomic_output
 from ..plan import load_plan, plan_summary
-from ._common import add_force_argument, check_outputs_free
+from ._common import add_force_argument, check_outputs_free, parse_days
 
 NAME = "forecast-burden"
 HELP = "Fit the tumour-burden (volume) model to measured volumes and forecast with a bootstrap band."
@@ -51,25 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + ", ".join(PARAMETER_NAMES))
     parser.add_argument("--out", metavar="DIR", help="write burden_forecast.csv/.png and burden_fit.json here")
     add_force_argument(parser)
-
-
-def parse_days(values) -> list[float]:
-    """Days from ``--days`` given as '30,60,90', '30 60 90' or a mix; sorted, duplicates removed."""
-    days = []
-    for value in values:
-        for item in str(value).replace(";", ",").split(","):
-            if not item.strip():
-                continue
-            try:
-                d = float(item)
-            except ValueError:
-                raise InputError(f"--days: {item.strip()!r} is not a number of days; give e.g. --days 30,60,90.") from None
-            if not math.isfinite(d):
-                raise InputError(f"--days: {item.strip()!r} is not a finite number of days.")
-            days.append(d)
-    if not days:
-        raise InputError("--days is empty; give the days to forecast, e.g. --days 30,60,90.")
-    return sorted(set(days))
 
 
 def run(args) -> int:
