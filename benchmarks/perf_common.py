@@ -68,6 +68,28 @@ def copy_bandwidth_gb_s(megabytes: int = 512, repeats: int = 7) -> float:
     return 2 * n * 4 / statistics.median(times) / 1e9
 
 
+def record_step_boxes() -> list[int]:
+    """Make every no-grad solver step append the voxel count of the box it changed to the returned list.
+
+    Measurement only, for a benchmark's own child process: it wraps
+    ``AnatomyDTLib.inference.InferenceStepper.step`` for the rest of that process.
+    """
+    import torch
+
+    from AnatomyDTLib import inference
+
+    boxes: list[int] = []
+    original = inference.InferenceStepper.step
+
+    def recording_step(self, p, t, dt, chemo, clearable):
+        out = original(self, p, t, dt, chemo, clearable)
+        boxes.append(int(torch.Size([s.stop - s.start for s in self.window]).numel()))
+        return out
+
+    inference.InferenceStepper.step = recording_step
+    return boxes
+
+
 def median(values):
     return statistics.median(values)
 

@@ -102,20 +102,11 @@ def child_tgt(tgt_path: str) -> dict:
 def child_anatomydt() -> dict:
     import torch
 
-    from AnatomyDTLib import inference
     from AnatomyDTLib.parameters import PDEParameters
     from AnatomyDTLib.predict import PDEOnlyModel
 
     p0, spacing = pc.brain_field(SHAPE_XYZ)
-    boxes, stamps = [], []
-    original = inference.InferenceStepper.step
-
-    def recording_step(self, p, t, dt, chemo, clearable):  # measurement only: the box each step changed
-        out = original(self, p, t, dt, chemo, clearable)
-        boxes.append(int(torch.Size([s.stop - s.start for s in self.window]).numel()))
-        return out
-
-    inference.InferenceStepper.step = recording_step
+    boxes, stamps = pc.record_step_boxes(), []
     params = PDEParameters.brain_defaults()
     model = PDEOnlyModel(parameters=params)
     t0 = time.perf_counter()

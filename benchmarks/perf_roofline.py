@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,17 +84,9 @@ def _brain_problem():
 def child(case: str, days: int) -> dict:
     import torch
 
-    from AnatomyDTLib import inference, simulate
+    from AnatomyDTLib import simulate
 
-    boxes = []
-    original = inference.InferenceStepper.step
-
-    def recording_step(self, p, t, dt, chemo, clearable):  # measurement only: the box each step changed
-        out = original(self, p, t, dt, chemo, clearable)
-        boxes.append(int(torch.Size([s.stop - s.start for s in self.window]).numel()))
-        return out
-
-    inference.InferenceStepper.step = recording_step
+    boxes = pc.record_step_boxes()
     if case == "brain":
         p0, spacing, kwargs = _brain_problem()
     else:

@@ -89,6 +89,14 @@ def slope(xs, ys) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
+def _style(axes, xlabel: str, ylabel: str, title: str) -> None:
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+
+
 def plot(grid_rows: dict, horizon_rows: dict, exponents: dict, path: Path) -> None:
     import matplotlib
 
@@ -100,21 +108,13 @@ def plot(grid_rows: dict, horizon_rows: dict, exponents: dict, path: Path) -> No
         if rows:
             a.loglog([r["voxels"] for r in rows], [r["step_s"] for r in rows], "o-",
                      label=f"{kind} (exponent {exponents['grid_' + kind]:.2f})")
-    a.set_xlabel("voxels")
-    a.set_ylabel("time per step (s)")
-    a.set_title("no-grad step vs grid size")
-    a.grid(True, which="both", alpha=0.3)
-    a.legend()
+    _style(a, "voxels", "time per step (s)", "no-grad step vs grid size")
     for kind, rows in horizon_rows.items():
         if rows:
             label = "brain 240×240×155 (days)" if kind == "brain" else "dense 96³ (steps = days)"
             b.loglog([r["days"] for r in rows], [r["total_s"] for r in rows], "o-",
                      label=f"{label}, exponent {exponents['horizon_' + kind]:.2f}")
-    b.set_xlabel("horizon (days, Δt = 1 day)")
-    b.set_ylabel("forecast time (s)")
-    b.set_title("forecast time vs horizon")
-    b.grid(True, which="both", alpha=0.3)
-    b.legend()
+    _style(b, "horizon (days, Δt = 1 day)", "forecast time (s)", "forecast time vs horizon")
     fig.suptitle(f"AnatomyDT no-grad solver, {pc.machine_text()}", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

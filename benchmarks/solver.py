@@ -32,22 +32,11 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from perf_common import copy_bandwidth_gb_s  # noqa: E402  (one bandwidth measurement for all benchmarks)
+
 GRIDS = {"128x128": (128, 128), "96x112x96": (96, 112, 96), "240x240x155": (155, 240, 240)}
 K = 5
-
-
-def copy_bandwidth_gb_s(megabytes: int = 512, repeats: int = 5) -> float:
-    """Read+write bandwidth of a large tensor copy (GB/s), median of repeats."""
-    n = megabytes * 1024 * 1024 // 4
-    src = torch.rand(n)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * n * 4 / statistics.median(times) / 1e9
 
 
 def _problem(setup: str, shape):
@@ -121,7 +110,7 @@ def main() -> None:
         print(json.dumps(run_one(setup, grid, grad == "grad", args.steps, args.repeats)))
         return
     grids = ["128x128", "96x112x96"] if args.quick else list(GRIDS)
-    bandwidth = copy_bandwidth_gb_s()
+    bandwidth = copy_bandwidth_gb_s(repeats=5)
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {os.environ.get('ANATOMYDT_THREADS', '2')} threads; "
           f"memory-copy bandwidth {bandwidth:.1f} GB/s (read+write, 512 MB, median of 5)")
     header = f"{'setup':6} {'grid':12} {'grad':5} {'s/step':>8} {'Mvox·cls·step/s':>16} {'peak GB':>8} {'roofline':>9}"
