@@ -94,7 +94,7 @@ from .losses import soft_dice_loss
 from .models.visibility import VisibilityCoding
 from .operators import face_both_inside, face_difference, flux_divergence
 from .parameters import PDEParameters
-from .plan import TreatmentPlan, load_plan
+from .plan import TreatmentPlan, crop_plan, load_plan
 from .predict import PDEOnlyModel, Prediction, predict
 from .schema import BRAIN_SCHEMA
 from .solver import simulate
@@ -387,16 +387,6 @@ def shift_plan(plan: TreatmentPlan, start_day: float) -> TreatmentPlan:
             chemo.append(replace(agent, windows=windows))
     return replace(plan, surgeries=surgeries, radiotherapy=rt, chemotherapy=tuple(chemo),
                    source=f"{plan.source or 'plan'} seen from day {s:g}")
-
-
-def crop_plan(plan: TreatmentPlan, box: tuple[slice, ...]) -> TreatmentPlan:
-    """The plan with its resection masks and dose map cut to the crop ``box`` (array order)."""
-    surgeries = tuple(replace(x, resection_mask=np.asarray(x.resection_mask)[box])
-                      if isinstance(x.resection_mask, np.ndarray) else x for x in plan.surgeries)
-    rt = plan.radiotherapy
-    if rt is not None and isinstance(rt.dose_map, np.ndarray):
-        rt = replace(rt, dose_map=np.asarray(rt.dose_map)[box])
-    return replace(plan, surgeries=surgeries, radiotherapy=rt)
 
 
 def scale_radiosensitivity(plan: TreatmentPlan, scale) -> TreatmentPlan:

@@ -405,6 +405,20 @@ class TreatmentPlan:
         problems.raise_if_any(self.source)
         return replace(self, surgeries=surgeries, radiotherapy=rt)
 
+    def map_arrays(self, transform: Callable[[np.ndarray, str], np.ndarray]) -> "TreatmentPlan":
+        """A copy with every loaded array replaced by ``transform(array, kind)``.
+
+        ``kind`` is ``"resection_mask"`` or ``"dose_map"``. Arrays not loaded yet (file paths) and
+        absent ones are kept as they are. The one place that walks a plan's arrays for crops,
+        resampling and pooling (:func:`crop_plan`, ``models.model_grid.resize_plan``, ...).
+        """
+        surgeries = tuple(replace(s, resection_mask=transform(s.resection_mask, "resection_mask"))
+                          if isinstance(s.resection_mask, np.ndarray) else s for s in self.surgeries)
+        rt = self.radiotherapy
+        if rt is not None and isinstance(rt.dose_map, np.ndarray):
+            rt = replace(rt, dose_map=transform(rt.dose_map, "dose_map"))
+        return replace(self, surgeries=surgeries, radiotherapy=rt)
+
     def to_dict(self) -> dict:
         """The plan as a JSON-serialisable dict in the file format (version 1).
 
@@ -1333,3 +1347,8 @@ PLAN_JSON_SCHEMA: dict = {
         "chemotherapy": {"type": ["array", "null"], "items": _CHEMO_SCHEMA},
     },
 }
+
+
+def crop_plan(plan: TreatmentPlan, box: tuple[slice, ...]) -> TreatmentPlan:
+    """The plan with its resection masks and dose map cut to the crop ``box`` (array order)."""
+    return plan.map_arrays(lambda array, kind: np.asarray(array)[box])

@@ -8,7 +8,7 @@ arrays (dose map in Gy, resection masks) read onto the baseline grid. One rollou
 baseline through all follow-up days then scores every scan of the patient.
 
 Crops: a crop box (voxels, centred on the baseline tumour) cuts labels and plan arrays alike
-(:func:`crop_plan`), so the treatment acts where it acted in the full image.
+(:func:`AnatomyDTLib.plan.crop_plan`), so the treatment acts where it acted in the full image.
 
 Labels are held as uint8 and dose maps as float32 (about 10 MB per patient on the 2 mm grid),
 because every training process holds the whole cohort.
@@ -20,7 +20,6 @@ with known days, or without tumour at baseline, are skipped with a note, never s
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,16 +29,6 @@ from ..errors import InputError
 from ..io import read_labelmap
 from ..schema import BRAIN_SCHEMA
 from .data import Case, DatasetInfo
-
-
-def crop_plan(plan, box: tuple[slice, ...]):
-    """The plan with every array (resection masks, dose map) cut to ``box`` (voxel slices)."""
-    surgeries = tuple(replace(s, resection_mask=np.asarray(s.resection_mask)[box])
-                      if isinstance(s.resection_mask, np.ndarray) else s for s in plan.surgeries)
-    rt = plan.radiotherapy
-    if rt is not None and isinstance(rt.dose_map, np.ndarray):
-        rt = replace(rt, dose_map=np.asarray(rt.dose_map)[box])
-    return replace(plan, surgeries=surgeries, radiotherapy=rt)
 
 
 def _compact(plan):

@@ -202,20 +202,14 @@ def pool_field(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 def _pool_plan(plan, factor: int):
     """Plan arrays on the pooled grid: dose maps averaged (Gy), masks where over half the block is removed."""
-    from dataclasses import replace
-
     if factor == 1:
         return plan
 
     def mean(a):
         return pool_field(torch.as_tensor(np.asarray(a, dtype=np.float32))[None], factor)[0].numpy()
 
-    surgeries = tuple(replace(s, resection_mask=mean(s.resection_mask) > 0.5) if isinstance(s.resection_mask, np.ndarray)
-                      else s for s in plan.surgeries)
-    rt = plan.radiotherapy
-    if rt is not None and isinstance(rt.dose_map, np.ndarray):
-        rt = replace(rt, dose_map=mean(rt.dose_map).astype(np.float64))
-    return replace(plan, surgeries=surgeries, radiotherapy=rt)
+    return plan.map_arrays(lambda array, kind: mean(array) > 0.5 if kind == "resection_mask"
+                           else mean(array).astype(np.float64))
 
 
 def _trim(box: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
@@ -254,7 +248,7 @@ def make_batch(cases: list[Case], info: DatasetInfo, *, crop: int, soften_px: fl
         inside = torch.as_tensor(l0 != info.background_index, dtype=torch.float32)
         masks.append((pool_field(inside[None], pool)[0] > 0.5).to(torch.float32) if pool > 1 else inside)
         if c.plan is not None:
-            from .cohort_data import crop_plan
+            from ..plan import crop_plan
 
             plan = _pool_plan(crop_plan(c.plan, box), pool)
     if len(shapes) != 1:

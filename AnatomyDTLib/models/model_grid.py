@@ -21,7 +21,6 @@ domain mask where more than half of a model voxel is covered.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -72,12 +71,7 @@ def resize_plan(plan, shape: Sequence[int]):
     """The plan with its arrays (resection masks, dose map in Gy) resized to ``shape``."""
     if plan is None:
         return None
-    surgeries = tuple(replace(s, resection_mask=resize_array(s.resection_mask, shape, mask=True))
-                      if isinstance(s.resection_mask, np.ndarray) else s for s in plan.surgeries)
-    rt = plan.radiotherapy
-    if rt is not None and isinstance(rt.dose_map, np.ndarray):
-        rt = replace(rt, dose_map=resize_array(rt.dose_map, shape, mask=False))
-    return replace(plan, surgeries=surgeries, radiotherapy=rt)
+    return plan.map_arrays(lambda array, kind: resize_array(array, shape, mask=kind == "resection_mask"))
 
 
 def actual_spacing(shape: Sequence[int], spacing: Sequence[float], new_shape: Sequence[int]) -> tuple[float, ...]:
