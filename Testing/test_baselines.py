@@ -29,12 +29,7 @@ def tiny(tmp_path_factory):
     return load_cases(out)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def settings(**kw) -> BaselineSettings:

@@ -40,13 +40,7 @@ TUMOUR = BRAIN_SCHEMA.tumour_index
 PUSHED = ("white_matter", "grey_matter", "lateral_ventricles")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny grids: one torch thread is faster than contended threads on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def truth_parameters() -> PDEParameters:

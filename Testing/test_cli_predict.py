@@ -27,13 +27,7 @@ BASELINE_YELLOW = (255, 220, 0)
 CLASSES = [n for n in BRAIN_SCHEMA.names if n != "background"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The grids here are tiny: one torch thread is several times faster than contended threads on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()
