@@ -407,6 +407,17 @@ def test_bad_inputs_are_refused_clearly_before_any_output(volume_files, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value", ["2", "0", "nan"])
+def test_absurd_visibility_threshold_is_refused_before_any_output(volume_files, tmp_path, capsys, value):
+    a, b, plan = volume_files["a"], volume_files["b"], volume_files["plan"]
+    out = tmp_path / "out"
+    code = run("--history", f"{a}@0", f"{b}@30", "--plan", plan, "--days", "45", "--visibility-threshold", value,
+               "--out", out)
+    err = capsys.readouterr().err
+    assert code == 2 and "--visibility-threshold" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_output_folder_that_is_a_file_or_an_input_is_refused(volume_files, capsys):
     a, b, plan = volume_files["a"], volume_files["b"], volume_files["plan"]
     assert run("--history", f"{a}@0", f"{b}@30", "--plan", plan, "--days", "45", "--out", plan) == 2

@@ -148,6 +148,9 @@ def run(args) -> int:
     days = parse_days(args.days)
     if args.iterations < 0:
         raise InputError(f"--iterations must be >= 0, got {args.iterations}.")
+    if not 0.001 <= args.visibility_threshold <= 0.9:
+        raise InputError(f"--visibility-threshold must be a tumour density between 0.001 and 0.9 (a fraction of "
+                         f"the carrying capacity; FLAIR-like: 0.1), got {args.visibility_threshold:g}.")
     out = Path(args.out)
     plan_arg = None if args.plan.strip().lower() == "none" else args.plan
     paths = output_paths(out, days, args.alpha)
