@@ -56,6 +56,7 @@ PYTHON_REQUIREMENTS = {
     "numpy": "numpy>=1.24",
     "scipy": "scipy>=1.10",
     "SimpleITK": "SimpleITK>=2.2",
+    "numba": "numba>=0.59",  # the fused solver kernel; without it predictions take the (slower) torch path
 }
 CLASS_IGNORE = "(ignore)"
 CLASS_NAMES = ("background", "tumour", "white_matter", "grey_matter", "lateral_ventricles")  # BRAIN_SCHEMA order

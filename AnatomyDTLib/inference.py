@@ -43,6 +43,7 @@ import torch
 
 from . import treatments as tx
 from .operators import face_both_inside
+from .fused import FusedStep, floored_supports_
 from .simplex import simplex_threshold
 
 _SIMPLEX_SLACK = {torch.float32: 2e-7, torch.float64: 1e-13}
@@ -65,6 +66,7 @@ class InferenceStepper:
         self._prepare_diffusion()
         self._prepare_cross_diffusion()
         self._prepare_limiter_check()
+        self.fused = FusedStep(self)  # the one-pass CPU kernel, where it applies (see fused.py)
         n_face = max(int(math.prod(self._face_shape(d, (1, 1) + self.shape[2:]))) for d in range(2, len(self.shape)))
         self.face_buffer = torch.empty(n_face * self.shape[0] * max(1, len(self.diffused)), dtype=self.dtype,
                                        device=self.device)
@@ -127,6 +129,8 @@ class InferenceStepper:
         m = pr.jacobi_iters
         window = _dilate(self.window, m + 2, spatial)
         support = self._floored_supports_(p, window)  # class -> box of its non-zero voxels (or None)
+        if self.fused.applies(dt):
+            return self._fused_step_(p, support, dt, chemo_rate, clearable)
         changed = None  # the box of every voxel this step may change
         cross = None
         if pr.cross is not None:
@@ -156,7 +160,8 @@ class InferenceStepper:
             if pr.reaction_hook is not None:
                 box = support_box_within(p[:, self.diffused], self.full_box, m + 1, spatial)
             else:
-                box = _dilate_or_none(self._diffused_support(support, cross, tumour_box), m + 1, spatial)
+                box = _dilate_or_none(self._diffused_support(support, None if cross is None else cross[0], tumour_box),
+                                      m + 1, spatial)
             if box is not None:
                 self._implicit_diffusion_(p, dt, box)
                 changed = _union(changed, box)
@@ -167,7 +172,29 @@ class InferenceStepper:
             self._project_off_simplex_(p, changed)
         return p
 
-    def _diffused_support(self, support, cross, tumour_box):
+    def _fused_step_(self, p: torch.Tensor, support, dt: float, chemo_rate: float, clearable) -> torch.Tensor:
+        """The same step by the fused kernel, on the union of the boxes the torch path would touch
+        (each term is exactly zero outside its own box, so the larger box changes nothing)."""
+        pr = self.pr
+        spatial = self.shape[2:]
+        cross_box = None
+        if self.cross_rows:
+            cross_box = _dilate_or_none(_union_all(support[c] for c in self.cross_cols), 1, spatial)
+        tumour_box = _union_all(support[c] for c in self.tumour_like)
+        changed = _union(cross_box, tumour_box)
+        if self.diffused:
+            diffusion_box = _dilate_or_none(self._diffused_support(support, cross_box, tumour_box), pr.jacobi_iters + 1,
+                                            spatial)
+            changed = _union(changed, diffusion_box)
+        if pr.dying is not None:
+            self.dying_before_projection = p[:, pr.dying:pr.dying + 1].clone()
+        if changed is not None:
+            self.fused.step_(p, changed, dt, chemo_rate, clearable,
+                             self.dying_before_projection if pr.dying is not None else None)
+            self.window = changed
+        return p
+
+    def _diffused_support(self, support, cross_box, tumour_box):
         """A box containing every non-zero voxel of the diffused classes after the explicit part.
 
         Before it, their support is known; the explicit part can add support only where it acts:
@@ -176,8 +203,8 @@ class InferenceStepper:
         """
         box = _union_all(support[c] for c in self.diffused)
         diffused = set(self.diffused)
-        if cross is not None and (self.cross_rows is None or diffused & set(self.cross_rows)):
-            box = _union(box, cross[0])
+        if cross_box is not None and (self.cross_rows is None or diffused & set(self.cross_rows)):
+            box = _union(box, cross_box)
         if tumour_box is not None and self.pr.sink in diffused:
             box = _union(box, tumour_box)
         return box
@@ -186,6 +213,10 @@ class InferenceStepper:
         """Per watched class, the box of its non-zero voxels inside ``window`` (global slices), after
         setting its values of magnitude below the support floor to zero (in place)."""
         spatial = self.shape[2:]
+        if self.fused.usable:
+            boxes = floored_supports_(p, self.watched, window, self.floor)
+            if boxes is not None:
+                return boxes
         region = _crop(p, window)
         boxes = {}
         for c in self.watched:

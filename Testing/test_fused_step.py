@@ -1,0 +1,172 @@
+"""The fused CPU kernel of the no-grad IMEX step (AnatomyDTLib/fused.py) against the torch path.
+
+Every test runs the same problem twice without gradients: once through the fused kernel and once
+with ``ANATOMYDT_FUSED=0`` (the torch inference path, itself tested against the differentiable
+reference in test_inference_path.py and test_inference_fast_paths.py). In float64 the two must
+agree to rounding. The problems switch on every feature the kernel implements (reaction with
+fields, chemotherapy, radiotherapy with delayed death, a domain mask, per-face diffusion weights,
+both Jacobi variants, dense and single-column cross-diffusion, batches) and run on grids deep
+enough that the kernel splits the box into several slabs, whose seams are the delicate part.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from AnatomyDTLib import fused, simulate
+from AnatomyDTLib.inference import InferenceStepper, support_floor
+
+pytestmark = pytest.mark.skipif(not fused.fused_kernel_available(), reason="numba is not installed")
+
+K = 5
+TUMOUR, WM, GM, VENT = 1, 2, 3, 4
+PLAN = {"radiotherapy": {"fraction_days": [1, 2, 3], "dose_per_fraction_gy": 2.0,
+                         "delayed_death": {"delay_days": 1.0, "clearance_half_life_days": 2.0}},
+        "chemotherapy": [{"agent": "tmz", "kill_rate_per_day": 0.1, "windows": [[0.5, 4.0]]}]}
+
+
+def _dense_field(shape, seed=0, batch=None) -> torch.Tensor:
+    """Every voxel a random mixture of all K classes (float64)."""
+    torch.manual_seed(seed)
+    size = (batch,) + tuple(shape) if batch else tuple(shape)
+    x = torch.distributions.Dirichlet(torch.full((K,), 0.7, dtype=torch.float64)).sample(size)
+    return x.movedim(-1, 1 if batch else 0).contiguous()
+
+
+def _well_posed_chi(seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    chi = (torch.rand(K, K, generator=g, dtype=torch.float64) - 0.5) * 0.04  # |χ| <= 0.02 < D_j + D_k
+    return chi.fill_diagonal_(0)
+
+
+def _brain_like(shape=(40, 24, 22)) -> torch.Tensor:
+    """Background shell, grey / white matter, a ventricle slab and a compact tumour (one-hot, float64)."""
+    labels = torch.zeros(shape, dtype=torch.long)
+    labels[2:-2, 2:-2, 2:-2] = GM
+    labels[2:-2, 2:-2, shape[2] // 2:-2] = WM
+    labels[5:9, 6:18, 4:9] = VENT
+    labels[14:24, 9:15, 8:15] = TUMOUR
+    return torch.nn.functional.one_hot(labels, K).permute(3, 0, 1, 2).double()
+
+
+def _run(p0, monkeypatch, fused_on: bool, threads: int | None = None, **kwargs):
+    monkeypatch.setenv(fused.ENV_SWITCH, "1" if fused_on else "0")
+    if threads is not None:
+        monkeypatch.setenv("ANATOMYDT_KERNEL_THREADS", str(threads))
+    with torch.no_grad():
+        return simulate(p0, return_trajectory=True, **kwargs)
+
+
+def _assert_agree(a, b, tol):
+    assert a.shape == b.shape
+    assert float((a - b).abs().max()) <= tol
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_dense_step_matches_the_torch_path_with_one_and_several_slabs(monkeypatch, threads):
+    """All classes diffuse, every pair cross-diffuses, logistic growth: the dense worst case."""
+    p0 = _dense_field((40, 14, 16))
+    kwargs = dict(spacing=(1.0, 1.2, 0.9), days=[2.0, 4.0], dt=1.0, diffusion=[0.05, 0.2, 0.1, 0.1, 0.05],
+                  growth_rate=0.05, cross_diffusion=_well_posed_chi(), jacobi_iters=2, tumor_class=TUMOUR)
+    reference = _run(p0, monkeypatch, False, **kwargs)
+    fast = _run(p0, monkeypatch, True, threads=threads, **kwargs)
+    _assert_agree(fast, reference, 1e-12)
+    assert float((fast[-1] - p0).abs().max()) > 1e-3  # the problem really evolved
+
+
+@pytest.mark.parametrize("variant, sweeps", [("conservative", 2), ("classic", 3), ("conservative", 1)])
+def test_brain_like_step_with_every_treatment_matches_the_torch_path(monkeypatch, variant, sweeps):
+    """Domain mask, tissue-dependent tumour D (per-face weights), mass effect (one χ column), a
+    growth-rate field, chemotherapy, radiotherapy with delayed death (the dying channel and its
+    clearance), split over three slabs."""
+    p0 = _brain_like()
+    mask = torch.zeros(p0.shape[1:], dtype=torch.bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    diffusion = torch.zeros_like(p0)
+    diffusion[TUMOUR] = 0.2 * p0[WM] + 0.02 * (1 - p0[WM])
+    growth = 0.05 + 0.05 * p0[WM:WM + 1]
+    chi = torch.zeros(K, K, dtype=torch.float64)
+    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[2.5, 6.0], dt=1.0, diffusion=diffusion, growth_rate=growth,
+                  cross_diffusion=chi, tumor_class=TUMOUR, mask=mask, plan=PLAN, jacobi_iters=sweeps,
+                  jacobi_variant=variant)
+    reference = _run(p0, monkeypatch, False, **kwargs)
+    fast = _run(p0, monkeypatch, True, threads=3, **kwargs)
+    _assert_agree(fast, reference, 1e-12)
+    outside = ~mask
+    assert torch.equal(fast[-1][:, outside], p0[:, outside])  # nothing changes outside the domain
+
+
+def test_batches_with_their_own_growth_fields_match_the_torch_path(monkeypatch):
+    p0 = _dense_field((30, 12, 14), batch=2)
+    growth = torch.tensor([0.02, 0.2], dtype=torch.float64).reshape(2, 1, 1, 1, 1).expand(2, 1, 30, 12, 14)
+    kwargs = dict(spacing=(1.0, 1.0, 1.0), days=[3.0], dt=1.0, diffusion=[0.0, 0.2, 0.1, 0.0, 0.05],
+                  growth_rate=growth, cross_diffusion=_well_posed_chi(1), tumor_class=TUMOUR)
+    reference = _run(p0, monkeypatch, False, **kwargs)
+    fast = _run(p0, monkeypatch, True, threads=2, **kwargs)
+    _assert_agree(fast, reference, 1e-12)
+    assert not torch.allclose(fast[:, 0], fast[:, 1])
+
+
+def test_float32_fused_step_tracks_the_float64_torch_path(monkeypatch):
+    p0 = _dense_field((40, 14, 16))
+    kwargs = dict(spacing=(1.0, 1.0, 1.0), days=[3.0], dt=1.0, diffusion=[0.05, 0.2, 0.1, 0.1, 0.05],
+                  growth_rate=0.05, cross_diffusion=_well_posed_chi(), tumor_class=TUMOUR)
+    reference = _run(p0, monkeypatch, False, **kwargs)
+    fast = _run(p0.float(), monkeypatch, True, threads=2, **kwargs)
+    assert fast.dtype == torch.float32
+    assert float((fast.double() - reference).abs().max()) < 2e-6
+    assert float((fast.sum(1) - 1).abs().max()) < 1e-6 and float(fast.min()) >= 0
+
+
+def test_the_kernel_steps_aside_where_it_does_not_apply(monkeypatch):
+    """A learned reaction hook, a step long enough for the outflow limiter to act, or the switch
+    ANATOMYDT_FUSED=0 leave the step to the torch path."""
+    p0 = _brain_like((12, 10, 10))[None]
+    chi = torch.zeros(K, K, dtype=torch.float64)
+    chi[WM, TUMOUR] = -0.08  # well-posed with the tumour's D = 0.1; the limiter can act above Δt ≈ 1 day
+    stepper_kwargs = dict(spacing=(1.0, 1.0, 1.0), days=1.0, dt=1.0, diffusion=[0, 0.1, 0, 0, 0],
+                          cross_diffusion=chi, tumor_class=TUMOUR)
+    built = []
+    original = InferenceStepper.__init__
+
+    def recording(self, problem, state):
+        original(self, problem, state)
+        built.append(self)
+
+    monkeypatch.setattr(InferenceStepper, "__init__", recording)
+    with torch.no_grad():
+        simulate(p0, **stepper_kwargs)
+    stepper = built[-1]
+    assert stepper.fused.usable
+    assert not stepper.fused.applies(2 * stepper.limiter_free_dt)
+    assert stepper.fused.applies(0.5 * stepper.limiter_free_dt)
+    with torch.no_grad():
+        simulate(p0, reaction_hook=lambda p, t: torch.zeros_like(p), **stepper_kwargs)
+    assert not built[-1].fused.usable
+    monkeypatch.setenv(fused.ENV_SWITCH, "0")
+    assert not fused.fused_kernel_available()
+    with torch.no_grad():
+        simulate(p0, **stepper_kwargs)
+    assert not built[-1].fused.usable
+
+
+def test_floored_supports_match_the_torch_search(monkeypatch):
+    """One pass of the kernel zeroes sub-floor values and finds the same boxes as the torch code."""
+    rng = np.random.default_rng(0)
+    field = np.zeros((2, K, 16, 18, 20))
+    field[0, 1, 3:9, 4:11, 5:7] = rng.random((6, 7, 2)) + 0.1
+    field[1, 1, 10:12, 2:3, 15:19] = 1e-3
+    field[0, 1, 12, 15, 1] = 1e-33  # below the float64 floor (4.9e-32): removed, not part of the box
+    field[1, 2, 0:16, 0:18, 0:20] = 1.0
+    p = torch.from_numpy(field)
+    window = (slice(0, 16), slice(0, 18), slice(0, 20))
+    floor = support_floor(torch.float64)
+    boxes = fused.floored_supports_(p.clone(), [1, 2, 3], window, floor)
+    expected = {1: (slice(3, 12), slice(2, 11), slice(5, 19)), 2: window, 3: None}
+    assert boxes == expected
+    q = p.clone()
+    fused.floored_supports_(q, [1], window, floor)
+    assert float(q[0, 1, 12, 15, 1]) == 0.0 and torch.equal(q[:, 2], p[:, 2])
