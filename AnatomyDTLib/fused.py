@@ -549,10 +549,10 @@ def floored_supports_(p: torch.Tensor, channels: list[int], window, floor: float
     return merged
 
 
-def _kernel_threads() -> int:
-    """Slabs the kernel runs in parallel: ANATOMYDT_KERNEL_THREADS, else torch's thread count."""
+def _kernel_threads(default: int) -> int:
+    """Slabs the kernel runs in parallel: ANATOMYDT_KERNEL_THREADS, else ``default``."""
     value = os.environ.get("ANATOMYDT_KERNEL_THREADS")
-    return int(value) if value else torch.get_num_threads()
+    return int(value) if value else default
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -569,6 +569,7 @@ class FusedStep:
 
     def __init__(self, stepper):
         self.stepper = stepper
+        self.threads = torch.get_num_threads()  # slabs run in parallel (the solver may lower torch's own count)
         pr = stepper.pr
         self.usable = (fused_kernel_available() and stepper.device.type == "cpu"
                        and stepper.dtype in (torch.float32, torch.float64) and pr.reaction_hook is None
@@ -673,7 +674,7 @@ class FusedStep:
             dying = self.dummy3 if dying_out is None else _as_numpy(dying_out[b, 0])
             fl = np.array([pr.tumour, -1 if pr.dying is None else pr.dying, pr.sink, int(self.has_growth),
                            int(growth_field), int(kappa_field), int(self.domain is not None), int(clearable is not None),
-                           int(diff_field), int(scale_field), self.sweeps, _kernel_threads()], dtype=np.int64)
+                           int(diff_field), int(scale_field), self.sweeps, _kernel_threads(self.threads)], dtype=np.int64)
             _fused_step(_as_numpy(p[b]), box_array, self.chi, self.rows, self.cols, growth_b, kappa_b, domain, clear,
                         self.diffused, self.is_diffused, wz, wy, wx, scale, dying, fl, par, constants)
 

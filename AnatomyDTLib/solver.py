@@ -556,9 +556,16 @@ class _Integrator:
         p = p.clone(memory_format=torch.contiguous_format)  # a private copy: the steps work in place
         self.stepper = InferenceStepper(self.problem, p)
         flushing = torch.set_flush_denormal(True)  # see inference.py: exact boxes, no slow denormals
+        threads = torch.get_num_threads()
+        if self.stepper.fused.usable and threads > 1:
+            # The fused kernel runs its own threads; idle torch worker threads would keep spinning on
+            # the same cores between torch calls, so the few torch ops left run on one thread.
+            self.stepper.fused.threads = threads
+            torch.set_num_threads(1)
         try:
             return self._run(p, output_days)
         finally:
+            torch.set_num_threads(threads)
             if flushing:
                 torch.set_flush_denormal(False)
 

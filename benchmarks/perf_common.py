@@ -68,10 +68,12 @@ def copy_bandwidth_gb_s(megabytes: int = 512, repeats: int = 7) -> float:
     return 2 * n * 4 / statistics.median(times) / 1e9
 
 
-def record_step_boxes() -> list[int]:
+def record_step_boxes(structure: dict | None = None) -> list[int]:
     """Make every no-grad solver step append the voxel count of the box it changed to the returned list.
 
-    Measurement only, for a benchmark's own child process: it wraps
+    If ``structure`` is given, the first step also fills it with what the step computes per voxel
+    (channels, rows and columns of χ, diffused classes, Jacobi sweeps, growth on, fused kernel on),
+    the input of a flop count. Measurement only, for a benchmark's own child process: it wraps
     ``AnatomyDTLib.inference.InferenceStepper.step`` for the rest of that process.
     """
     import torch
@@ -84,10 +86,46 @@ def record_step_boxes() -> list[int]:
     def recording_step(self, p, t, dt, chemo, clearable):
         out = original(self, p, t, dt, chemo, clearable)
         boxes.append(int(torch.Size([s.stop - s.start for s in self.window]).numel()))
+        if structure is not None and not structure:
+            structure.update(channels=self.shape[1], rows=len(self.cross_rows or []),
+                             cols=len(getattr(self, "cross_cols", []) or []), diffused=len(self.diffused),
+                             sweeps=self.pr.jacobi_iters, growth=bool((self.pr.growth_rate != 0).any()),
+                             fused=bool(self.fused.applies(dt)))
         return out
 
     inference.InferenceStepper.step = recording_step
     return boxes
+
+
+def fma_peak_gflops(threads: int, repeats: int = 5) -> float | None:
+    """The arithmetic roof: GFLOP/s of a vectorised multiply-add loop over cache-resident float32
+    data on ``threads`` threads (numba; a multiply-add counts as 2 flops), the median of
+    ``repeats``. None when numba is not installed."""
+    try:
+        import numba
+        import numpy as np
+        from numba import njit, prange
+    except ImportError:
+        return None
+
+    @njit(parallel=True, fastmath=True)
+    def multiply_add(x, rounds):
+        for t in prange(x.shape[0]):
+            row = x[t]
+            for _ in range(rounds):
+                for i in range(row.shape[0]):
+                    row[i] = row[i] * np.float32(0.999) + np.float32(0.001)
+
+    numba.set_num_threads(threads)
+    x = np.ones((threads, 2048), dtype=np.float32)
+    rounds = 200000  # ≈ 50 ms per run
+    multiply_add(x, 2)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        multiply_add(x, rounds)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * x.size * rounds / statistics.median(times) / 1e9
 
 
 def median(values):

@@ -3,14 +3,20 @@
     python benchmarks/perf_roofline.py                      # brain case + dense worst case, 5 repeats
     python benchmarks/perf_roofline.py --threads 1 --repeats 5
     python benchmarks/perf_roofline.py --only dense --compile   # + torch.compile experiment (needs a C++ compiler)
+    python benchmarks/perf_roofline.py --paths fused            # only the fused kernel (default: fused and torch)
 
 Every configuration runs in its own subprocess (fresh allocator, its own peak RSS). Printed:
 
 * the machine's memory-copy bandwidth, measured in the same run (torch ``copy_`` of 512 MB,
   median of 7) before and after the measurements, and the 1-minute load average;
-* per configuration the median step time (median over steps inside a run, then over repeats;
-  the spread over repeats in brackets), the bytes the step must move at least, the achieved
-  bytes/s and its ratio to the copy bandwidth (the roofline).
+* the machine's multiply-add roof (numba, float32, cache-resident data, same thread count);
+* per configuration and path — ``fused`` is the one-pass numba kernel the product runs
+  (AnatomyDTLib/fused.py), ``torch`` the torch inference path (``ANATOMYDT_FUSED=0``) — the median
+  step time (median over steps inside a run, the first step excluded, then over repeats; the
+  spread over repeats in brackets), the bytes the step must move at least, the achieved bytes/s
+  and its ratio to the copy bandwidth (the bandwidth roofline); for the fused path also its
+  arithmetic (``flops_per_voxel``), the flop/byte ratio against the machine balance, and the
+  full roofline bound max(bytes / bandwidth, flops / multiply-add roof).
 
 Cases:
 
@@ -86,7 +92,8 @@ def child(case: str, days: int) -> dict:
 
     from AnatomyDTLib import simulate
 
-    boxes = pc.record_step_boxes()
+    structure: dict = {}
+    boxes = pc.record_step_boxes(structure)
     if case == "brain":
         p0, spacing, kwargs = _brain_problem()
     else:
@@ -101,7 +108,7 @@ def child(case: str, days: int) -> dict:
     total = time.perf_counter() - t0
     cpu = time.process_time() - c0
     steps = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
-    return {"case": case, "steps": steps, "boxes": boxes, "total_s": total, "cpu_s": cpu,
+    return {"case": case, "steps": steps, "boxes": boxes, "total_s": total, "cpu_s": cpu, "structure": structure,
             "voxels": int(p0[0].numel()), "threads": torch.get_num_threads()}
 
 
@@ -119,6 +126,26 @@ def traffic_bytes(case: str, voxels: int, jacobi_iters: int = 2) -> dict:
     minimum = 2 * K * n4 + coefficient_arrays * n4
     per_stage = (2 * K + jacobi_iters * 3 * diffused + 2 * K) * n4 + jacobi_iters * coefficient_arrays * n4
     return {"minimum": minimum, "per_stage": per_stage}
+
+
+def flops_per_voxel(structure: dict) -> int:
+    """Arithmetic of one step per voxel as the fused kernel computes it (AnatomyDTLib/fused.py),
+    counting every add, multiply, divide, min and max as one flop (a multiply-add as two):
+
+    * drift potentials: 2·rows·cols;
+    * logistic growth (if on): 2·C + 12;
+    * cross-diffusion, per row of χ: 4 face velocities (3 each), 4 upwind fluxes (5 each), the
+      x-face flux (9) and the sum (9): 50;
+    * Jacobi, per diffused class and sweep: x-face flow (2), 4 other faces (2 each), their sum (4),
+      the x terms (2), the update (5): 21;
+    * simplex projection: sums and minimum (2·C), Batcher's 19-comparator network (38), the
+      threshold (28), the flags (4), the write (5·C): 7·C + 70.
+    """
+    c = structure["channels"]
+    flops = 2 * structure["rows"] * structure["cols"] + 50 * structure["rows"]
+    flops += (2 * c + 12) if structure["growth"] else 0
+    flops += 21 * structure["diffused"] * structure["sweeps"]
+    return flops + 7 * c + 70
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,16 +220,18 @@ def compile_experiment(repeats: int) -> dict:
 # parent
 # --------------------------------------------------------------------------------------------
 
-def run_case(case: str, days: int, repeats: int, threads: int) -> list[dict]:
+def run_case(case: str, days: int, repeats: int, threads: int, path: str = "fused") -> list[dict]:
+    """``repeats`` fresh child processes; ``path`` "torch" switches the fused kernel off (ANATOMYDT_FUSED=0)."""
     results = []
     for _ in range(repeats):
         load = pc.machine_load()
         r = pc.run_measured([sys.executable, __file__, "--child", case, "--days", str(days)],
-                            env={"OMP_NUM_THREADS": str(threads), "ANATOMYDT_PERF_THREADS": str(threads)})
+                            env={"OMP_NUM_THREADS": str(threads), "ANATOMYDT_PERF_THREADS": str(threads),
+                                 "ANATOMYDT_FUSED": "0" if path == "torch" else "1"})
         if r["returncode"] != 0:
             raise RuntimeError(f"{case} run failed:\n{r['stderr'][-3000:]}")
         result = pc.last_json_line(r["stdout"])
-        result.update(load=load, peak_rss_bytes=r["peak_rss_bytes"], wall_s=r["wall_s"])
+        result.update(load=load, peak_rss_bytes=r["peak_rss_bytes"], wall_s=r["wall_s"], path=path)
         results.append(result)
     return results
 
@@ -229,12 +258,14 @@ def summarise(case: str, results: list[dict], bandwidth: float, skip_first: bool
             "roofline_box_minimum": boxed["minimum"] / step / GB / bandwidth,
             "roofline_box_per_stage": boxed["per_stage"] / step / GB / bandwidth,
             "peak_rss_gib": max(r["peak_rss_bytes"] or 0 for r in results) / 2 ** 30,
-            "loads": [round(r["load"], 2) for r in results], "repeats": len(results)}
+            "loads": [round(r["load"], 2) for r in results], "repeats": len(results),
+            "structure": results[0]["structure"], "flops_per_voxel": flops_per_voxel(results[0]["structure"]),
+            "path": results[0].get("path", "fused")}
 
 
-def print_summary(s: dict, bandwidth: float) -> None:
+def print_summary(s: dict, bandwidth: float, peak_gflops: float | None) -> None:
     lo, hi = s["step_spread"]
-    print(f"\n[{s['case']}] median step {s['step_s'] * 1e3:.1f} ms [{lo * 1e3:.1f}–{hi * 1e3:.1f}] over {s['repeats']} runs; "
+    print(f"\n[{s['case']}, {s['path']} path] median step {s['step_s'] * 1e3:.1f} ms [{lo * 1e3:.1f}–{hi * 1e3:.1f}] over {s['repeats']} runs; "
           f"whole run {s['run_total_s']:.2f} s wall, {s['run_cpu_s']:.2f} s CPU; peak RSS {s['peak_rss_gib']:.2f} GiB; "
           f"load {s['loads']}")
     print(f"  grid {s['voxels'] / 1e6:.2f} M voxels; box changed per step: median {s['median_box_voxels'] / 1e6:.2f} M, "
@@ -247,6 +278,17 @@ def print_summary(s: dict, bandwidth: float) -> None:
             achieved = t[count] / s["step_s"] / GB
             print(f"  {scope:9} {count:9}: {t[count] / 1e6:8.1f} MB/step -> {achieved:6.2f} GB/s = "
                   f"{achieved / bandwidth:5.2f} of the {bandwidth:.1f} GB/s copy roofline")
+    if peak_gflops and s["path"] == "fused":
+        voxels = s["voxels"] if s["case"] == "dense" else s["median_box_voxels"]
+        flops = s["flops_per_voxel"] * voxels
+        minimum = (s["traffic_full"] if s["case"] == "dense" else s["traffic_box"])["minimum"]
+        bound = max(minimum / (bandwidth * GB), flops / (peak_gflops * 1e9))
+        print(f"  arithmetic: {s['flops_per_voxel']} flop/voxel ({s['structure']}) -> {flops / 1e9:.2f} GFLOP/step, "
+              f"{flops / minimum:.1f} flop/byte of the minimum traffic (machine balance "
+              f"{peak_gflops / bandwidth:.1f}); achieved {flops / s['step_s'] / 1e9:.1f} GFLOP/s = "
+              f"{flops / s['step_s'] / 1e9 / peak_gflops:.2f} of the {peak_gflops:.0f} GFLOP/s multiply-add roof")
+        print(f"  roofline bound max(traffic/bandwidth, flops/peak) = {bound * 1e3:.1f} ms -> the step takes "
+              f"{s['step_s'] / bound:.1f}x that ({bound / s['step_s']:.2f} of the roofline)")
 
 
 def main() -> None:
@@ -256,6 +298,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("brain", "dense"), help="run one case")
     parser.add_argument("--brain-days", type=int, default=90)
     parser.add_argument("--dense-days", type=int, default=5)
+    parser.add_argument("--paths", default="fused,torch",
+                        help="comma-separated: fused (the numba kernel, default path) and/or torch (ANATOMYDT_FUSED=0)")
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd dense-step prototype")
     parser.add_argument("--json", type=Path, help="write the summaries to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -275,19 +319,23 @@ def main() -> None:
     bandwidth = pc.copy_bandwidth_gb_s()
     print(f"machine: {pc.machine_text()}; {pc.load_text()}")
     print(f"memory-copy bandwidth (torch copy_ of 512 MB, read + write, median of 7): {bandwidth:.1f} GB/s")
+    peak = pc.fma_peak_gflops(args.threads)
+    if peak:
+        print(f"multiply-add roof (numba, float32, cache-resident, {args.threads} threads, median of 5): {peak:.1f} GFLOP/s")
     summaries = []
     for case in ("brain", "dense"):
         if args.only and case != args.only:
             continue
         days = args.brain_days if case == "brain" else args.dense_days
-        results = run_case(case, days, args.repeats, args.threads)
-        s = summarise(case, results, bandwidth, skip_first=case == "dense")
-        print_summary(s, bandwidth)
-        summaries.append(s)
+        for path in args.paths.split(","):
+            results = run_case(case, days, args.repeats, args.threads, path.strip())
+            s = summarise(case, results, bandwidth, skip_first=True)
+            print_summary(s, bandwidth, peak)
+            summaries.append(s)
     after = pc.copy_bandwidth_gb_s()
     print(f"\nmemory-copy bandwidth after the runs: {after:.1f} GB/s; {pc.load_text()}")
     report = {"bandwidth_gb_s": bandwidth, "bandwidth_after_gb_s": after, "threads": args.threads,
-              "summaries": summaries}
+              "fma_peak_gflops": peak, "summaries": summaries}
     if args.compile:
         r = pc.run_measured([sys.executable, __file__, "--compile-child", "--repeats", str(args.repeats)],
                             env={"ANATOMYDT_PERF_THREADS": str(args.threads)})
