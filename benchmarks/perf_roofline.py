@@ -9,14 +9,15 @@ Every configuration runs in its own subprocess (fresh allocator, its own peak RS
 
 * the machine's memory-copy bandwidth, measured in the same run (torch ``copy_`` of 512 MB,
   median of 7) before and after the measurements, and the 1-minute load average;
-* the machine's multiply-add roof (numba, float32, cache-resident data, same thread count);
+* the machine's arithmetic roof: the theoretical float32 peak of the cores used
+  (``perf_common.arithmetic_peak_gflops``: cores × clock × 32 flop/cycle with AVX2 + FMA);
 * per configuration and path — ``fused`` is the one-pass numba kernel the product runs
   (AnatomyDTLib/fused.py), ``torch`` the torch inference path (``ANATOMYDT_FUSED=0``) — the median
   step time (median over steps inside a run, the first step excluded, then over repeats; the
   spread over repeats in brackets), the bytes the step must move at least, the achieved bytes/s
   and its ratio to the copy bandwidth (the bandwidth roofline); for the fused path also its
   arithmetic (``flops_per_voxel``), the flop/byte ratio against the machine balance, and the
-  full roofline bound max(bytes / bandwidth, flops / multiply-add roof).
+  full roofline bound max(bytes / bandwidth, flops / arithmetic roof).
 
 Cases:
 
@@ -286,7 +287,7 @@ def print_summary(s: dict, bandwidth: float, peak_gflops: float | None) -> None:
         print(f"  arithmetic: {s['flops_per_voxel']} flop/voxel ({s['structure']}) -> {flops / 1e9:.2f} GFLOP/step, "
               f"{flops / minimum:.1f} flop/byte of the minimum traffic (machine balance "
               f"{peak_gflops / bandwidth:.1f}); achieved {flops / s['step_s'] / 1e9:.1f} GFLOP/s = "
-              f"{flops / s['step_s'] / 1e9 / peak_gflops:.2f} of the {peak_gflops:.0f} GFLOP/s multiply-add roof")
+              f"{flops / s['step_s'] / 1e9 / peak_gflops:.2f} of the {peak_gflops:.0f} GFLOP/s arithmetic roof")
         print(f"  roofline bound max(traffic/bandwidth, flops/peak) = {bound * 1e3:.1f} ms -> the step takes "
               f"{s['step_s'] / bound:.1f}x that ({bound / s['step_s']:.2f} of the roofline)")
 
@@ -319,9 +320,10 @@ def main() -> None:
     bandwidth = pc.copy_bandwidth_gb_s()
     print(f"machine: {pc.machine_text()}; {pc.load_text()}")
     print(f"memory-copy bandwidth (torch copy_ of 512 MB, read + write, median of 7): {bandwidth:.1f} GB/s")
-    peak = pc.fma_peak_gflops(args.threads)
-    if peak:
-        print(f"multiply-add roof (numba, float32, cache-resident, {args.threads} threads, median of 5): {peak:.1f} GFLOP/s")
+    roof = pc.arithmetic_peak_gflops(args.threads)
+    peak = roof[0] if roof else None
+    if roof:
+        print(f"arithmetic roof (theoretical peak): {roof[0]:.0f} GFLOP/s = {roof[1]}")
     summaries = []
     for case in ("brain", "dense"):
         if args.only and case != args.only:
@@ -335,7 +337,7 @@ def main() -> None:
     after = pc.copy_bandwidth_gb_s()
     print(f"\nmemory-copy bandwidth after the runs: {after:.1f} GB/s; {pc.load_text()}")
     report = {"bandwidth_gb_s": bandwidth, "bandwidth_after_gb_s": after, "threads": args.threads,
-              "fma_peak_gflops": peak, "summaries": summaries}
+              "arithmetic_peak_gflops": peak, "summaries": summaries}
     if args.compile:
         r = pc.run_measured([sys.executable, __file__, "--compile-child", "--repeats", str(args.repeats)],
                             env={"ANATOMYDT_PERF_THREADS": str(args.threads)})
