@@ -170,3 +170,21 @@ def test_floored_supports_match_the_torch_search(monkeypatch):
     q = p.clone()
     fused.floored_supports_(q, [1], window, floor)
     assert float(q[0, 1, 12, 15, 1]) == 0.0 and torch.equal(q[:, 2], p[:, 2])
+
+
+def test_many_classes_and_no_diffusion_take_the_kernels_other_branches(monkeypatch):
+    """Nine classes (more than the sorting network's 8 lanes: the generic projection) and a problem
+    where no class diffuses (no Jacobi sweep: the output lags the input by one plane)."""
+    torch.manual_seed(3)
+    k = 9
+    p0 = torch.distributions.Dirichlet(torch.full((k,), 0.5, dtype=torch.float64)).sample((36, 10, 12))
+    p0 = p0.permute(3, 0, 1, 2).contiguous()
+    chi = (torch.rand(k, k, dtype=torch.float64) - 0.5) * 0.02
+    chi.fill_diagonal_(0)
+    many = dict(spacing=(1.0, 1.0, 1.0), days=[2.0], dt=1.0, diffusion=[0.05] * k, growth_rate=0.05,
+                cross_diffusion=chi, tumor_class=1)
+    _assert_agree(_run(p0, monkeypatch, True, threads=2, **many), _run(p0, monkeypatch, False, **many), 1e-12)
+    still = dict(many, diffusion=[0.0] * k)
+    fast = _run(p0, monkeypatch, True, threads=2, **still)
+    _assert_agree(fast, _run(p0, monkeypatch, False, **still), 1e-12)
+    assert float((fast[-1] - p0).abs().max()) > 1e-4
