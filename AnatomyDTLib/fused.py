@@ -265,6 +265,14 @@ if numba is not None:
         """Compare-exchange of a sorting network: (larger, smaller)."""
         return max(a, b), min(a, b)
 
+    @njit(cache=True, fastmath=True, nogil=True, inline="always")
+    def _threshold_candidate(running, theta, u_j, reciprocal, one):
+        """One step j of the threshold search: running sum of the sorted values, c_j, and θ = c_j
+        if u_j > c_j (``reciprocal`` = 1/j)."""
+        running = running + u_j
+        c_j = (running - one) * reciprocal
+        return running, (c_j if u_j > c_j else theta)
+
     @njit(cache=True, fastmath=True, nogil=True)
     def _threshold_network(lanes, theta, nx, one, reciprocals):
         """θ of the simplex projection for up to 8 classes per voxel: the lanes sorted in registers by
@@ -295,29 +303,14 @@ if numba is not None:
             v1, v2 = _exchange(v1, v2)
             v3, v4 = _exchange(v3, v4)
             v5, v6 = _exchange(v5, v6)
-            run = v0
-            th = v0 - one
-            run += v1
-            c = (run - one) * r2
-            th = c if v1 > c else th
-            run += v2
-            c = (run - one) * r3
-            th = c if v2 > c else th
-            run += v3
-            c = (run - one) * r4
-            th = c if v3 > c else th
-            run += v4
-            c = (run - one) * r5
-            th = c if v4 > c else th
-            run += v5
-            c = (run - one) * r6
-            th = c if v5 > c else th
-            run += v6
-            c = (run - one) * r7
-            th = c if v6 > c else th
-            run += v7
-            c = (run - one) * r8
-            th = c if v7 > c else th
+            run, th = v0, v0 - one  # j = 1: c_1 = u_1 - 1 always qualifies
+            run, th = _threshold_candidate(run, th, v1, r2, one)
+            run, th = _threshold_candidate(run, th, v2, r3, one)
+            run, th = _threshold_candidate(run, th, v3, r4, one)
+            run, th = _threshold_candidate(run, th, v4, r5, one)
+            run, th = _threshold_candidate(run, th, v5, r6, one)
+            run, th = _threshold_candidate(run, th, v6, r7, one)
+            run, th = _threshold_candidate(run, th, v7, r8, one)
             theta[x] = th
 
     @njit(cache=True, fastmath=True, nogil=True)
