@@ -11,9 +11,11 @@ the same step voxel by voxel in one compiled kernel (numba), pipelined along the
         finish plane e - L                diffused classes from u_m, the others from q,
                                           simplex projection, written back into p (in place)
 
-Only a few planes of q and of each sweep live at a time (ring buffers, a few MB: they stay in
-cache), so main memory sees the state read once and written once — the step's unavoidable
-traffic. The output lags the input by L = max(m, 1) planes, so every plane the explicit part still
+Only a few planes of q and of each sweep live at a time (ring buffers: ≈ 1 MB per slab for a
+brain tumour's box, ≈ 14 MB for full 240×240 planes of 5 classes, so they stay in the caches), so
+main memory sees the state read once and written once — the step's unavoidable traffic. Every
+stage is a vectorised loop along x per row; on short rows the rows' fixed cost weighs
+(docs/performance.md, benchmarks/perf_row_length.py). The output lags the input by L = max(m, 1) planes, so every plane the explicit part still
 has to read (its stencil reaches one plane ahead and one behind) is unchanged when read. The box
 is split into one slab of planes per thread; each slab recomputes m + 1 planes of halo around it
 from a copy of its neighbours' input planes, taken before any slab writes.
@@ -32,9 +34,9 @@ rounding on problems that use every feature. It covers the product's problems:
 
 Everything else (a spatial χ, a limited cross-diffusion step, a learned reaction hook, CUDA
 tensors, numba not installed, or ``ANATOMYDT_FUSED=0``) runs on the torch path, which stays the
-reference. numba compiles the kernel on first use (a few seconds per dtype) and caches the machine
-code on disk (next to this file, or in numba's user cache when that is read-only), so later runs and
-later processes start at once.
+reference. numba compiles the kernel on first use (≈ 20 s per dtype on a 2-core machine) and
+caches the machine code on disk (next to this file, or in numba's user cache when that is
+read-only), so later runs and later processes load it in well under a second.
 
 Units: Δt in days, spacing in mm, χ and D in mm²/day, rates in 1/day.
 """

@@ -211,8 +211,8 @@ class InferenceStepper:
 
     def _floored_supports_(self, p: torch.Tensor, window) -> dict:
         """Per watched class, the box of its non-zero voxels inside ``window`` (global slices), after
-        setting its values of magnitude below the support floor to zero (in place)."""
-        spatial = self.shape[2:]
+        setting its values of magnitude below the support floor to zero (in place); one numba pass
+        when the fused kernel is usable, torch otherwise."""
         if self.fused.usable:
             boxes = floored_supports_(p, self.watched, window, self.floor)
             if boxes is not None:
