@@ -35,8 +35,9 @@ rounding on problems that use every feature. It covers the product's problems:
 Everything else (a spatial χ, a limited cross-diffusion step, a learned reaction hook, CUDA
 tensors, numba not installed, or ``ANATOMYDT_FUSED=0``) runs on the torch path, which stays the
 reference. numba compiles the kernel on first use (≈ 20 s per dtype on a 2-core machine) and
-caches the machine code on disk (next to this file, or in numba's user cache when that is
-read-only), so later runs and later processes load it in well under a second.
+caches the machine code on disk (next to ``fused_kernels.py``, which holds the numba code, or in
+numba's user cache when that folder is read-only), so later runs and later processes load it in
+well under a second.
 
 Units: Δt in days, spacing in mm, χ and D in mm²/day, rates in 1/day.
 """
@@ -49,476 +50,29 @@ import os
 import numpy as np
 import torch
 
-try:  # numba is a dependency, but a broken or missing install must not break predictions
-    import numba
-    from numba import njit, prange
-except Exception:  # pragma: no cover - exercised only where numba cannot be imported
-    numba = None
-
 ENV_SWITCH = "ANATOMYDT_FUSED"
-_NETWORK_LANES = 8  # class counts up to this are projected by the register sorting network
+_KERNELS = None  # the module AnatomyDTLib.fused_kernels once imported, False if numba cannot be imported
 
-# parameter slots of the kernel's float array (kept in the state's dtype so float32 stays float32)
-_DT, _OMEGA, _CHEMO, _CLEAR, _SLACK, _INV_HZ, _INV_HY, _INV_HX, _ZERO, _ONE = range(10)
-# flag slots of the kernel's int array
-(_TUMOUR, _DYING, _SINK, _HAS_GROWTH, _GROWTH_FIELD, _KAPPA_FIELD, _HAS_DOMAIN, _HAS_CLEARABLE,
- _DIFF_FIELD, _SCALE_FIELD, _SWEEPS, _THREADS) = range(12)
+
+def _kernels():
+    """AnatomyDTLib.fused_kernels, imported on first use (it imports numba, ≈ 0.25 s), or None when
+    numba is missing or broken: a failed import only means the torch path."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from . import fused_kernels
+            _KERNELS = fused_kernels
+        except Exception:  # pragma: no cover - exercised only where numba cannot be imported
+            _KERNELS = False
+    return _KERNELS or None
 
 
 def fused_kernel_available() -> bool:
-    """Whether the fused kernel can run here: numba importable and not switched off by the user
-    (``ANATOMYDT_FUSED=0`` forces the torch path, e.g. to compare the two)."""
-    return numba is not None and os.environ.get(ENV_SWITCH, "1").strip() not in ("0", "false", "no", "off")
-
-
-if numba is not None:
-    # The kernel works line by line: every inner loop runs over x along one contiguous line with
-    # no branch, so that LLVM can vectorise it; the channel, face and boundary logic sits outside.
-    # Lines of grid-sized arrays are rows from the box's first x on (views [ox:]); lines
-    # of the slab's ring buffers are box-sized and indexed at x.
-
-    @njit(cache=True, fastmath=True, nogil=True)
-    def _row(p, c, z, y, z0, z1, lower, lower_start, upper, ox, y0):
-        """Row (c, z, y, ox:) of the input state: the slab's own planes from p, its neighbours'
-        planes from the copies (of the box's part of them) taken before any slab wrote."""
-        if z < z0:
-            return lower[c, z - lower_start, y - y0]
-        if z >= z1:
-            return upper[c, z - z1, y - y0]
-        return p[c, z, y, ox:]
-
-    @njit(cache=True, fastmath=True, nogil=True)
-    def _coefficient_row(field, is_field, z, y, ox, constant_row):
-        """Row (z, y, ox:) of a per-voxel coefficient (Z, Y, X), or its constant row."""
-        if is_field:
-            return field[z, y, ox:]
-        return constant_row
-
-    @njit(cache=True, fastmath=True, nogil=True)
-    def _potential_plane(p, z, z0, z1, lower, lower_start, upper, chi, cols, y0, y1, ox, nx, out):
-        """out[r] = Σ_c χ[r, c]·p[cols[c]] on plane z: the drift potential of each row of χ."""
-        zero = chi[0, 0] - chi[0, 0]
-        for r in range(chi.shape[0]):
-            for y in range(y0, y1):
-                o = out[r, y - y0]
-                for x in range(nx):
-                    o[x] = zero
-                for c in range(cols.shape[0]):
-                    w = chi[r, c]
-                    src = _row(p, cols[c], z, y, z0, z1, lower, lower_start, upper, ox, y0)
-                    for x in range(nx):
-                        o[x] += w * src[x]
-
-    @njit(cache=True, fastmath=True, nogil=True)
-    def _reaction_line(q, ly, growth, kappa, mask, fl, par, ox, nx, tmp):
-        """Logistic growth and chemotherapy on one line of q (in place), as the torch path."""
-        n_channels = q.shape[0]
-        dt, zero, one = par[_DT], par[_ZERO], par[_ONE]
-        tumour, dying, sink = fl[_TUMOUR], fl[_DYING], fl[_SINK]
-        viable = q[tumour, ly]
-        sink_line = q[sink, ly]
-        if fl[_HAS_GROWTH] == 1:
-            others, keep, grow, shrink = tmp[0], tmp[1], tmp[2], tmp[3]
-            for x in range(nx):
-                others[x] = zero
-            for c in range(n_channels):
-                if c != tumour and c != dying:
-                    line = q[c, ly]
-                    for x in range(nx):
-                        others[x] += line[x]  # the tissue share available to be displaced
-            total = tmp[4]
-            for x in range(nx):
-                total[x] = viable[x]
-            if dying >= 0:
-                dying_line = q[dying, ly]
-                for x in range(nx):
-                    total[x] += dying_line[x]
-            for x in range(nx):
-                gain = (one - total[x] / kappa[x]) * viable[x] * growth[x] * dt * mask[x]
-                shrink[x] = min(gain, zero)
-                g = min(max(gain, zero), others[x])
-                grow[x] = g
-                keep[x] = one - g / others[x] if others[x] > zero else one
-            for c in range(n_channels):
-                if c != tumour and c != dying:
-                    line = q[c, ly]
-                    for x in range(nx):
-                        line[x] *= keep[x]
-            for x in range(nx):
-                viable[x] += grow[x] + shrink[x]
-                sink_line[x] -= shrink[x]
-        if par[_CHEMO] > zero:
-            for x in range(nx):
-                killed = viable[x] * par[_CHEMO] * mask[x]
-                viable[x] -= killed
-                sink_line[x] += killed
-
-    @njit(cache=True, fastmath=True, nogil=True)
-    def _explicit_plane(p, e, z0, z1, lower, lower_start, upper, phi_ring, q, rows, growth, kappa, domain, clearable,
-                        fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp):
-        """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on plane e of the box."""
-        dt, zero = par[_DT], par[_ZERO]
-        n_channels = q.shape[0]
-        has_domain = fl[_HAS_DOMAIN] == 1
-        ones = constants[0, 0]
-        phi_c = phi_ring[e % 3]
-        for y in range(y0, y1):
-            ly = y - y0
-            for c in range(n_channels):
-                src = _row(p, c, e, y, z0, z1, lower, lower_start, upper, ox, y0)
-                dst = q[c, ly]
-                for x in range(nx):
-                    dst[x] = src[x]
-            mask = domain[e, y, ox:] if has_domain else ones
-            _reaction_line(q, ly, _coefficient_row(growth, fl[_GROWTH_FIELD] == 1, e, y, ox, constants[0, 1]),
-                           _coefficient_row(kappa, fl[_KAPPA_FIELD] == 1, e, y, ox, constants[0, 2]), mask, fl, par, ox,
-                           nx, tmp)
-            if fl[_HAS_CLEARABLE] == 1:  # clearance of the dying cells whose delay has passed
-                dying_line, sink_line = q[fl[_DYING], ly], q[fl[_SINK], ly]
-                cl = clearable[e, y, ox:]
-                for x in range(nx):
-                    cleared = cl[x] * par[_CLEAR]
-                    dying_line[x] -= cleared
-                    sink_line[x] += cleared
-            # cross-diffusion: Δt·Σ_axes (flux in through the lower face − out through the upper) / h,
-            # flux = upwind(Δφ/h); at the box border a face's neighbour is the cell itself (Δφ = 0: no flux)
-            fz = dt * par[_INV_HZ] * par[_INV_HZ]
-            fy = dt * par[_INV_HY] * par[_INV_HY]
-            fx = dt * par[_INV_HX] * par[_INV_HX]
-            below, above = max(e - 1, bz0), min(e + 1, bz1 - 1)
-            south, north = max(y - 1, y0), min(y + 1, y1 - 1)
-            mask_zl = domain[below, y, ox:] if has_domain else ones
-            mask_zu = domain[above, y, ox:] if has_domain else ones
-            mask_yl = domain[e, south, ox:] if has_domain else ones
-            mask_yu = domain[e, north, ox:] if has_domain else ones
-            x_flux = tmp[0]  # x_flux[i] = flux through the face left of cell i; x_flux[0] = x_flux[nx] = 0
-            for r in range(rows.shape[0]):
-                k = rows[r]
-                acc = q[k, ly]
-                here = _row(p, k, e, y, z0, z1, lower, lower_start, upper, ox, y0)
-                rho_zl = _row(p, k, below, y, z0, z1, lower, lower_start, upper, ox, y0)
-                rho_zu = _row(p, k, above, y, z0, z1, lower, lower_start, upper, ox, y0)
-                rho_yl = _row(p, k, e, south, z0, z1, lower, lower_start, upper, ox, y0)
-                rho_yu = _row(p, k, e, north, z0, z1, lower, lower_start, upper, ox, y0)
-                centre = phi_c[r, ly]
-                phi_zl, phi_zu = phi_ring[below % 3, r, ly], phi_ring[above % 3, r, ly]
-                phi_yl, phi_yu = phi_c[r, south - y0], phi_c[r, north - y0]
-                x_flux[0] = zero
-                x_flux[nx] = zero
-                for x in range(nx - 1):
-                    v = (centre[x + 1] - centre[x]) * mask[x] * mask[x + 1]
-                    x_flux[x + 1] = fx * (max(v, zero) * here[x] + min(v, zero) * here[x + 1])
-                for x in range(nx):
-                    m = mask[x]
-                    v_zl = (centre[x] - phi_zl[x]) * mask_zl[x] * m
-                    v_zu = (phi_zu[x] - centre[x]) * m * mask_zu[x]
-                    v_yl = (centre[x] - phi_yl[x]) * mask_yl[x] * m
-                    v_yu = (phi_yu[x] - centre[x]) * m * mask_yu[x]
-                    in_z = max(v_zl, zero) * rho_zl[x] + min(v_zl, zero) * here[x]
-                    out_z = max(v_zu, zero) * here[x] + min(v_zu, zero) * rho_zu[x]
-                    in_y = max(v_yl, zero) * rho_yl[x] + min(v_yl, zero) * here[x]
-                    out_y = max(v_yu, zero) * here[x] + min(v_yu, zero) * rho_yu[x]
-                    acc[x] += fz * (in_z - out_z) + fy * (in_y - out_y) + x_flux[x] - x_flux[x + 1]
-
-    @njit(cache=True, fastmath=True, nogil=True)
-    def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, wx, scale, fl, par, bz0, bz1,
-                     y0, y1, ox, nx, constants, lap):
-        """One Jacobi sweep u ← u + ω/(1 + Δt·c)·(rhs − u + Δt·∇·(D∇u)) on plane z of the box.
-
-        Diffused class d is channel ``channels[d]`` of the planes ``u_ring[plane % u_slots]`` and
-        channel ``rhs_channels[d]`` of ``rhs``; the result goes to ``out[d]``. Faces across the box
-        border carry no flux: the box holds every non-zero value of the diffused classes plus a
-        margin of m + 1 voxels. Face weights are D/h² (1/day) on faces (z-, y-, x-faces arrays)."""
-        dt = par[_DT]
-        field = fl[_DIFF_FIELD] == 1
-        scale_field = fl[_SCALE_FIELD] == 1
-        u_here = u_ring[z % u_slots]
-        # at the box border a face's neighbour is the cell itself: zero difference, no flux
-        below, above = max(z - 1, bz0), min(z + 1, bz1 - 1)
-        u_below, u_above = u_ring[below % u_slots], u_ring[above % u_slots]
-        zero = par[_ZERO]
-        for d in range(out.shape[0]):
-            c = channels[d]
-            for y in range(y0, y1):
-                ly = y - y0
-                south, north = max(y - 1, y0), min(y + 1, y1 - 1)
-                u = u_here[c, ly]
-                u_zl, u_zu = u_below[c, ly], u_above[c, ly]
-                u_yl, u_yu = u_here[c, south - y0], u_here[c, north - y0]
-                w_zl = _coefficient_row(wz[d], field and z > bz0, z - 1, y, ox, constants[1 + d, 0])
-                w_zu = _coefficient_row(wz[d], field and z < bz1 - 1, z, y, ox, constants[1 + d, 0])
-                w_yl = _coefficient_row(wy[d], field and y > y0, z, y - 1, ox, constants[1 + d, 1])
-                w_yu = _coefficient_row(wy[d], field and y < y1 - 1, z, y, ox, constants[1 + d, 1])
-                w_x = _coefficient_row(wx[d], field and nx > 1, z, y, ox, constants[1 + d, 2])
-                lap[0] = zero  # lap[i] = flow through the face left of cell i; lap[0] = lap[nx] = 0
-                lap[nx] = zero
-                for x in range(nx - 1):
-                    lap[x + 1] = w_x[x] * (u[x + 1] - u[x])
-                s = _coefficient_row(scale[d], scale_field, z, y, ox, constants[1 + d, 3])
-                o = out[d, ly]
-                r = rhs[rhs_channels[d], ly]
-                for x in range(nx):
-                    div = (w_zl[x] * (u_zl[x] - u[x]) + w_zu[x] * (u_zu[x] - u[x]) + w_yl[x] * (u_yl[x] - u[x])
-                           + w_yu[x] * (u_yu[x] - u[x]) + lap[x + 1] - lap[x])
-                    o[x] = u[x] + s[x] * (r[x] - u[x] + dt * div)
-
-    @njit(cache=True, fastmath=True, nogil=True, inline="always")
-    def _exchange(a, b):
-        """Compare-exchange of a sorting network: (larger, smaller)."""
-        return max(a, b), min(a, b)
-
-    @njit(cache=True, fastmath=True, nogil=True, inline="always")
-    def _threshold_candidate(running, theta, u_j, reciprocal, one):
-        """One step j of the threshold search: running sum of the sorted values, c_j, and θ = c_j
-        if u_j > c_j (``reciprocal`` = 1/j)."""
-        running = running + u_j
-        c_j = (running - one) * reciprocal
-        return running, (c_j if u_j > c_j else theta)
-
-    @njit(cache=True, fastmath=True, nogil=True)
-    def _threshold_network(lanes, theta, nx, one, reciprocals):
-        """θ of the simplex projection for up to 8 classes per voxel: the lanes sorted in registers by
-        Batcher's 19-comparator network (branch-free, so the x loop vectorises), then
-        θ = c_ρ with c_j = (Σ_{i<=j} u_i − 1)/j and ρ the last j with u_j > c_j. Rows of ``lanes``
-        beyond the class count hold −1e30: they sort last and never satisfy u_j > c_j."""
-        r2, r3, r4, r5 = reciprocals[1], reciprocals[2], reciprocals[3], reciprocals[4]
-        r6, r7, r8 = reciprocals[5], reciprocals[6], reciprocals[7]
-        for x in range(nx):
-            v0, v1, v2, v3 = lanes[0, x], lanes[1, x], lanes[2, x], lanes[3, x]
-            v4, v5, v6, v7 = lanes[4, x], lanes[5, x], lanes[6, x], lanes[7, x]
-            v0, v1 = _exchange(v0, v1)
-            v2, v3 = _exchange(v2, v3)
-            v4, v5 = _exchange(v4, v5)
-            v6, v7 = _exchange(v6, v7)
-            v0, v2 = _exchange(v0, v2)
-            v1, v3 = _exchange(v1, v3)
-            v4, v6 = _exchange(v4, v6)
-            v5, v7 = _exchange(v5, v7)
-            v1, v2 = _exchange(v1, v2)
-            v5, v6 = _exchange(v5, v6)
-            v0, v4 = _exchange(v0, v4)
-            v1, v5 = _exchange(v1, v5)
-            v2, v6 = _exchange(v2, v6)
-            v3, v7 = _exchange(v3, v7)
-            v2, v4 = _exchange(v2, v4)
-            v3, v5 = _exchange(v3, v5)
-            v1, v2 = _exchange(v1, v2)
-            v3, v4 = _exchange(v3, v4)
-            v5, v6 = _exchange(v5, v6)
-            run, th = v0, v0 - one  # j = 1: c_1 = u_1 - 1 always qualifies
-            run, th = _threshold_candidate(run, th, v1, r2, one)
-            run, th = _threshold_candidate(run, th, v2, r3, one)
-            run, th = _threshold_candidate(run, th, v3, r4, one)
-            run, th = _threshold_candidate(run, th, v4, r5, one)
-            run, th = _threshold_candidate(run, th, v5, r6, one)
-            run, th = _threshold_candidate(run, th, v6, r7, one)
-            run, th = _threshold_candidate(run, th, v7, r8, one)
-            theta[x] = th
-
-    @njit(cache=True, fastmath=True, nogil=True)
-    def _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals):
-        """θ of the simplex projection for any class count (odd-even transposition sort of a copy)."""
-        order = lanes[n_channels:2 * n_channels]
-        for c in range(n_channels):
-            for x in range(nx):
-                order[c, x] = lanes[c, x]
-        for rnd in range(n_channels):
-            for i in range(rnd % 2, n_channels - 1, 2):
-                a, b = order[i], order[i + 1]
-                for x in range(nx):
-                    hi = max(a[x], b[x])
-                    lo = min(a[x], b[x])
-                    a[x] = hi
-                    b[x] = lo
-        for x in range(nx):
-            running[x] = order[0, x]
-            theta[x] = order[0, x] - one
-        for j in range(1, n_channels):
-            u_j = order[j]
-            count = reciprocals[j]  # 1 / (j + 1) in the state's dtype
-            for x in range(nx):
-                running[x] += u_j[x]
-                c_j = (running[x] - one) * count
-                theta[x] = c_j if u_j[x] > c_j else theta[x]
-
-    @njit(cache=True, fastmath=True, nogil=True)
-    def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, y1, ox, nx, constants, lanes,
-                      tmp, reciprocals):
-        """Write plane z back into p: diffused classes from the last sweep, the others from q. The
-        voxels that left the simplex (channel sum off 1 by more than the slack, or a negative value)
-        are projected — θ from a sorting network, as :func:`AnatomyDTLib.simplex.simplex_threshold`
-        — the others are written as computed; outside the domain nothing changes."""
-        n_channels = q.shape[0]
-        dying = fl[_DYING]
-        slack, zero, one = par[_SLACK], par[_ZERO], par[_ONE]
-        has_domain = fl[_HAS_DOMAIN] == 1
-        ones = constants[0, 0]
-        total, smallest, theta, running, project = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4]
-        for y in range(y0, y1):
-            ly = y - y0
-            for c in range(n_channels):
-                d = is_diffused[c]
-                src = u_last[d, ly] if d >= 0 else q[c, ly]
-                lane = lanes[c]
-                for x in range(nx):
-                    lane[x] = src[x]
-            if dying >= 0:  # the integrator rescales delayed-death cohorts by the projection
-                out = dying_out[z, y, ox:]
-                for x in range(nx):
-                    out[x] = lanes[dying, x]
-            for x in range(nx):
-                total[x] = lanes[0, x]
-                smallest[x] = lanes[0, x]
-            for c in range(1, n_channels):
-                for x in range(nx):
-                    total[x] += lanes[c, x]
-                    smallest[x] = min(smallest[x], lanes[c, x])
-            if n_channels <= _NETWORK_LANES:
-                _threshold_network(lanes, theta, nx, one, reciprocals)
-            else:
-                _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals)
-            mask = domain[z, y, ox:] if has_domain else ones
-            for x in range(nx):  # project: 1 where the voxel left the simplex inside the domain, else 0
-                off = abs(total[x] - one) > slack or smallest[x] < zero
-                project[x] = one if (off and mask[x] > zero) else zero
-            # Outside the domain every term is masked, so the lanes equal p there exactly: writing
-            # them unprojected leaves p unchanged. The blend is exact for project in {0, 1}.
-            for c in range(n_channels):
-                dst = p[c, z, y, ox:]
-                lane = lanes[c]
-                for x in range(nx):
-                    dst[x] = project[x] * max(lane[x] - theta[x], zero) + (one - project[x]) * lane[x]
-
-    @njit(cache=True, fastmath=True, nogil=True)
-    def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, domain, clearable, diffused,
-                  is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants):
-        """Advance the output planes [z0, z1) of the box by one step (the pipeline of the module
-        docstring): explicit part at plane e, sweep s at e - s, output at e - max(m, 1)."""
-        bz0, bz1, y0, y1, ox, x1 = box[0], box[1], box[2], box[3], box[4], box[5]
-        ny, nx = y1 - y0, x1 - ox
-        n_channels = p.shape[0]
-        m = fl[_SWEEPS]
-        lag = max(m, 1)
-        q_slots = max(lag, 2) + 1
-        kd = max(diffused.shape[0], 1)
-        q_ring = np.empty((q_slots, n_channels, ny, nx), dtype=p.dtype)
-        phi_ring = np.empty((3, max(rows.shape[0], 1), ny, nx), dtype=p.dtype)
-        u_ring = np.empty((lag, 3, kd, ny, nx), dtype=p.dtype)  # u_s of sweep s = 1..m
-        identity = np.arange(kd)
-        tmp = np.zeros((6, nx + 1), dtype=p.dtype)
-        lanes = np.full((max(2 * n_channels, _NETWORK_LANES), nx), -1e30, dtype=p.dtype)  # see _threshold_network
-        reciprocals = np.empty(max(n_channels, _NETWORK_LANES), dtype=p.dtype)
-        for j in range(reciprocals.shape[0]):
-            reciprocals[j] = 1.0 / (j + 1)
-        lower_start = z0 - lower.shape[1]
-        e_first = max(z0 - m, bz0)
-        e_stop = min(z1 + m, bz1)
-        has_cross = rows.shape[0] > 0
-        if has_cross:  # potentials of the planes the first explicit plane needs
-            for z in range(max(e_first - 1, bz0), min(e_first + 1, bz1)):
-                _potential_plane(p, z, z0, z1, lower, lower_start, upper, chi, cols, y0, y1, ox, nx, phi_ring[z % 3])
-        for e in range(z0 - m, z1 + lag):
-            if e_first <= e < e_stop:
-                if has_cross and e + 1 < bz1:
-                    _potential_plane(p, e + 1, z0, z1, lower, lower_start, upper, chi, cols, y0, y1, ox, nx,
-                                     phi_ring[(e + 1) % 3])
-                _explicit_plane(p, e, z0, z1, lower, lower_start, upper, phi_ring, q_ring[e % q_slots], rows, growth,
-                                kappa, domain, clearable, fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp)
-            for s in range(1, m + 1):
-                zs = e - s
-                if zs < max(z0 - (m - s), bz0) or zs >= min(z1 + (m - s), bz1):
-                    continue
-                if s == 1:  # u_0 = rhs = q, read through the diffused channels
-                    _sweep_plane(zs, q_ring, q_slots, diffused, q_ring[zs % q_slots], diffused, u_ring[0, zs % 3],
-                                 wz, wy, wx, scale, fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp[0])
-                else:
-                    _sweep_plane(zs, u_ring[s - 2], 3, identity, q_ring[zs % q_slots], diffused,
-                                 u_ring[s - 1, zs % 3], wz, wy, wx, scale, fl, par, bz0, bz1, y0, y1, ox, nx,
-                                 constants, tmp[0])
-            zf = e - lag
-            if z0 <= zf < z1:
-                _finish_plane(zf, q_ring[zf % q_slots], u_ring[lag - 1, zf % 3], p, dying_out, is_diffused, domain,
-                              fl, par, y0, y1, ox, nx, constants, lanes, tmp, reciprocals)
-
-    @njit(cache=True, fastmath=True, nogil=True, parallel=True)
-    def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffused, is_diffused, wz, wy, wx,
-                    scale, dying_out, fl, par, constants):
-        """One IMEX step of a (C, Z, Y, X) state, in place, on ``box`` = (z0, z1, y0, y1, x0, x1):
-        one slab of planes per thread, each with copies of the input planes it reads beyond its own
-        range (taken before any slab writes)."""
-        bz0, bz1 = box[0], box[1]
-        halo = fl[_SWEEPS] + 1
-        n_planes = bz1 - bz0
-        slabs = max(1, min(fl[_THREADS], n_planes // (4 * halo)))
-        starts = np.empty(slabs + 1, dtype=np.int64)
-        for i in range(slabs + 1):
-            starts[i] = bz0 + (n_planes * i) // slabs
-        y0, y1, x0, x1 = box[2], box[3], box[4], box[5]
-        n_channels = p.shape[0]
-        lowers = np.empty((slabs, n_channels, halo, y1 - y0, x1 - x0), dtype=p.dtype)
-        uppers = np.empty((slabs, n_channels, halo, y1 - y0, x1 - x0), dtype=p.dtype)
-        for i in prange(slabs):  # only planes inside the box are ever read
-            for h in range(halo):
-                below = starts[i] - halo + h
-                if bz0 <= below:
-                    lowers[i, :, h] = p[:, below, y0:y1, x0:x1]
-                above = starts[i + 1] + h
-                if above < bz1:
-                    uppers[i, :, h] = p[:, above, y0:y1, x0:x1]
-        for i in prange(slabs):
-            _run_slab(p, starts[i], starts[i + 1], lowers[i], uppers[i], box, chi, rows, cols, growth, kappa, domain,
-                      clearable, diffused, is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants)
-
-
-if numba is not None:
-
-    @njit(cache=True, fastmath=True, nogil=True, parallel=True)
-    def _floor_and_bound(p, channels, window, floor, out):
-        """For each listed channel: set values of magnitude below ``floor`` to zero (in place) inside
-        ``window`` = (z0, z1, y0, y1, x0, x1), and write the bounding box of its non-zero voxels
-        there as out[i] = (z0, z1, y0, y1, x0, x1) in grid indices (z1 = 0 when there are none)."""
-        wz0, wz1, wy0, wy1, wx0, wx1 = window[0], window[1], window[2], window[3], window[4], window[5]
-        n_planes = wz1 - wz0
-        n = channels.shape[0]
-        rows_lo = np.full((n_planes, n), wy1, dtype=np.int64)
-        rows_hi = np.full((n_planes, n), -1, dtype=np.int64)
-        cols_lo = np.full((n_planes, n), wx1, dtype=np.int64)
-        cols_hi = np.full((n_planes, n), -1, dtype=np.int64)
-        zero = p[0, 0, 0, 0] - p[0, 0, 0, 0]
-        for i in prange(n_planes):
-            z = wz0 + i
-            for j in range(n):
-                plane = p[channels[j], z]
-                for y in range(wy0, wy1):
-                    row = plane[y, wx0:]
-                    first, last = wx1, -1
-                    for x in range(wx1 - wx0):
-                        v = row[x]
-                        keep = abs(v) >= floor
-                        row[x] = v if keep else zero
-                        first = min(first, x + wx0 if keep else wx1)
-                        last = max(last, x + wx0 if keep else -1)
-                    if last >= 0:
-                        rows_lo[i, j] = min(rows_lo[i, j], y)
-                        rows_hi[i, j] = y
-                        cols_lo[i, j] = min(cols_lo[i, j], first)
-                        cols_hi[i, j] = max(cols_hi[i, j], last)
-        for j in range(n):
-            box = np.array([wz1, -1, wy1, -1, wx1, -1])
-            for i in range(n_planes):
-                if rows_hi[i, j] >= 0:
-                    box[0] = min(box[0], wz0 + i)
-                    box[1] = max(box[1], wz0 + i)
-                    box[2] = min(box[2], rows_lo[i, j])
-                    box[3] = max(box[3], rows_hi[i, j])
-                    box[4] = min(box[4], cols_lo[i, j])
-                    box[5] = max(box[5], cols_hi[i, j])
-            if box[1] < 0:
-                out[j, :] = 0
-            else:
-                out[j, 0], out[j, 1] = box[0], box[1] + 1
-                out[j, 2], out[j, 3] = box[2], box[3] + 1
-                out[j, 4], out[j, 5] = box[4], box[5] + 1
+    """Whether the fused kernel can run here: not switched off by the user (``ANATOMYDT_FUSED=0``
+    forces the torch path, e.g. to compare the two) and numba importable."""
+    if os.environ.get(ENV_SWITCH, "1").strip() in ("0", "false", "no", "off"):
+        return False
+    return _kernels() is not None
 
 
 def floored_supports_(p: torch.Tensor, channels: list[int], window, floor: float) -> dict | None:
@@ -534,7 +88,8 @@ def floored_supports_(p: torch.Tensor, channels: list[int], window, floor: float
     merged: dict = {c: None for c in channels}
     out = np.zeros((len(channels), 6), dtype=np.int64)
     for b in range(p.shape[0]):
-        _floor_and_bound(_as_numpy(p[b]), np.asarray(channels, dtype=np.int64), window_array, float(floor), out)
+        _kernels()._floor_and_bound(_as_numpy(p[b]), np.asarray(channels, dtype=np.int64), window_array,
+                                    float(floor), out)
         for j, c in enumerate(channels):
             if out[j, 1] > out[j, 0]:
                 box = (slice(int(out[j, 0]), int(out[j, 1])), slice(int(out[j, 2]), int(out[j, 3])),
@@ -566,9 +121,10 @@ class FusedStep:
         self.stepper = stepper
         self.threads = torch.get_num_threads()  # slabs run in parallel (the solver may lower torch's own count)
         pr = stepper.pr
-        self.usable = (fused_kernel_available() and stepper.device.type == "cpu"
-                       and stepper.dtype in (torch.float32, torch.float64) and pr.reaction_hook is None
-                       and stepper.cross_rows is not None and len(stepper.shape) == 5)
+        # cheap conditions first: a solve that cannot use the kernel never imports numba
+        self.usable = (stepper.device.type == "cpu" and stepper.dtype in (torch.float32, torch.float64)
+                       and pr.reaction_hook is None and stepper.cross_rows is not None and len(stepper.shape) == 5
+                       and fused_kernel_available())
         if not self.usable:
             return
         np_dtype = np.float32 if stepper.dtype == torch.float32 else np.float64
@@ -647,8 +203,11 @@ class FusedStep:
         clearance = 0.0
         if clearable is not None:
             clearance = 1.0 - math.exp(-pr.plan.radiotherapy.delayed_death.clearance_rate_per_day * dt)
-        par = np.array([dt, pr.omega, 1.0 - math.exp(-chemo_rate * dt) if chemo_rate > 0 else 0.0, clearance,
-                        st.slack, 1.0 / spacing[0], 1.0 / spacing[1], 1.0 / spacing[2], 0.0, 1.0], dtype=self.np_dtype)
+        kernels = _kernels()
+        par = kernels.parameter_array(self.np_dtype, dt=dt, omega=pr.omega,
+                                      chemo_fraction=1.0 - math.exp(-chemo_rate * dt) if chemo_rate > 0 else 0.0,
+                                      clearance_fraction=clearance, slack=st.slack,
+                                      inverse_spacing=[1.0 / h for h in spacing])
         box_array = np.array([box[0].start, box[0].stop, box[1].start, box[1].stop, box[2].start, box[2].stop],
                              dtype=np.int64)
         growth, growth_field = self.growth
@@ -667,10 +226,12 @@ class FusedStep:
             domain = self.dummy3 if self.domain is None else self._item(self.domain, b, True)
             clear = self.dummy3 if clearable is None else self._item(clearable, b, True)
             dying = self.dummy3 if dying_out is None else _as_numpy(dying_out[b, 0])
-            fl = np.array([pr.tumour, -1 if pr.dying is None else pr.dying, pr.sink, int(self.has_growth),
-                           int(growth_field), int(kappa_field), int(self.domain is not None), int(clearable is not None),
-                           int(diff_field), int(scale_field), self.sweeps, _kernel_threads(self.threads)], dtype=np.int64)
-            _fused_step(_as_numpy(p[b]), box_array, self.chi, self.rows, self.cols, growth_b, kappa_b, domain, clear,
+            fl = kernels.flag_array(tumour=pr.tumour, dying=-1 if pr.dying is None else pr.dying, sink=pr.sink,
+                                    has_growth=self.has_growth, growth_field=growth_field, kappa_field=kappa_field,
+                                    has_domain=self.domain is not None, has_clearable=clearable is not None,
+                                    diffusion_field=diff_field, scale_field=scale_field, sweeps=self.sweeps,
+                                    threads=_kernel_threads(self.threads))
+            kernels._fused_step(_as_numpy(p[b]), box_array, self.chi, self.rows, self.cols, growth_b, kappa_b, domain, clear,
                         self.diffused, self.is_diffused, wz, wy, wx, scale, dying, fl, par, constants)
 
 

@@ -188,3 +188,20 @@ def test_many_classes_and_no_diffusion_take_the_kernels_other_branches(monkeypat
     fast = _run(p0, monkeypatch, True, threads=2, **still)
     _assert_agree(fast, _run(p0, monkeypatch, False, **still), 1e-12)
     assert float((fast[-1] - p0).abs().max()) > 1e-4
+
+
+def test_a_solve_that_cannot_use_the_kernel_does_not_import_numba():
+    """The learned model's forecasts (a reaction hook) never take the fused path, so they must not
+    pay numba's import; checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from AnatomyDTLib import simulate\n"
+            "p0 = torch.zeros(5, 8, 8, 8); p0[0] = 1; p0[0, 3:5, 3:5, 3:5] = 0; p0[1, 3:5, 3:5, 3:5] = 1\n"
+            "with torch.no_grad():\n"
+            "    simulate(p0, spacing=(1, 1, 1), days=2.0, dt=1.0, diffusion=[0, 0.1, 0, 0, 0],\n"
+            "             reaction_hook=lambda p, t: torch.zeros_like(p))\n"
+            "print('numba' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"

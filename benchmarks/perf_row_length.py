@@ -28,10 +28,10 @@ SHAPES_ZYX = ((155, 240, 76), (155, 76, 240), (76, 155, 240))
 
 def kernel_step_seconds(shape_zyx, days: float = 4.0) -> float:
     """Median time of the fused kernel's call per step (the first step excluded) on the dense case."""
-    from AnatomyDTLib import fused, simulate
+    from AnatomyDTLib import fused_kernels, simulate
 
     p0, kwargs = pr._dense_problem(shape_zyx)
-    original = fused._fused_step
+    original = fused_kernels._fused_step
     times = []
 
     def timed(*args):
@@ -39,12 +39,12 @@ def kernel_step_seconds(shape_zyx, days: float = 4.0) -> float:
         original(*args)
         times.append(time.perf_counter() - t0)
 
-    fused._fused_step = timed
+    fused_kernels._fused_step = timed
     try:
         with torch.no_grad():
             simulate(p0, spacing=(1.0, 1.0, 1.0), days=days, **kwargs)
     finally:
-        fused._fused_step = original
+        fused_kernels._fused_step = original
     return statistics.median(times[1:])
 
 
