@@ -272,6 +272,19 @@ def test_config_validation_names_the_problem():
     assert Config.from_dict({}).model["spatial_alpha"] is True
 
 
+def test_every_shipped_configuration_loads():
+    """configs/*.json are what the docs' commands use: each must pass validation as shipped."""
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
+    assert len(paths) >= 6, paths
+    for path in paths:
+        Config.load(path)  # raises ParameterError naming the file and key on any drift
+    table2 = Config.load(paths[0].parent / "voronoi_table2.json")
+    full = Config.load(paths[0].parent / "voronoi.json")
+    assert table2.training["epochs"] == 3 and table2.model == full.model and table2.loss == full.loss
+
+
 # --------------------------------------------------------------------------------------------
 # the model can learn
 # --------------------------------------------------------------------------------------------
