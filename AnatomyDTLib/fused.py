@@ -202,7 +202,7 @@ class FusedStep:
         spacing = st.spacing
         clearance = 0.0
         if clearable is not None:
-            clearance = 1.0 - math.exp(-pr.plan.radiotherapy.delayed_death.clearance_rate_per_day * dt)
+            clearance = 1.0 - math.exp(-pr.clearance_rate_per_day * dt)
         kernels = _kernels()
         par = kernels.parameter_array(self.np_dtype, dt=dt, omega=pr.omega,
                                       chemo_fraction=1.0 - math.exp(-chemo_rate * dt) if chemo_rate > 0 else 0.0,

@@ -274,7 +274,7 @@ class InferenceStepper:
             p[:, pr.tumour:pr.tumour + 1] -= killed
             p[:, pr.sink:pr.sink + 1] += killed
         if clearable is not None:
-            rate = pr.plan.radiotherapy.delayed_death.clearance_rate_per_day
+            rate = pr.clearance_rate_per_day
             cleared = clearable * (1.0 - math.exp(-rate * dt))
             p[:, pr.dying:pr.dying + 1] -= cleared
             p[:, pr.sink:pr.sink + 1] += cleared

@@ -54,6 +54,7 @@ SIMPLEX_TOLERANCE = 1e-3
 """How far p0 may be from the simplex (per voxel) before we refuse it rather than project it."""
 
 _EVENT_TIME_TOLERANCE = 1e-9  # days
+_COHORT_FLOOR = 1e-15  # probability: dying mass below this is not tracked per cohort (see _rescale_cohorts)
 
 MAX_CROSS_DIFFUSION_SUBSTEPS = 64
 """The most sub-steps a step is divided into to keep the explicit cross-diffusion stable."""
@@ -234,6 +235,34 @@ class _Cohort:
 
 
 @dataclass
+class DyingCompartment:
+    """Delayed death's hidden state: lethally irradiated tumour cells that are still visible.
+
+    A scan shows them as tumour, yet they will clear instead of growing. ``simulate(...,
+    return_dying=True)`` returns this state at its last output day, and ``simulate(..., dying=...)``
+    starts from it, so that a forecast restarted from a later scan (calibration) does not count
+    cells killed before that scan as living tumour.
+
+    Attributes:
+        dying: (B|1, 1, *S) probability of dying cells, a part of the visible tumour channel.
+        pending: cohorts still in their delay, as (days until their clearance starts, mass
+            (B|1, 1, *S)), days counted from the state's day; each mass is a part of ``dying``.
+        clearance_rate_per_day: rate (1/day) at which dying cells clear once their delay has
+            passed (ln 2 / half-life in days).
+    """
+
+    dying: torch.Tensor
+    pending: list[tuple[float, torch.Tensor]]
+    clearance_rate_per_day: float
+
+    @property
+    def clearing(self) -> torch.Tensor:
+        """The part of ``dying`` whose delay has passed: it clears now (probability, (B|1, 1, *S))."""
+        pending = sum((mass for _, mass in self.pending), torch.zeros_like(self.dying))
+        return torch.clamp(self.dying - pending, min=0.0)
+
+
+@dataclass
 class _Problem:
     """Everything one solve needs, validated and shaped for the grid."""
 
@@ -257,6 +286,7 @@ class _Problem:
     dose_per_fraction: torch.Tensor | float = 0.0
     diffusion_coefficients: torch.Tensor | None = None  # (B|1, num_channels, *S|1...) D in mm²/day
     max_step: float | None = None  # days; the stability limit of the explicit cross-diffusion, if below dt
+    clearance_rate_per_day: float = 0.0  # of dying cells after their delay (plan's delayed death or carried state)
 
 
 def _extended_diffusion(d: torch.Tensor, num_channels: int) -> torch.Tensor:
@@ -314,10 +344,33 @@ def _grid_array(value, grid: Grid, what: str) -> torch.Tensor:
     return torch.as_tensor(arr.astype(np.float64), dtype=grid.dtype, device=grid.device).reshape((1, 1) + grid.spatial_shape)
 
 
-def _build_problem(grid: Grid, *, diffusion, growth_rate, carrying_capacity, cross_diffusion, tumour: int, sink: int,
-                   plan: TreatmentPlan, mask, schema, reaction_hook, jacobi_iters, omega, jacobi_variant) -> _Problem:
+def _clearance_rate(plan: TreatmentPlan, carried: DyingCompartment | None) -> float | None:
+    """Clearance rate (1/day) of the dying channel, or None when the solve has no dying channel.
+
+    The channel exists when the plan models delayed death or a dying compartment is carried in;
+    with both, their clearance rates must agree (one rate per channel)."""
     rt = plan.radiotherapy
-    delayed = rt is not None and rt.delayed_death is not None
+    planned = rt.delayed_death.clearance_rate_per_day if rt is not None and rt.delayed_death is not None else None
+    if carried is None:
+        return planned
+    if rt is not None and planned is None:
+        raise ParameterError("A dying compartment was carried in, but the plan's radiotherapy does not model delayed "
+                             "death: its kills would have no delay. Add radiotherapy.delayed_death to the plan.")
+    rate = float(carried.clearance_rate_per_day)
+    if not (math.isfinite(rate) and rate > 0):
+        raise ParameterError(f"The carried dying compartment's clearance rate must be > 0 per day, got {rate!r}.")
+    if planned is not None and abs(planned - rate) > 1e-9 * max(planned, rate):
+        raise ParameterError(f"The carried dying compartment clears at {rate:g}/day but the plan's delayed death at "
+                             f"{planned:g}/day; give both the same half-life.")
+    return rate
+
+
+def _build_problem(grid: Grid, *, diffusion, growth_rate, carrying_capacity, cross_diffusion, tumour: int, sink: int,
+                   plan: TreatmentPlan, mask, schema, reaction_hook, jacobi_iters, omega, jacobi_variant,
+                   carried: DyingCompartment | None = None) -> _Problem:
+    rt = plan.radiotherapy
+    clearance_rate = _clearance_rate(plan, carried)
+    delayed = clearance_rate is not None
     num_channels = grid.num_classes + (1 if delayed else 0)
     dying = grid.num_classes if delayed else None
     domain = _mask_field(mask, grid)
@@ -336,7 +389,8 @@ def _build_problem(grid: Grid, *, diffusion, growth_rate, carrying_capacity, cro
     kappa = _coefficient_field(carrying_capacity, "carrying_capacity", "(probability)", grid, per_class=False,
                                strictly_positive=True, maximum=1.0)
     problem = _Problem(grid, num_channels, tumour, sink, dying, operator, cross, alpha, kappa, domain, plan, schema,
-                       reaction_hook, jacobi_iters, omega, jacobi_variant, diffusion_coefficients=d)
+                       reaction_hook, jacobi_iters, omega, jacobi_variant, diffusion_coefficients=d,
+                       clearance_rate_per_day=clearance_rate or 0.0)
     for surgery in plan.surgeries:
         if surgery.resection_mask is not None:
             removal = _grid_array(surgery.resection_mask, grid, "resection mask")
@@ -415,8 +469,7 @@ def _explicit_reaction(problem: _Problem, p: torch.Tensor, t: float, dt: float, 
     if chemo_rate > 0:
         q = tx.exponential_kill(q, chemo_rate, dt, problem.tumour, problem.sink, problem.domain)
     if clearable is not None:
-        q, _ = tx.clear_dying(q, clearable, problem.plan.radiotherapy.delayed_death.clearance_rate_per_day, dt,
-                              problem.dying, problem.sink)
+        q, _ = tx.clear_dying(q, clearable, problem.clearance_rate_per_day, dt, problem.dying, problem.sink)
     if problem.reaction_hook is not None:
         visible = _visible(problem, p)
         extra = problem.reaction_hook(visible, t)
@@ -452,12 +505,13 @@ def _visible(problem: _Problem, p: torch.Tensor) -> torch.Tensor:
 class _Integrator:
     """Time loop: splits steps at events, applies them, records the requested days."""
 
-    def __init__(self, problem: _Problem, dt: float, use_checkpoint: bool, progress):
+    def __init__(self, problem: _Problem, dt: float, use_checkpoint: bool, progress, cohorts=()):
         self.problem = problem
         self.dt = dt
         self.use_checkpoint = use_checkpoint
         self.progress = progress
-        self.cohorts: list[_Cohort] = []
+        self.cohorts: list[_Cohort] = list(cohorts)  # carried-in cohorts first, then one per fraction
+        self.final_state: torch.Tensor | None = None  # every channel (dying included) at the horizon
         self.stepper = None  # the buffer-reusing no-grad path, set up in run() when gradients are off
 
     # -- events ---------------------------------------------------------------------------
@@ -510,7 +564,10 @@ class _Integrator:
         """Keep pending cohorts a consistent part of the dying channel after it was rescaled."""
         if not self.cohorts:
             return
-        ratio = torch.where(before > 0, after / torch.where(before > 0, before, torch.ones_like(before)), torch.zeros_like(before))
+        # Below _COHORT_FLOOR the cohorts are negligible and the ratio is set to 0: dividing by a
+        # tiny (denormal) value would make the backward pass's 1/before² overflow to NaN.
+        live = before > _COHORT_FLOOR
+        ratio = torch.where(live, after / torch.where(live, before, torch.ones_like(before)), torch.zeros_like(before))
         for cohort in self.cohorts:
             cohort.mass = cohort.mass * ratio
 
@@ -572,7 +629,8 @@ class _Integrator:
     def _run(self, p: torch.Tensor, output_days: list[float]) -> list[torch.Tensor]:
         horizon = output_days[-1]
         plan = self.problem.plan
-        cuts = {0.0, horizon, *[d for d in output_days if d < horizon], *plan.breakpoints(horizon)}
+        cuts = {0.0, horizon, *[d for d in output_days if d < horizon], *plan.breakpoints(horizon),
+                *[c.expiry_day for c in self.cohorts]}  # a carried cohort starts clearing on its day
         cuts = sorted(c for c in cuts if 0.0 <= c <= horizon)
         snapshots: dict[int, torch.Tensor] = {}
         pending_outputs = list(enumerate(output_days))
@@ -592,7 +650,19 @@ class _Integrator:
                     self.progress(t0 + (s + 1) * h, horizon)  # may raise Cancelled to stop the run
         for index, _ in pending_outputs:  # output days equal to the horizon
             snapshots[index] = _visible(self.problem, p).clone()
+        self.final_state = p
         return [snapshots[i] for i in range(len(output_days))]
+
+    def dying_compartment(self, horizon: float) -> DyingCompartment | None:
+        """The dying channel and its cohorts still in their delay at ``horizon``, on a day axis
+        that starts there (see :class:`DyingCompartment`); None without a dying channel."""
+        pr = self.problem
+        if pr.dying is None or self.final_state is None:
+            return None
+        pending = [(c.expiry_day - horizon, c.mass.clone()) for c in self.cohorts
+                   if c.expiry_day > horizon + _EVENT_TIME_TOLERANCE]
+        return DyingCompartment(self.final_state[:, pr.dying:pr.dying + 1].clone(), pending,
+                                pr.clearance_rate_per_day)
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,7 +673,8 @@ def simulate(p0, *, spacing, days, dt, diffusion, growth_rate=0.0, carrying_capa
              tumor_class: int = 1, plan=None, mask=None, jacobi_iters: int = 2, omega: float = 1.0,
              return_trajectory: bool = False, schema: ClassSchema | None = None, removed_class: int | None = None,
              reaction_hook: ReactionHook | None = None, jacobi_variant: str = "conservative",
-             checkpoint: bool = False, progress: Callable[[float, float], None] | None = None) -> torch.Tensor:
+             checkpoint: bool = False, progress: Callable[[float, float], None] | None = None,
+             dying: DyingCompartment | None = None, return_dying: bool = False):
     """Evolve an anatomy probability field by Eq. 2 with the IMEX scheme.
 
     Args:
@@ -639,10 +710,17 @@ def simulate(p0, *, spacing, days, dt, diffusion, growth_rate=0.0, carrying_capa
         checkpoint: recompute each step's transport in the backward pass (bounded memory).
         progress: optional callback ``progress(day_reached, horizon)`` after every step; it may raise
             :class:`~AnatomyDTLib.errors.Cancelled` to stop the run.
+        dying: a :class:`DyingCompartment` carried in from an earlier solve: the part of p0's
+            tumour that is lethally hit and will clear (its ``dying`` at most p0's tumour, on
+            p0's grid and batch). Needs a plan whose radiotherapy, if any, models delayed death
+            with the same clearance rate.
+        return_dying: also return the dying compartment at the last output day (None when the
+            solve has no dying channel), to carry into a later solve.
 
     Returns:
         The field at the last output day, shaped like p0; with ``return_trajectory`` a tensor
-        (len(days), *p0.shape). Every voxel is on the simplex.
+        (len(days), *p0.shape). Every voxel is on the simplex. With ``return_dying`` a pair
+        (that result, :class:`DyingCompartment` or None).
     """
     spacing = _check_spacing(spacing)
     p, batched = _as_batched_field(p0, spacing)
@@ -666,14 +744,56 @@ def simulate(p0, *, spacing, days, dt, diffusion, growth_rate=0.0, carrying_capa
     problem = _build_problem(grid, diffusion=diffusion, growth_rate=growth_rate, carrying_capacity=carrying_capacity,
                              cross_diffusion=cross_diffusion, tumour=tumor_class, sink=sink, plan=treatment, mask=mask,
                              schema=schema, reaction_hook=reaction_hook, jacobi_iters=jacobi_iters, omega=float(omega),
-                             jacobi_variant=jacobi_variant)
+                             jacobi_variant=jacobi_variant, carried=dying)
     _limit_cross_diffusion_step(problem, float(dt))
-    state = p
-    if problem.dying is not None:
-        state = torch.cat([p, torch.zeros_like(p[:, :1])], dim=1)
-    snapshots = _Integrator(problem, float(dt), checkpoint, progress).run(state, output_days)
+    state, cohorts = _initial_state(problem, p, dying, batched)
+    integrator = _Integrator(problem, float(dt), checkpoint, progress, cohorts)
+    snapshots = integrator.run(state, output_days)
     if not batched:
         snapshots = [s[0] for s in snapshots]
-    if return_trajectory:
-        return torch.stack(snapshots)
-    return snapshots[-1]
+    result = torch.stack(snapshots) if return_trajectory else snapshots[-1]
+    if not return_dying:
+        return result
+    carried = integrator.dying_compartment(output_days[-1])
+    if carried is not None and not batched:
+        carried = DyingCompartment(carried.dying[0], [(d, m[0]) for d, m in carried.pending],
+                                   carried.clearance_rate_per_day)
+    return result, carried
+
+
+def _initial_state(problem: _Problem, p: torch.Tensor, carried: DyingCompartment | None,
+                   batched: bool) -> tuple[torch.Tensor, list[_Cohort]]:
+    """The solver's state at day 0 (the K classes, plus the dying channel when there is one) and
+    the carried cohorts still in their delay. A carried ``dying`` moves out of the tumour channel."""
+    if problem.dying is None:
+        return p, []
+    if carried is None:
+        return torch.cat([p, torch.zeros_like(p[:, :1])], dim=1), []
+
+    def as_channel(t, what: str) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=p.dtype, device=p.device)
+        if not batched:
+            t = t[None]
+        if t.dim() != p.dim() or t.shape[1] != 1 or tuple(t.shape[2:]) != tuple(p.shape[2:]) \
+                or t.shape[0] not in (1, p.shape[0]):
+            raise InputError(f"The carried {what} has shape {tuple(t.shape[0 if batched else 1:])}; it must be "
+                             f"{'(B|1, 1, *S)' if batched else '(1, *S)'} on p0's grid {tuple(p.shape[2:])}.")
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise InputError(f"The carried {what} must be finite and >= 0.")
+        return t.expand(p.shape[0], *t.shape[1:])
+
+    dying = as_channel(carried.dying, "dying compartment")
+    tumour = p[:, problem.tumour:problem.tumour + 1]
+    excess = float((dying - tumour).max())
+    if excess > SIMPLEX_TOLERANCE:
+        raise InputError(f"The carried dying compartment exceeds p0's tumour by up to {excess:.3g}: dying cells are a "
+                         "part of the visible tumour. Scale it to the tumour it belongs to.")
+    dying = torch.minimum(dying, tumour)
+    viable = tumour - dying
+    state = torch.cat([p[:, :problem.tumour], viable, p[:, problem.tumour + 1:], dying], dim=1)
+    cohorts = []
+    for delay, mass in carried.pending:
+        if not (math.isfinite(delay) and delay > 0):
+            raise InputError(f"A carried cohort's delay must be > 0 days (its clearance has not started), got {delay!r}.")
+        cohorts.append(_Cohort(float(delay), torch.minimum(as_channel(mass, "cohort"), dying)))
+    return state, cohorts

@@ -205,3 +205,73 @@ def test_a_resection_mask_on_another_grid_is_refused_with_advice():
     plan = {"surgery": [{"day": 0.0, "resection_mask": np.ones((3, 3, 3), dtype=bool)}]}
     with pytest.raises(InputError, match="resample"):
         _static(p0, plan, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# carrying the dying compartment from one solve into the next (restart from a later scan)
+# --------------------------------------------------------------------------------------------
+
+def _delayed_plan(fraction_days, delay=7.0, half_life=10.0):
+    return {"radiotherapy": {"fraction_days": list(fraction_days), "dose_per_fraction_gy": 4.0, "alpha_per_gy": 0.1,
+                             "alpha_beta_gy": AB,
+                             "delayed_death": {"delay_days": delay, "clearance_half_life_days": half_life}}}
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["differentiable-path", "inference-path"])
+def test_a_carried_dying_compartment_continues_a_solve_exactly(grad):
+    """0→20 days in one solve equals 0→8, then 8→20 restarted from the visible day-8 field with the
+    dying compartment carried over (fractions on days 0–9, delay 7 d: cohorts pending across the cut)."""
+    p0 = _brain_like_field()
+    kwargs = dict(spacing=(1.0, 1.0, 2.0), dt=1.0, diffusion=[0.0, 0.08, 0.0, 0.0, 0.0], growth_rate=0.04,
+                  schema=BRAIN_SCHEMA)
+    fractions = [0, 1, 2, 3, 4, 7, 8, 9]
+    with torch.set_grad_enabled(grad):
+        whole = simulate(p0, days=[8.0, 20.0], plan=_delayed_plan(fractions), return_trajectory=True, **kwargs)
+        first, carried = simulate(p0, days=8.0, plan=_delayed_plan(fractions), return_dying=True, **kwargs)
+        later_plan = _delayed_plan([d - 8 for d in fractions if d >= 8])
+        second = simulate(first, days=12.0, plan=later_plan, dying=carried, **kwargs)
+        forgetting = simulate(first, days=12.0, plan=later_plan, **kwargs)
+    assert torch.allclose(first, whole[0], atol=1e-12)
+    # the state at day 8 is before day 8's fraction: kills of days 2, 3, 4, 7 are still in their delay
+    assert sorted(round(d, 9) for d, _ in carried.pending) == [1.0, 2.0, 3.0, 6.0]
+    assert carried.clearance_rate_per_day == pytest.approx(math.log(2) / 10.0)
+    assert 0 < float(carried.dying.sum()) < float(first[1].sum())
+    assert torch.allclose(second, whole[1], atol=1e-10), float((second - whole[1]).abs().max())
+    # Restarting without the compartment counts the killed cells as living tumour: far more tumour.
+    assert float(forgetting[1].sum()) > 1.2 * float(second[1].sum())
+
+
+def test_a_carried_dying_compartment_clears_after_its_delay_without_a_plan():
+    p0 = _brain_like_field()
+    dying = 0.5 * p0[1:2]
+    half_life, delay = 10.0, 2.5  # between two 1-day steps: the solver must cut its step there
+    from AnatomyDTLib.solver import DyingCompartment
+
+    carried = DyingCompartment(dying, [(delay, 0.5 * dying)], math.log(2) / half_life)
+    days = [2.0, 13.0]
+    traj = _static(p0, None, days, return_trajectory=True, dying=carried)
+    lam = math.log(2) / half_life
+    viable, d = float((p0[1] - dying[0]).sum()), float(dying.sum())
+    for day, state in zip(days, traj):
+        clearing = 0.5 * d * math.exp(-lam * day)  # the half whose delay had passed
+        pending = 0.5 * d * (1.0 if day <= delay else math.exp(-lam * (day - delay)))
+        assert float(state[1].sum()) == pytest.approx(viable + clearing + pending, rel=1e-9), day
+
+
+def test_a_carried_dying_compartment_is_checked_with_advice():
+    from AnatomyDTLib.errors import ParameterError
+    from AnatomyDTLib.solver import DyingCompartment
+
+    p0 = _brain_like_field()
+    rate = math.log(2) / 10.0
+    with pytest.raises(InputError, match="exceeds p0's tumour"):
+        _static(p0, None, 2.0, dying=DyingCompartment(p0[1:2] + 0.1, [], rate))
+    with pytest.raises(InputError, match="grid"):
+        _static(p0, None, 2.0, dying=DyingCompartment(p0[1:2, :3], [], rate))
+    with pytest.raises(InputError, match="delay must be > 0"):
+        _static(p0, None, 2.0, dying=DyingCompartment(0.5 * p0[1:2], [(0.0, 0.1 * p0[1:2])], rate))
+    no_delay = {"radiotherapy": {"fraction_days": [1.0], "dose_per_fraction_gy": 2.0}}
+    with pytest.raises(ParameterError, match="delayed_death"):
+        _static(p0, no_delay, 2.0, dying=DyingCompartment(0.5 * p0[1:2], [], rate))
+    with pytest.raises(ParameterError, match="same half-life"):
+        _static(p0, _delayed_plan([1.0], half_life=20.0), 2.0, dying=DyingCompartment(0.5 * p0[1:2], [], rate))
