@@ -72,10 +72,20 @@ without that limiter (inactive at these |χ|: the limiter only acts above the CF
 ``reaction_hook``; the forecast and the fit report use the solver's own operator.
 Test: ``Testing/test_calibration.py::test_mass_effect_hook_matches_the_solver_operator``.
 
-Known limits: radiotherapy-killed cells that are still visible at a rollout's start count as
-living tumour (the plan seen from a later scan drops the earlier fractions); delayed death is
-modelled only if the plan has it; the chemotherapy kill rate is the plan's. The calibrated edge
-width and radiosensitivity factor are not part of the PDEParameters file (calibration.json has them).
+Irradiated cells and the forecast
+---------------------------------
+A scan shows lethally irradiated cells as tumour until they clear, so the same labelmap can be a
+growing tumour or a dying one. Fit and forecast therefore model delayed death: the plan's
+``radiotherapy.delayed_death`` or, when it has none, ``settings.assumed_delayed_death`` (delay
+14 days, half-life 21 days by default). The forecast restarts from the last scan's labels and
+carries the fitted rollout's dying compartment into it (:class:`CarriedDying`: which share of the
+last scan's tumour is already lethally hit, and when each pending cohort starts to clear), so
+that those cells clear instead of regrowing (``settings.carry_dying``).
+
+Known limits: the delay and half-life are assumed, not fitted (two scans inside the delay cannot
+tell them apart); the chemotherapy kill rate is the plan's. The calibrated edge width,
+radiosensitivity factor and carried dying share are not part of the PDEParameters file
+(calibration.json has them).
 """
 
 from __future__ import annotations
@@ -97,7 +107,8 @@ from .parameters import PDEParameters
 from .plan import TreatmentPlan, crop_plan, load_plan
 from .predict import PDEOnlyModel, Prediction, predict
 from .schema import BRAIN_SCHEMA
-from .solver import simulate
+from .plan import DelayedDeath
+from .solver import DyingCompartment, simulate
 from .state import AnatomyState, labels_to_field
 
 SCHEMA = BRAIN_SCHEMA
@@ -117,7 +128,8 @@ _FIT_DTYPE = torch.float32  # float64 gives the same losses to 1e-6 here, ~1.7x 
 
 __all__ = ["HistoryScan", "CalibrationSettings", "ScanFit", "Calibration", "Forecast", "CalibratedPDEModel",
            "EdgeProfile", "calibrate", "forecast", "calibrate_and_forecast", "prepare_history", "load_plan_on_grid",
-           "shift_plan", "crop_plan", "scale_radiosensitivity", "edge_profile", "soft_start", "tumour_indicator"]
+           "shift_plan", "crop_plan", "scale_radiosensitivity", "edge_profile", "soft_start", "tumour_indicator",
+           "CarriedDying", "with_delayed_death"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +202,14 @@ class CalibrationSettings:
         backtrack_tolerance: an iterate whose loss exceeds the best by more than this fraction is
             an overshoot: the fit returns to the best iterate and halves the step (at most 4 times).
         max_seconds: stop after this wall time (None = no limit); the best iterate is kept.
+        assumed_delayed_death: (delay in days, clearance half-life in days) of lethally irradiated
+            cells, used when the plan's radiotherapy does not give ``delayed_death``: killed cells
+            stay visible for the delay, then clear. None = they vanish at once (the plan as given).
+            Default (14, 21): the centre of the burden model's priors (burden.PRIORS; the cohort's
+            ranges are 7-28 and 10-45 days).
+        carry_dying: start the forecast with the dying compartment of the fitted rollout at the last
+            scan (:class:`CarriedDying`): the share of the last scan's tumour that is already
+            lethally hit keeps clearing instead of regrowing. Needs delayed death (above).
         brain_mask: restrict the PDE to the non-background voxels of each rollout's start scan
             (tumour cannot grow into the resection cavity, CSF or outside the brain).
         threads: torch threads during the fit (restored afterwards; None = leave as is). The
@@ -222,6 +242,8 @@ class CalibrationSettings:
     plateau_tolerance: float = 1e-3
     backtrack_tolerance: float = 0.02
     max_seconds: float | None = None
+    assumed_delayed_death: tuple[float, float] | None = (14.0, 21.0)
+    carry_dying: bool = True
     brain_mask: bool = True
     threads: int | None = 1
 
@@ -263,6 +285,13 @@ class CalibrationSettings:
             raise ParameterError(f"threads must be an integer >= 1 or None, got {self.threads!r}.")
         if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
             raise ParameterError(f"max_seconds must be a positive number of seconds, got {self.max_seconds!r}.")
+        assumed = self.assumed_delayed_death
+        if assumed is not None and not (
+                isinstance(assumed, (tuple, list)) and len(assumed) == 2
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in assumed)
+                and assumed[0] >= 0 and assumed[1] > 0):
+            raise ParameterError("assumed_delayed_death must be None or (delay in days >= 0, clearance half-life in "
+                                 f"days > 0), got {assumed!r}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +388,8 @@ def shift_plan(plan: TreatmentPlan, start_day: float) -> TreatmentPlan:
     Surgeries before the start are dropped (their cavity is in the start scan); radiotherapy
     keeps the fractions on or after the start, with a dose map scaled to the kept fractions so that
     each fraction's dose is unchanged; chemotherapy windows are cut at the start. Cells killed by
-    earlier fractions but still visible at the start are treated as tumour (a known limit).
+    earlier fractions but still visible at the start are not in the plan: the forecast carries them
+    in as a dying compartment (:class:`CarriedDying`).
 
     Raises:
         InputError: a dose map that has not been loaded (call :func:`load_plan_on_grid` first).
@@ -753,6 +783,10 @@ class Calibration:
         visibility_threshold: τ of the threshold observation model (None: argmax observation).
         infiltration_length_mm: the fitted λ of the threshold observation model (None: argmax).
         radiosensitivity_scale: the fitted factor on the plan's LQ α and β (1 if not fitted).
+        carried: the dying compartment the forecast starts with (None: none, e.g. no radiotherapy
+            before the last scan or ``carry_dying`` off).
+        delayed_death_assumed: the plan's radiotherapy had no delayed death and
+            ``settings.assumed_delayed_death`` was added to it (``plan`` holds the result).
         fits: per later scan, the fit quality.
         loss_history: per iteration, the loss and its terms.
         iterations, stop_reason, seconds: how the run ended.
@@ -775,6 +809,8 @@ class Calibration:
     settings: CalibrationSettings
     visibility_threshold: float | None = None
     infiltration_length_mm: float | None = None
+    carried: CarriedDying | None = None
+    delayed_death_assumed: bool = False
 
     @property
     def reference(self) -> HistoryScan:
@@ -800,7 +836,18 @@ class Calibration:
         return CalibratedPDEModel(parameters=self.parameters,
                                   growth_rate_map=None if alpha is None else torch.as_tensor(alpha),
                                   edge_width_mm=self.edge_width_mm, visibility_threshold=self.visibility_threshold,
-                                  infiltration_length_mm=self.infiltration_length_mm)
+                                  infiltration_length_mm=self.infiltration_length_mm, carried=self.carried)
+
+    def _delayed_death_summary(self) -> dict | None:
+        rt = self.plan.radiotherapy
+        if rt is None or rt.delayed_death is None:
+            return None
+        carried = self.carried
+        return {**rt.delayed_death.to_dict(),
+                "source": "assumed (settings.assumed_delayed_death)" if self.delayed_death_assumed else "the plan",
+                "carried_into_forecast": carried is not None,
+                "dying_share_of_last_scan_tumour": None if carried is None else round(carried.mean_dying_share, 4),
+                "pending_cohorts": None if carried is None else len(carried.pending)}
 
     def to_dict(self) -> dict:
         """A JSON-ready summary (no arrays)."""
@@ -830,7 +877,8 @@ class Calibration:
                                     "of tumour_edge_width_mm (calibration.soft_start). Not part of the "
                                     "PDEParameters file"},
             "radiotherapy": {"radiosensitivity_scale": self.radiosensitivity_scale,
-                             "note": "multiplies the plan's LQ alpha and beta (alpha/beta kept) in the forecast"},
+                             "note": "multiplies the plan's LQ alpha and beta (alpha/beta kept) in the forecast",
+                             "delayed_death": self._delayed_death_summary()},
             "fit": [f.to_dict() for f in self.fits],
             "loss_history": self.loss_history,
             "iterations": self.iterations,
@@ -839,22 +887,97 @@ class Calibration:
         }
 
 
+def with_delayed_death(plan: TreatmentPlan, assumed: tuple[float, float] | None) -> TreatmentPlan:
+    """The plan with ``assumed`` = (delay days, half-life days) delayed death when its radiotherapy
+    has none (a plan's own ``delayed_death`` is kept); unchanged without radiotherapy or assumption."""
+    rt = plan.radiotherapy
+    if rt is None or rt.delayed_death is not None or assumed is None:
+        return plan
+    delay, half_life = (float(v) for v in assumed)
+    return replace(plan, radiotherapy=replace(rt, delayed_death=DelayedDeath(delay, math.log(2.0) / half_life)))
+
+
+@dataclass
+class CarriedDying:
+    """What part of the last scan's tumour the fitted rollout says is already lethally hit.
+
+    The forecast restarts from the last scan's labels, which show living and dying tumour alike.
+    The fitted rollout (first scan -> last scan, same plan, calibrated parameters) knows the split.
+    It is carried over as *shares* of the visible tumour so that it applies to the restart's own
+    tumour density, whatever the observation model makes of the labels:
+
+    Attributes:
+        dying_share: (Z, Y, X) float32 on the last scan's grid, in [0, 1]: dying / visible tumour
+            of the rollout at the last scan's day; where the rollout has (almost) no tumour, its
+            tumour-weighted mean (the lesion got the same course of radiotherapy).
+        pending: cohorts still in their delay at the last scan: (days until their clearance
+            starts, counted from the last scan; share map as above).
+        clearance_rate_per_day: 1/day, of the plan's (or the assumed) delayed death.
+        mean_dying_share: the tumour-weighted mean of ``dying_share`` (reported).
+    """
+
+    dying_share: np.ndarray
+    pending: list[tuple[float, np.ndarray]]
+    clearance_rate_per_day: float
+    mean_dying_share: float
+
+    @classmethod
+    def from_rollout(cls, visible_tumour: torch.Tensor, compartment: DyingCompartment, box: tuple[slice, ...],
+                     shape: tuple[int, ...], floor: float = 1e-3) -> "CarriedDying":
+        """Shares from a rollout on the crop ``box`` of a grid of ``shape``: ``visible_tumour`` (*S)
+        and ``compartment`` (dying (1, *S), pending masses (1, *S)) at the last scan's day."""
+        total = visible_tumour.detach().to(torch.float64)
+        weight = total.sum()
+
+        def share(mass: torch.Tensor) -> tuple[np.ndarray, float]:
+            mass = mass.detach().to(torch.float64).reshape(total.shape)
+            mean = float(mass.sum() / weight) if float(weight) > 0 else 0.0
+            local = torch.where(total > floor, mass / total.clamp_min(floor), torch.full_like(total, mean))
+            full = np.full(shape, mean, dtype=np.float32)
+            full[box] = local.clamp(0.0, 1.0).numpy().astype(np.float32)
+            return full, mean
+
+        dying, mean = share(compartment.dying)
+        pending = [(float(delay), share(mass)[0]) for delay, mass in compartment.pending]
+        return cls(dying, pending, float(compartment.clearance_rate_per_day), mean)
+
+    def compartment_for(self, visible_tumour: torch.Tensor) -> DyingCompartment:
+        """The dying compartment of a restart whose tumour density is ``visible_tumour`` (*S)."""
+        if tuple(visible_tumour.shape) != tuple(self.dying_share.shape):
+            raise InputError(f"The carried dying compartment is on a grid of shape {self.dying_share.shape} but the "
+                             f"baseline is {tuple(visible_tumour.shape)}; forecast from the calibration's last scan.")
+
+        def mass(share_map: np.ndarray) -> torch.Tensor:
+            return (torch.as_tensor(share_map).to(visible_tumour) * visible_tumour)[None]
+
+        return DyingCompartment(mass(self.dying_share), [(d, mass(m)) for d, m in self.pending],
+                                self.clearance_rate_per_day)
+
+
 @dataclass
 class CalibratedPDEModel(PDEOnlyModel):
     """Eq. 2 with a patient's calibrated parameters, as a :class:`~AnatomyDTLib.predict.ForecastModel`.
 
     Like ``pde-only`` (float32, the solver's no-grad inference path), plus an optional α(x) map
     (1/day) on the grid of the baseline it is run on, and the fitted soft tumour edge of the start
-    field (``edge_width_mm``, see :func:`soft_start`; the baseline is taken as its argmax labels).
+    field (``edge_width_mm``, see :func:`soft_start`; the baseline is taken as its argmax labels),
+    and the dying compartment carried from the fit (``carried``, :class:`CarriedDying`).
     """
 
     growth_rate_map: torch.Tensor | None = None
     edge_width_mm: float | None = None
     visibility_threshold: float | None = None
     infiltration_length_mm: float | None = None
+    carried: CarriedDying | None = None
     name: str = "pde-calibrated"
 
     def forecast(self, p0, *, spacing, days, plan, mask=None, progress=None) -> torch.Tensor:
+        return self.rollout(p0, spacing=spacing, days=days, plan=plan, mask=mask, progress=progress)[0]
+
+    def rollout(self, p0, *, spacing, days, plan, mask=None, progress=None
+                ) -> tuple[torch.Tensor, DyingCompartment | None, torch.Tensor]:
+        """:meth:`forecast` plus the dying compartment at the last day (None without delayed death)
+        and the solver's visible tumour density there (*S), before any observation decoding."""
         work = p0.to(torch.float32)
         coding = None
         if self.visibility_threshold is not None:
@@ -871,12 +994,14 @@ class CalibratedPDEModel(PDEOnlyModel):
                                  f"the baseline grid is {tuple(work.shape[1:])}; forecast from the calibration's "
                                  "last scan.")
             kwargs["growth_rate"] = self.growth_rate_map.to(work)
-        out = simulate(work, spacing=spacing, days=list(days), plan=plan, mask=mask, schema=self.schema,
-                       return_trajectory=True, progress=progress, **kwargs)
+        carried = None if self.carried is None else self.carried.compartment_for(work[TUMOUR])
+        out, dying = simulate(work, spacing=spacing, days=list(days), plan=plan, mask=mask, schema=self.schema,
+                              return_trajectory=True, progress=progress, dying=carried, return_dying=True, **kwargs)
+        density = out[-1, TUMOUR].clone()
         if coding is not None:
             with torch.no_grad():
                 out = coding.decode(out)
-        return out.to(p0.dtype)
+        return out.to(p0.dtype), dying, density
 
 
 @dataclass
@@ -976,21 +1101,23 @@ def _rollout(params: _Parametrisation, problem: _Problem, dt: float, progress) -
 
 
 def _fit_quality(model: CalibratedPDEModel, problem: _Problem, scans: list[HistoryScan], crop_box,
-                 rt_scale: float = 1.0) -> list[tuple[float, float]]:
-    """(tumour mL, tumour Dice) per later scan of a no-grad rollout with the solver's own operators."""
+                 rt_scale: float = 1.0) -> tuple[list[tuple[float, float]], DyingCompartment | None, torch.Tensor]:
+    """(tumour mL, tumour Dice) per later scan of a no-grad rollout with the solver's own
+    operators; plus that rollout's dying compartment and tumour density at the last scan (crop)."""
     from .metrics import dice
 
     if model.growth_rate_map is not None:
         model = replace(model, growth_rate_map=model.growth_rate_map[crop_box])
     with torch.no_grad():
-        out = model.forecast(problem.p0.to(torch.float32), spacing=problem.spacing, days=problem.days,
-                             plan=scale_radiosensitivity(problem.plan, rt_scale), mask=problem.mask)
+        out, dying, density = model.rollout(problem.p0.to(torch.float32), spacing=problem.spacing,
+                                            days=problem.days, plan=scale_radiosensitivity(problem.plan, rt_scale),
+                                            mask=problem.mask)
     result = []
     for i, scan in enumerate(scans[1:]):
         predicted = out[i].argmax(0).numpy() == TUMOUR
         observed = np.asarray(scan.labels)[crop_box] == TUMOUR
         result.append((float(predicted.sum()) * problem.voxel_ml, dice(predicted, observed)))
-    return result
+    return result, dying, density
 
 
 class _TimeUp(Exception):
@@ -1054,7 +1181,8 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     scans = prepare_history(history)
     reference = scans[-1]
     shape = tuple(np.asarray(reference.labels).shape)
-    treatment = load_plan_on_grid(plan, reference.geometry, shape)
+    given = load_plan_on_grid(plan, reference.geometry, shape)
+    treatment = with_delayed_death(given, settings.assumed_delayed_death)
     box = _tumour_box(scans, settings.margin_mm)
     dtype = _FIT_DTYPE
     problem = _build_problem(scans, treatment, box, dtype)
@@ -1070,7 +1198,7 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
         edge_width_mm=settings.edge_width_mm if settings.edge_width_mm > 0 and not threshold else None,
         visibility_threshold=settings.visibility_threshold if threshold else None,
         infiltration_length_mm=settings.infiltration_length_mm if threshold else None)
-    initial_quality = _fit_quality(initial_model, problem, scans, box)
+    initial_quality, _, _ = _fit_quality(initial_model, problem, scans, box)
 
     trainable = [p for p in params.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(trainable, lr=settings.learning_rate)
@@ -1143,8 +1271,11 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
                          rt_scale, [],
                          history_records, len(history_records), stop_reason, 0.0, settings,
                          visibility_threshold=settings.visibility_threshold if threshold else None,
-                         infiltration_length_mm=params.infiltration_length())
-    quality = _fit_quality(result.model(), problem, scans, box, rt_scale)
+                         infiltration_length_mm=params.infiltration_length(),
+                         delayed_death_assumed=treatment is not given)
+    quality, dying, density = _fit_quality(result.model(), problem, scans, box, rt_scale)
+    if settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0:
+        result.carried = CarriedDying.from_rollout(density, dying, box, shape)
     for scan, observed, (ml, d), (ml0, d0) in zip(scans[1:], problem.observed_ml.tolist(), quality, initial_quality):
         result.fits.append(ScanFit(scan.name, scan.day, float(observed), ml, d, ml0, d0))
     result.seconds = time.perf_counter() - started

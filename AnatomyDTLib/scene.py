@@ -1496,6 +1496,16 @@ def _calibrated_parameter_rows(calibration) -> list[list]:
     if calibration.plan.radiotherapy is not None:
         rows.append(["radiosensitivity factor", calibration.radiosensitivity_scale, "",
                      "fitted factor on the plan's radiotherapy LQ α and β (1 = as planned)"])
+        dying = calibration.to_dict()["radiotherapy"]["delayed_death"]
+        if dying is not None:
+            source = "assumed (the plan has none)" if calibration.delayed_death_assumed else "the plan's"
+            rows.append(["death delay of irradiated cells", dying["delay_days"], "day",
+                         f"{source}: killed cells stay visible this long"])
+            rows.append(["clearance half-life", dying["clearance_half_life_days"], "day",
+                         f"{source}: then they clear with this half-life"])
+            if dying["carried_into_forecast"]:
+                rows.append(["dying share of the last scan's tumour", dying["dying_share_of_last_scan_tumour"], "",
+                             "from the fitted history: lethally hit at the last scan; the forecast lets it clear"])
     if calibration.infiltration_length_mm is not None:
         rows.append(["infiltration length", calibration.infiltration_length_mm, "mm",
                      "fitted e-folding length of the tumour density beyond the visible edge"])

@@ -53,6 +53,17 @@ HARD_CASE_NO_CHANGE_DICE = 0.65
 TARGET_DICE = 0.80
 
 
+def _delayed_death(text: str) -> tuple[float, float] | None:
+    """'14,21' -> (14.0, 21.0); 'none' -> None."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        delay, half_life = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--delayed-death must be DELAY,HALF_LIFE in days or 'none', got {text!r}") from None
+    return delay, half_life
+
+
 def population_model(name: str):
     """(model, label): ``default`` falls back to ``pde-only`` when the bundled weights do not load."""
     if name == "default":
@@ -94,7 +105,8 @@ def evaluate_patient(patient, settings: CalibrationSettings, model) -> dict:
     predictions = {}
     if settings is None:  # --population-only: the baselines without a fit
         for key in ("calibration_s", "iterations", "fit_dice_scan1", "fit_volume_error_ml", "start_fit_dice_scan1",
-                    "alpha_per_day", "d_white_mm2_per_day", "edge_width_mm", "rt_scale", "forecast_s"):
+                    "alpha_per_day", "d_white_mm2_per_day", "edge_width_mm", "rt_scale", "dying_share_scan1",
+                    "forecast_s"):
             row[key] = math.nan
         row["stop_reason"] = "not calibrated"
     else:
@@ -110,6 +122,7 @@ def evaluate_patient(patient, settings: CalibrationSettings, model) -> dict:
         row["d_white_mm2_per_day"] = calibration.parameters.tumour_diffusion_by_tissue["white_matter"]
         row["edge_width_mm"] = calibration.edge_width_mm
         row["rt_scale"] = calibration.radiosensitivity_scale
+        row["dying_share_scan1"] = math.nan if calibration.carried is None else calibration.carried.mean_dying_share
         t1 = time.perf_counter()
         result = forecast(calibration, [scans[2].day])
         row["forecast_s"] = time.perf_counter() - t1
@@ -197,6 +210,14 @@ def main(argv=None) -> int:
                         help="observation model of the fit and forecast (docs/calibration.md)")
     parser.add_argument("--population-only", action="store_true",
                         help="score only the population model and no change (no calibration; seconds per patient)")
+    parser.add_argument("--delayed-death", default="14,21", metavar="DELAY,HALF_LIFE|none",
+                        help="delayed death assumed when a plan has none: delay and clearance half-life in days "
+                             "(CalibrationSettings.assumed_delayed_death); 'none' = killed cells vanish at once")
+    parser.add_argument("--no-carry-dying", action="store_true",
+                        help="restart the forecast from the last scan with every tumour cell alive (the "
+                             "behaviour before the dying compartment was carried over)")
+    parser.add_argument("--radiosensitivity-start", type=float, default=CalibrationSettings.radiosensitivity_start,
+                        help="starting factor on the plan's LQ alpha and beta")
     parser.add_argument("--skip", type=int, default=0, help="skip the first N eligible patients (to split a run)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -211,7 +232,9 @@ def main(argv=None) -> int:
     model, model_label = population_model(args.population)
     print(f"population model: {model_label}", flush=True)
     settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, max_seconds=args.max_seconds,
-                                   observation=args.observation)
+                                   observation=args.observation, assumed_delayed_death=_delayed_death(args.delayed_death),
+                                   carry_dying=not args.no_carry_dying,
+                                   radiosensitivity_start=args.radiosensitivity_start)
     rows, skipped, passed = [], [], 0
     for patient in load_cohort(cohort):
         if len(rows) >= args.patients:
@@ -229,7 +252,9 @@ def main(argv=None) -> int:
               f"{row['no_change_dice']:.3f}  ({row['calibration_s']:.0f} s, {row['iterations']} it)", flush=True)
     info = {"cohort": str(cohort), "population_model": model_label, "skipped_ineligible": skipped,
             "settings": dict(vars(settings)),
-            "settings_summary": f"{args.observation} observation, alpha {args.alpha}, <= {args.iterations} iterations, <= {args.max_seconds:g} s each",
+            "settings_summary": f"{args.observation} observation, alpha {args.alpha}, <= {args.iterations} iterations, "
+                                f"<= {args.max_seconds:g} s each, delayed death {args.delayed_death}, "
+                                f"{'no ' if args.no_carry_dying else ''}carried dying compartment",
             "threads": args.threads, "machine": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "command": " ".join(sys.argv),
             "wall_time_s": round(time.perf_counter() - started, 1)}

@@ -2,7 +2,7 @@
 
     anatomydt calibrate --history A.seg.nrrd@0 B.seg.nrrd@60 [C.seg.nrrd@120 ...] --plan PLAN.json|none
                         --days 90[,120] --out DIR [--alpha scalar|field] [--iterations N]
-                        [--classes MAP] [--force]
+                        [--delayed-death DELAY,HALF_LIFE|none] [--classes MAP] [--force]
 
 Days (``@DAY`` and ``--days``) count on the treatment plan's day axis: day 0 is the plan's
 baseline (for most plans the first scan). ``--plan none`` states that the patient had no
@@ -73,8 +73,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default) or by argmax (docs/calibration.md)")
     parser.add_argument("--visibility-threshold", type=float, default=0.1, metavar="TAU",
                         help="tumour density (fraction of capacity) a scan shows as tumour (default %(default)s)")
+    parser.add_argument("--delayed-death", default="14,21", metavar="DELAY,HALF_LIFE|none",
+                        help="when the plan's radiotherapy gives no delayed_death: assume irradiated cells stay "
+                             "visible DELAY days, then clear with HALF_LIFE days; the forecast then starts with "
+                             "the fitted share of the last scan's tumour that is already dying. 'none': killed "
+                             "cells vanish at once (default: %(default)s)")
     add_class_map_argument(parser)
     add_force_argument(parser)
+
+
+def parse_delayed_death(text: str) -> tuple[float, float] | None:
+    """``DELAY,HALF_LIFE`` (days) -> (delay, half-life); ``none`` -> None."""
+    if text.strip().lower() == "none":
+        return None
+    parts = text.split(",")
+    try:
+        delay, half_life = (float(v) for v in parts)
+    except ValueError:
+        raise InputError(f"--delayed-death {text!r}: write DELAY,HALF_LIFE in days (e.g. 14,21) or 'none'.") from None
+    if not (math.isfinite(delay) and math.isfinite(half_life) and delay >= 0 and half_life > 0):
+        raise InputError(f"--delayed-death {text!r}: the delay must be >= 0 days and the half-life > 0 days.")
+    return delay, half_life
 
 
 def parse_history_item(text: str) -> tuple[str, float]:
@@ -136,6 +155,19 @@ def fit_table(calibration) -> str:
                      for r in [header] + body)
 
 
+def delayed_death_line(calibration) -> str:
+    """What the fit and forecast assume about irradiated cells, and what the forecast carries over."""
+    summary = calibration.to_dict()["radiotherapy"]["delayed_death"]
+    if summary is None:
+        return ("delayed death: none (no radiotherapy, or --delayed-death none): killed cells vanish at once")
+    text = (f"delayed death: irradiated cells stay visible {summary['delay_days']:g} days, then clear with a "
+            f"half-life of {summary['clearance_half_life_days']:g} days ({summary['source']})")
+    if summary["carried_into_forecast"]:
+        text += (f"; the forecast starts with {100 * summary['dying_share_of_last_scan_tumour']:.0f} % of the last "
+                 "scan's tumour already lethally hit (from the fitted history)")
+    return text
+
+
 def run(args) -> int:
     from ..calibration import CalibrationSettings, HistoryScan, calibrate, forecast, load_plan_on_grid, prepare_history
 
@@ -146,6 +178,7 @@ def run(args) -> int:
         raise InputError(f"--history needs at least 2 segmentations with their days (got {len(items)}), e.g. "
                          "--history pre.seg.nrrd@0 post.seg.nrrd@60.")
     days = parse_days(args.days)
+    assumed_delayed_death = parse_delayed_death(args.delayed_death)
     if args.iterations < 0:
         raise InputError(f"--iterations must be >= 0, got {args.iterations}.")
     if not 0.001 <= args.visibility_threshold <= 0.9:
@@ -176,7 +209,8 @@ def run(args) -> int:
     print(f"plan: {plan_summary(plan)}")
 
     settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, observation=args.observation,
-                                   visibility_threshold=args.visibility_threshold)
+                                   visibility_threshold=args.visibility_threshold,
+                                   assumed_delayed_death=assumed_delayed_death)
     settings.check()
     with progress_bar_count(max(args.iterations, 1), "iteration") as bar:
         calibration = calibrate(common, plan, settings=settings,
@@ -185,6 +219,7 @@ def run(args) -> int:
           f"loss {calibration.loss_history[0]['loss']:.4f} -> {min(r['loss'] for r in calibration.loss_history):.4f}"
           if calibration.loss_history else "fit: no iterations (starting parameters kept)")
     print(fit_table(calibration))
+    print(delayed_death_line(calibration))
     result = forecast(calibration, days)
 
     try:
