@@ -308,9 +308,10 @@ def main(argv=None) -> int:
               f"{row['no_change_dice']:.3f}  ({row['calibration_s']:.0f} s, {row['iterations']} it)", flush=True)
     info = {"cohort": str(cohort), "population_model": model_label, "skipped_ineligible": skipped,
             "settings": dict(vars(settings)),
-            "settings_summary": f"{args.observation} observation, alpha {args.alpha}, <= {args.iterations} iterations, "
-                                f"<= {args.max_seconds:g} s each, delayed death {args.delayed_death}, "
-                                f"{'no ' if args.no_carry_dying else ''}carried dying compartment",
+            "settings_summary": "not calibrated (--population-only)" if args.population_only else (
+                f"{args.observation} observation, alpha {args.alpha}, <= {args.iterations} iterations, "
+                f"<= {args.max_seconds:g} s each, delayed death {args.delayed_death}, "
+                f"{'no ' if args.no_carry_dying else ''}carried dying compartment"),
             "threads": args.threads, "machine": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "command": " ".join(sys.argv),
             "wall_time_s": round(time.perf_counter() - started, 1)}
