@@ -80,7 +80,10 @@ growing tumour or a dying one. Fit and forecast therefore model delayed death: t
 14 days, half-life 21 days by default). The forecast restarts from the last scan's labels and
 carries the fitted rollout's dying compartment into it (:class:`CarriedDying`: which share of the
 last scan's tumour is already lethally hit, and when each pending cohort starts to clear), so
-that those cells clear instead of regrowing (``settings.carry_dying``).
+that those cells clear instead of regrowing (``settings.carry_dying``). With the threshold
+observation it also takes the rollout's tumour density inside the visible lesion
+(``settings.carry_density``): the labels' coding assumes a dense core, which radiotherapy has
+thinned.
 
 Known limits: the delay and half-life are assumed, not fitted (two scans inside the delay cannot
 tell them apart); the chemotherapy kill rate is the plan's. The calibrated edge width,
@@ -210,6 +213,9 @@ class CalibrationSettings:
         carry_dying: start the forecast with the dying compartment of the fitted rollout at the last
             scan (:class:`CarriedDying`): the share of the last scan's tumour that is already
             lethally hit keeps clearing instead of regrowing. Needs delayed death (above).
+        carry_density: with ``carry_dying`` and the threshold observation, also restart with the
+            rollout's tumour density inside the visible lesion (``CarriedDying.tumour_density``)
+            instead of the coded profile, which assumes a dense core.
         brain_mask: restrict the PDE to the non-background voxels of each rollout's start scan
             (tumour cannot grow into the resection cavity, CSF or outside the brain).
         threads: torch threads during the fit (restored afterwards; None = leave as is). The
@@ -244,6 +250,7 @@ class CalibrationSettings:
     max_seconds: float | None = None
     assumed_delayed_death: tuple[float, float] | None = (14.0, 21.0)
     carry_dying: bool = True
+    carry_density: bool = True
     brain_mask: bool = True
     threads: int | None = 1
 
@@ -914,18 +921,25 @@ class CarriedDying:
             starts, counted from the last scan; share map as above).
         clearance_rate_per_day: 1/day, of the plan's (or the assumed) delayed death.
         mean_dying_share: the tumour-weighted mean of ``dying_share`` (reported).
+        tumour_density: (Z, Y, X) float32, the rollout's tumour density (living + dying) at the
+            last scan, NaN outside the fit's crop; None = not used. With the threshold
+            observation the restart takes it inside the visible lesion instead of the coded
+            profile (:meth:`VisibilityCoding.encode`'s ``core_density``): radiotherapy has thinned
+            the lesion, which its labels cannot show.
     """
 
     dying_share: np.ndarray
     pending: list[tuple[float, np.ndarray]]
     clearance_rate_per_day: float
     mean_dying_share: float
+    tumour_density: np.ndarray | None = None
 
     @classmethod
     def from_rollout(cls, visible_tumour: torch.Tensor, compartment: DyingCompartment, box: tuple[slice, ...],
-                     shape: tuple[int, ...], floor: float = 1e-3) -> "CarriedDying":
+                     shape: tuple[int, ...], floor: float = 1e-3, keep_density: bool = True) -> "CarriedDying":
         """Shares from a rollout on the crop ``box`` of a grid of ``shape``: ``visible_tumour`` (*S)
-        and ``compartment`` (dying (1, *S), pending masses (1, *S)) at the last scan's day."""
+        and ``compartment`` (dying (1, *S), pending masses (1, *S)) at the last scan's day;
+        ``keep_density`` also keeps the rollout's tumour density (``tumour_density``)."""
         total = visible_tumour.detach().to(torch.float64)
         weight = total.sum()
 
@@ -939,7 +953,18 @@ class CarriedDying:
 
         dying, mean = share(compartment.dying)
         pending = [(float(delay), share(mass)[0]) for delay, mass in compartment.pending]
-        return cls(dying, pending, float(compartment.clearance_rate_per_day), mean)
+        density = None
+        if keep_density:
+            density = np.full(shape, np.nan, dtype=np.float32)
+            density[box] = total.numpy().astype(np.float32)
+        return cls(dying, pending, float(compartment.clearance_rate_per_day), mean, density)
+
+    def density_for(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """``tumour_density`` as a (1, *S) tensor for a restart on a grid of ``shape``."""
+        if tuple(shape) != tuple(self.tumour_density.shape):
+            raise InputError(f"The carried tumour density is on a grid of shape {self.tumour_density.shape} but the "
+                             f"baseline is {tuple(shape)}; forecast from the calibration's last scan.")
+        return torch.as_tensor(self.tumour_density)[None]
 
     def compartment_for(self, visible_tumour: torch.Tensor) -> DyingCompartment:
         """The dying compartment of a restart whose tumour density is ``visible_tumour`` (*S)."""
@@ -982,8 +1007,11 @@ class CalibratedPDEModel(PDEOnlyModel):
         coding = None
         if self.visibility_threshold is not None:
             coding = visibility_coding(self.visibility_threshold, self.infiltration_length_mm or 2.0)
+            core = None
+            if self.carried is not None and self.carried.tumour_density is not None:
+                core = self.carried.density_for(tuple(work.shape[1:]))
             with torch.no_grad():
-                work = coding.encode(work[None], spacing)[0]
+                work = coding.encode(work[None], spacing, core_density=core)[0]
         elif self.edge_width_mm:
             labels = work.argmax(0).cpu().numpy()
             work = soft_start(edge_profile(labels, spacing), self.edge_width_mm).to(work.device)
@@ -1275,7 +1303,8 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
                          delayed_death_assumed=treatment is not given)
     quality, dying, density = _fit_quality(result.model(), problem, scans, box, rt_scale)
     if settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0:
-        result.carried = CarriedDying.from_rollout(density, dying, box, shape)
+        result.carried = CarriedDying.from_rollout(density, dying, box, shape,
+                                                   keep_density=settings.carry_density and threshold)
     for scan, observed, (ml, d), (ml0, d0) in zip(scans[1:], problem.observed_ml.tolist(), quality, initial_quality):
         result.fits.append(ScanFit(scan.name, scan.day, float(observed), ml, d, ml0, d0))
     result.seconds = time.perf_counter() - started

@@ -63,6 +63,31 @@ def test_decode_of_encode_gives_back_the_labels(spacing):
     assert float(density.min()) >= 0.0
 
 
+def test_a_given_core_density_replaces_the_coded_profile_and_keeps_the_labels():
+    """Calibration restarts with a fitted density inside the lesion: where it is finite it is used
+    (kept in [1.05 τ, 1]), where NaN the coded profile stays; the labels never change."""
+    labels = brain_like_labels()
+    p0 = labels_to_field(labels, K)[None]
+    vis = coding()
+    inside = torch.as_tensor(labels == TUMOUR)
+    given = torch.full((1,) + labels.shape, float("nan"))
+    half = inside.clone()
+    half[: labels.shape[0] // 2] = False  # the fitted density covers only part of the lesion
+    given[0][half] = 0.01  # below τ: lifted to 1.05 τ
+    given[0][half & (torch.arange(labels.shape[2]) % 2 == 0)] = 0.6
+    with torch.no_grad():
+        coded = vis.encode(p0, (1.0, 1.0, 1.0))
+        density = vis.encode(p0, (1.0, 1.0, 1.0), core_density=given)
+        back = vis.decode(density)
+    tumour = density[0, TUMOUR]
+    expected = torch.clamp(given[0], min=1.05 * 0.15, max=1.0)
+    assert torch.allclose(tumour[half], expected[half], atol=1e-6)
+    assert torch.equal(tumour[inside & ~half], coded[0, TUMOUR][inside & ~half])
+    assert torch.equal(density[0][:, ~inside], coded[0][:, ~inside])  # outside the lesion: as coded
+    assert torch.equal(back.argmax(1)[0], torch.as_tensor(labels))
+    assert torch.allclose(density.sum(1), torch.ones(1, *labels.shape), atol=1e-6)
+
+
 def test_density_is_above_threshold_inside_and_the_tail_stays_in_tissue_in_the_body():
     labels = brain_like_labels()
     body = labels != BACKGROUND

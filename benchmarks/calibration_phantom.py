@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -90,7 +92,7 @@ def eligible(patient) -> bool:
     return all((read_labelmap(t.segmentation).labels == TUMOUR).any() for t in patient.timepoints[:3])
 
 
-def evaluate_patient(patient, settings: CalibrationSettings, model) -> dict:
+def evaluate_patient(patient, settings: CalibrationSettings, model, compare_density: bool = False) -> dict:
     volumes = [read_labelmap(t.segmentation) for t in patient.timepoints[:3]]
     scans = [HistoryScan(v.labels, v.geometry, t.day, f"{patient.case}/tp{t.index}")
              for v, t in zip(volumes, patient.timepoints)]
@@ -131,6 +133,10 @@ def evaluate_patient(patient, settings: CalibrationSettings, model) -> dict:
         result = forecast(calibration, [scans[2].day])
         row["forecast_s"] = time.perf_counter() - t1
         predictions["calibrated"] = result.labels(0)
+        if compare_density and calibration.carried is not None and calibration.carried.tumour_density is not None:
+            # the same calibration, restarted with the coded (dense-core) density inside the lesion
+            coded = replace(calibration, carried=replace(calibration.carried, tumour_density=None))
+            predictions["coded_density"] = forecast(coded, [scans[2].day]).labels(0)
 
     t2 = time.perf_counter()
     plan = shift_plan(load_plan_on_grid(plan_path, volumes[1].geometry, volumes[1].labels.shape), scans[1].day)
@@ -144,6 +150,9 @@ def evaluate_patient(patient, settings: CalibrationSettings, model) -> dict:
             row[f"{method}_{key}"] = value
     if "calibrated" not in predictions:
         row.update(calibrated_dice=math.nan, calibrated_hd95=math.nan, calibrated_volume_error_ml=math.nan)
+    if compare_density and "coded_density" not in predictions:  # no carried density: the same forecast
+        for key in ("dice", "hd95", "volume_error_ml"):
+            row[f"coded_density_{key}"] = row.get(f"calibrated_{key}", math.nan)
     row["truth_tumour_ml"] = float((truth == TUMOUR).sum() * voxel_ml)
     row["scan1_tumour_ml"] = float((volumes[1].labels == TUMOUR).sum() * voxel_ml)
     return row
@@ -182,6 +191,16 @@ def summarise(rows: list[dict], info: dict) -> tuple[str, dict]:
                              "population_dice_mean": _mean([r["population_dice"] for r in hard]),
                              "no_change_dice_mean": _mean([r["no_change_dice"] for r in hard]),
                              "n_calibrated_dice_at_least_target": len(met), "target": TARGET_DICE}
+    if rows and "coded_density_dice" in rows[0]:
+        pairs = [(r["calibrated_dice"], r["coded_density_dice"]) for r in rows]
+        changed = [a - b for a, b in pairs if abs(a - b) > 1e-9]
+        summary["density_comparison"] = {"calibrated_dice_mean": _mean([a for a, _ in pairs]),
+                                         "coded_density_dice_mean": _mean([b for _, b in pairs]),
+                                         "n_changed": len(changed), "n_better": sum(d > 0 for d in changed)}
+        lines += ["", f"Restart density: fitted (default) {_mean([a for a, _ in pairs]):.3f} against coded "
+                      f"{_mean([b for _, b in pairs]):.3f} mean DSC; {len(changed)} patients differ, "
+                      f"{sum(d > 0 for d in changed)} better with the fitted density "
+                      f"(mean change {_mean(changed) if changed else 0.0:+.3f})."]
     visible = [r for r in hard if r["truth_tumour_ml"] >= VISIBLE_TRUTH_ML]
     summary["hard_cases_visible"] = {
         "definition": f"hard cases whose scan-2 tumour is >= {VISIBLE_TRUTH_ML} mL", "n": len(visible),
@@ -270,6 +289,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-carry-dying", action="store_true",
                         help="restart the forecast from the last scan with every tumour cell alive (the "
                              "behaviour before the dying compartment was carried over)")
+    parser.add_argument("--no-carry-density", action="store_true",
+                        help="carry the dying share but restart with the coded (dense-core) tumour density inside "
+                             "the lesion, not the fitted rollout's")
+    parser.add_argument("--compare-density", action="store_true",
+                        help="also forecast each calibration with the coded density inside the lesion "
+                             "(columns coded_density_*): the effect of carry_density on the same fits")
     parser.add_argument("--radiosensitivity-start", type=float, default=CalibrationSettings.radiosensitivity_start,
                         help="starting factor on the plan's LQ alpha and beta")
     parser.add_argument("--skip", type=int, default=0, help="skip the first N eligible patients (to split a run)")
@@ -289,7 +314,7 @@ def main(argv=None) -> int:
     print(f"population model: {model_label}", flush=True)
     settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, max_seconds=args.max_seconds,
                                    observation=args.observation, assumed_delayed_death=_delayed_death(args.delayed_death),
-                                   carry_dying=not args.no_carry_dying,
+                                   carry_dying=not args.no_carry_dying, carry_density=not args.no_carry_density,
                                    radiosensitivity_start=args.radiosensitivity_start)
     rows, skipped, passed = [], [], 0
     for patient in load_cohort(cohort):
@@ -301,7 +326,7 @@ def main(argv=None) -> int:
         if passed < args.skip:
             passed += 1
             continue
-        row = evaluate_patient(patient, None if args.population_only else settings, model)
+        row = evaluate_patient(patient, None if args.population_only else settings, model, args.compare_density)
         rows.append(row)
         print(f"{row['case']} {row['pattern']:>13} days {row['days']:>11}: fit {row['fit_dice_scan1']:.3f}; DSC "
               f"calibrated {row['calibrated_dice']:.3f} population {row['population_dice']:.3f} no-change "
@@ -311,7 +336,9 @@ def main(argv=None) -> int:
             "settings_summary": "not calibrated (--population-only)" if args.population_only else (
                 f"{args.observation} observation, alpha {args.alpha}, <= {args.iterations} iterations, "
                 f"<= {args.max_seconds:g} s each, delayed death {args.delayed_death}, "
-                f"{'no ' if args.no_carry_dying else ''}carried dying compartment"),
+                f"{'no ' if args.no_carry_dying else ''}carried dying compartment"
+                f"{'' if args.no_carry_dying else ' without' if args.no_carry_density else ' with'}"
+                f"{'' if args.no_carry_dying else ' its density'}"),
             "threads": args.threads, "machine": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "command": " ".join(sys.argv),
             "wall_time_s": round(time.perf_counter() - started, 1)}

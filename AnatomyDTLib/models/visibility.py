@@ -46,6 +46,8 @@ from torch import nn
 #: small; the tail carries no visible signal there (≥ 100× below any useful threshold).
 TAIL_CUTOFF = 1e-4
 MIN_LENGTH_MM = 0.1
+VISIBLE_MARGIN = 1.05
+"""A given core density is kept at least this multiple of τ, so the coded lesion stays visible."""
 
 
 def _logit(x: float) -> float:
@@ -105,8 +107,14 @@ class VisibilityCoding(nn.Module):
         return F.softplus(self.raw_length) + MIN_LENGTH_MM
 
     # ------------------------------------------------------------------------------------------
-    def encode(self, p0: torch.Tensor, spacing: Sequence[float], mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, K, *S) baseline field (its argmax = the labels) → density field on the simplex."""
+    def encode(self, p0: torch.Tensor, spacing: Sequence[float], mask: torch.Tensor | None = None,
+               core_density: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K, *S) baseline field (its argmax = the labels) → density field on the simplex.
+
+        ``core_density`` (B|1, *S), optional: a tumour density to use inside the visible lesion
+        instead of the coded profile τ·exp(d_in/λ), where it is finite — e.g. what a model fitted
+        to earlier scans says the lesion holds (calibration). It is kept in [1.05·τ, 1] so the
+        lesion stays visible: the field's labels are still the baseline's."""
         labels = p0.detach().argmax(1).cpu().numpy()
         body = None if mask is None else (mask.detach().reshape(labels.shape) > 0.5).cpu().numpy()
         geometry = [_tumour_geometry(labels[b], spacing, self.tumour_index, self.infiltrated,
@@ -121,6 +129,10 @@ class VisibilityCoding(nn.Module):
                 continue
             inside, d_in, d_out, tail_ok, hidden = (torch.as_tensor(a, device=p0.device) for a in g)
             core = torch.clamp(tau * torch.exp(d_in.to(p0.dtype) / lam), max=1.0)
+            if core_density is not None:
+                given = core_density[min(b, core_density.shape[0] - 1)].to(core)
+                core = torch.where(torch.isfinite(given), torch.clamp(given, min=VISIBLE_MARGIN * float(tau), max=1.0),
+                                   core)
             tail = tau * torch.exp(-d_out.to(p0.dtype) / lam) * tail_ok.to(p0.dtype)
             tail = torch.where(tail < TAIL_CUTOFF, torch.zeros_like(tail), tail)
             e_tumour = F.one_hot(torch.full_like(hidden, self.tumour_index), self.num_classes)
