@@ -197,7 +197,7 @@ def summarise(rows: list[dict], info: dict) -> tuple[str, dict]:
         summary["density_comparison"] = {"calibrated_dice_mean": _mean([a for a, _ in pairs]),
                                          "coded_density_dice_mean": _mean([b for _, b in pairs]),
                                          "n_changed": len(changed), "n_better": sum(d > 0 for d in changed)}
-        lines += ["", f"Restart density: fitted (default) {_mean([a for a, _ in pairs]):.3f} against coded "
+        lines += ["", f"Restart density: fitted (carry_density) {_mean([a for a, _ in pairs]):.3f} against coded "
                       f"{_mean([b for _, b in pairs]):.3f} mean DSC; {len(changed)} patients differ, "
                       f"{sum(d > 0 for d in changed)} better with the fitted density "
                       f"(mean change {_mean(changed) if changed else 0.0:+.3f})."]
@@ -289,12 +289,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-carry-dying", action="store_true",
                         help="restart the forecast from the last scan with every tumour cell alive (the "
                              "behaviour before the dying compartment was carried over)")
-    parser.add_argument("--no-carry-density", action="store_true",
-                        help="carry the dying share but restart with the coded (dense-core) tumour density inside "
-                             "the lesion, not the fitted rollout's")
+    parser.add_argument("--carry-density", action="store_true",
+                        help="also restart with the fitted rollout's tumour density inside the lesion "
+                             "(CalibrationSettings.carry_density, off by default)")
     parser.add_argument("--compare-density", action="store_true",
-                        help="also forecast each calibration with the coded density inside the lesion "
-                             "(columns coded_density_*): the effect of carry_density on the same fits")
+                        help="with --carry-density: also forecast each calibration with the coded density inside "
+                             "the lesion (columns coded_density_*), the effect of carry_density on the same fits")
     parser.add_argument("--radiosensitivity-start", type=float, default=CalibrationSettings.radiosensitivity_start,
                         help="starting factor on the plan's LQ alpha and beta")
     parser.add_argument("--skip", type=int, default=0, help="skip the first N eligible patients (to split a run)")
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     print(f"population model: {model_label}", flush=True)
     settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, max_seconds=args.max_seconds,
                                    observation=args.observation, assumed_delayed_death=_delayed_death(args.delayed_death),
-                                   carry_dying=not args.no_carry_dying, carry_density=not args.no_carry_density,
+                                   carry_dying=not args.no_carry_dying, carry_density=args.carry_density,
                                    radiosensitivity_start=args.radiosensitivity_start)
     rows, skipped, passed = [], [], 0
     for patient in load_cohort(cohort):
@@ -337,8 +337,7 @@ def main(argv=None) -> int:
                 f"{args.observation} observation, alpha {args.alpha}, <= {args.iterations} iterations, "
                 f"<= {args.max_seconds:g} s each, delayed death {args.delayed_death}, "
                 f"{'no ' if args.no_carry_dying else ''}carried dying compartment"
-                f"{'' if args.no_carry_dying else ' without' if args.no_carry_density else ' with'}"
-                f"{'' if args.no_carry_dying else ' its density'}"),
+                f"{' with its density' if args.carry_density and not args.no_carry_dying else ''}"),
             "threads": args.threads, "machine": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "command": " ".join(sys.argv),
             "wall_time_s": round(time.perf_counter() - started, 1)}
