@@ -155,6 +155,9 @@ class AnatomyDTParameterNode:
     historySequenceDays: str = ""  # empty: the sequence's index values (numbers of days)
     calibrationIterations: Annotated[int, WithinRange(0, 500)] = 30
     calibrationAlpha: Annotated[str, Choice(["scalar", "field"])] = "scalar"
+    # Delayed death of irradiated cells (days), assumed when the plan gives none (docs/calibration.md).
+    calibrationDeathDelay: Annotated[float, WithinRange(0.0, 120.0)] = 14.0
+    calibrationClearanceHalfLife: Annotated[float, WithinRange(1.0, 365.0)] = 21.0
 
     probabilityMapEnabled: bool = False
     probabilityMembers: Annotated[int, WithinRange(1, 200)] = 20
@@ -284,6 +287,8 @@ class AnatomyDTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.historySequenceDaysLineEdit.enabled = useHistory and bySequence
         self.ui.calibrationIterationsSpinBox.enabled = p.calibrateEnabled
         self.ui.calibrationAlphaComboBox.enabled = p.calibrateEnabled
+        self.ui.calibrationDeathDelaySpinBox.enabled = p.calibrateEnabled
+        self.ui.calibrationClearanceHalfLifeSpinBox.enabled = p.calibrateEnabled
         self.ui.modelComboBox.enabled = not p.calibrateEnabled  # calibration fits its own PDE
         self.ui.deviceComboBox.enabled = not p.calibrateEnabled
         self.ui.probabilityMembersSpinBox.enabled = p.probabilityMapEnabled
@@ -747,7 +752,9 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
                              "needs its own classes. Untick 'Complete missing anatomy' or segment all classes.")
         history, historyDays, baselineDay = self.history(p)
         days = [baselineDay + d for d in scene.time_points(p.horizonValue, p.horizonUnit, p.intermediateTimePoints)]
-        settings = CalibrationSettings(alpha=p.calibrationAlpha, iterations=int(p.calibrationIterations))
+        settings = CalibrationSettings(alpha=p.calibrationAlpha, iterations=int(p.calibrationIterations),
+                                       assumed_delayed_death=(float(p.calibrationDeathDelay),
+                                                              float(p.calibrationClearanceHalfLife)))
         return scene.calibrate_into_scene(
             p.referenceVolume.GetScene(), history, p.referenceVolume, days=days, history_days=historyDays,
             plan=self.panelPlan(p), settings=settings, class_map=self.classMap(p), progress=progress,

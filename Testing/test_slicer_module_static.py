@@ -112,6 +112,8 @@ HISTORY_WIDGETS = {
     "historySequenceDaysLineEdit": ("QLineEdit", "historySequenceDays"),
     "calibrationIterationsSpinBox": ("QSpinBox", "calibrationIterations"),
     "calibrationAlphaComboBox": ("QComboBox", "calibrationAlpha"),
+    "calibrationDeathDelaySpinBox": ("QDoubleSpinBox", "calibrationDeathDelay"),
+    "calibrationClearanceHalfLifeSpinBox": ("QDoubleSpinBox", "calibrationClearanceHalfLife"),
     "probabilityMapCheckBox": ("QCheckBox", "probabilityMapEnabled"),
     "probabilityMembersSpinBox": ("QSpinBox", "probabilityMembers"),
 }
