@@ -126,6 +126,10 @@ OBSERVATIONS = ("threshold", "argmax")
 INFILTRATED = (SCHEMA.index("white_matter"), SCHEMA.index("grey_matter"))
 """Tissues the invisible tumour tail of the threshold observation model may occupy."""
 _DAY_TOLERANCE = 1e-9
+TRUSTED_DENSITY = 2.0
+"""``carry_density`` uses the fitted rollout's density only where it is at least this multiple of the
+visibility threshold τ: where the rollout has thinned a lesion the scan still shows to near τ,
+the rollout is the one that is wrong, and a restart at ~τ would fade at the slightest kill."""
 _CHI_SHARE_RANGE = (0.02, 0.98)  # initial s_k is clipped to this, so the logit is finite
 _FIT_DTYPE = torch.float32  # float64 gives the same losses to 1e-6 here, ~1.7x slower
 
@@ -938,10 +942,12 @@ class CarriedDying:
 
     @classmethod
     def from_rollout(cls, visible_tumour: torch.Tensor, compartment: DyingCompartment, box: tuple[slice, ...],
-                     shape: tuple[int, ...], floor: float = 1e-3, keep_density: bool = True) -> "CarriedDying":
+                     shape: tuple[int, ...], floor: float = 1e-3, keep_density: bool = True,
+                     trusted_density: float = 0.0) -> "CarriedDying":
         """Shares from a rollout on the crop ``box`` of a grid of ``shape``: ``visible_tumour`` (*S)
         and ``compartment`` (dying (1, *S), pending masses (1, *S)) at the last scan's day;
-        ``keep_density`` also keeps the rollout's tumour density (``tumour_density``)."""
+        ``keep_density`` also keeps the rollout's tumour density (``tumour_density``), where it is
+        at least ``trusted_density`` (NaN elsewhere: there the restart keeps the coded profile)."""
         total = visible_tumour.detach().to(torch.float64)
         weight = total.sum()
 
@@ -958,7 +964,8 @@ class CarriedDying:
         density = None
         if keep_density:
             density = np.full(shape, np.nan, dtype=np.float32)
-            density[box] = total.numpy().astype(np.float32)
+            fitted = total.numpy().astype(np.float32)
+            density[box] = np.where(fitted >= trusted_density, fitted, np.nan)
         return cls(dying, pending, float(compartment.clearance_rate_per_day), mean, density)
 
     def density_for(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -1306,7 +1313,8 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     quality, dying, density = _fit_quality(result.model(), problem, scans, box, rt_scale)
     if settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0:
         result.carried = CarriedDying.from_rollout(density, dying, box, shape,
-                                                   keep_density=settings.carry_density and threshold)
+                                                   keep_density=settings.carry_density and threshold,
+                                                   trusted_density=TRUSTED_DENSITY * settings.visibility_threshold)
     for scan, observed, (ml, d), (ml0, d0) in zip(scans[1:], problem.observed_ml.tolist(), quality, initial_quality):
         result.fits.append(ScanFit(scan.name, scan.day, float(observed), ml, d, ml0, d0))
     result.seconds = time.perf_counter() - started

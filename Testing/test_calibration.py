@@ -238,8 +238,11 @@ def test_forecast_after_radiotherapy_carries_the_dying_compartment(irradiated_fi
     assert abs(volume["carried"] - volume["truth"]) < 0.25 * abs(volume["alive"] - volume["truth"]), volume
     assert dice(with_dying, truth) > max(dice(all_alive, truth), dice(last, truth)) + 0.2
     assert dice(with_density, truth) > dice(with_dying, truth) + 0.05 and dice(with_density, truth) > 0.85
-    inside = scans[2].labels == TUMOUR  # the carried density is the rollout's, inside the crop only
-    assert np.isfinite(carried.tumour_density[inside]).all() and float(np.nanmax(carried.tumour_density)) <= 1.0
+    # the carried density is the rollout's where it is well above τ (NaN elsewhere: the coded profile)
+    inside = scans[2].labels == TUMOUR
+    kept = carried.tumour_density[np.isfinite(carried.tumour_density)]
+    assert np.isfinite(carried.tumour_density[inside]).mean() > 0.3  # measured 0.44
+    assert kept.min() >= C.TRUSTED_DENSITY * 0.1 - 1e-6 and kept.max() <= 1.0
     summary = calibration.to_dict()["radiotherapy"]["delayed_death"]
     assert summary["source"] == "the plan" and summary["carried_into_forecast"] is True
     assert summary["delay_days"] == 14.0 and summary["dying_share_of_last_scan_tumour"] == pytest.approx(
