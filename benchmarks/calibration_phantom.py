@@ -59,10 +59,18 @@ VISIBLE_TRUTH_ML = 0.5
 right in substance there, yet scores Dice 0. Hard cases are also reported without such patients."""
 
 
-def _delayed_death(text: str) -> tuple[float, float] | None:
-    """'14,21' -> (14.0, 21.0); 'none' -> None."""
+ORACLE = "truth"
+"""``--delayed-death truth``: each phantom's own death delay and clearance half-life (truth.json).
+A diagnostic, not a method: it tells how much of the error is the assumed clearance (which two
+scans cannot determine) and how much is the rest of the model."""
+
+
+def _delayed_death(text: str) -> tuple[float, float] | str | None:
+    """'14,21' -> (14.0, 21.0); 'none' -> None; 'truth' -> ORACLE (resolved per patient)."""
     if text.strip().lower() == "none":
         return None
+    if text.strip().lower() == ORACLE:
+        return ORACLE
     try:
         delay, half_life = (float(v) for v in text.split(","))
     except ValueError:
@@ -92,7 +100,26 @@ def eligible(patient) -> bool:
     return all((read_labelmap(t.segmentation).labels == TUMOUR).any() for t in patient.timepoints[:3])
 
 
-def evaluate_patient(patient, settings: CalibrationSettings, model, compare_density: bool = False) -> dict:
+def _truth(patient) -> dict:
+    """The phantom's truth.json (pattern, biology), or {} for a cohort without one."""
+    try:
+        return json.loads((patient.timepoints[0].segmentation.parent / "truth.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def oracle_delayed_death(patient) -> tuple[float, float]:
+    """(delay, half-life) in days that generated this phantom patient's scans."""
+    biology = _truth(patient).get("biology", {})
+    try:
+        return float(biology["rt_death_delay_days"]), float(biology["clearance_half_life_days"])
+    except KeyError:
+        raise SystemExit(f"--delayed-death truth: {patient.case} has no truth.json with the phantom's "
+                         "rt_death_delay_days and clearance_half_life_days (only generated phantoms do)") from None
+
+
+def evaluate_patient(patient, settings: CalibrationSettings, model, compare_density: bool = False,
+                     oracle_clearance: bool = False) -> dict:
     volumes = [read_labelmap(t.segmentation) for t in patient.timepoints[:3]]
     scans = [HistoryScan(v.labels, v.geometry, t.day, f"{patient.case}/tp{t.index}")
              for v, t in zip(volumes, patient.timepoints)]
@@ -103,10 +130,10 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
     plan_path = str(patient.plan) if patient.plan is not None else None
     row = {"case": patient.case, "days": "/".join(f"{d:g}" for d in patient.days[:3]),
            "horizon_days": scans[2].day - scans[1].day}
-    try:
-        row["pattern"] = json.loads((patient.timepoints[0].segmentation.parent / "truth.json").read_text())["pattern"]
-    except (OSError, KeyError, ValueError):
-        row["pattern"] = ""
+    row["pattern"] = _truth(patient).get("pattern", "")
+    if settings is not None and oracle_clearance:
+        settings = replace(settings, assumed_delayed_death=oracle_delayed_death(patient))
+        row["assumed_delay_days"], row["assumed_half_life_days"] = settings.assumed_delayed_death
 
     predictions = {}
     if settings is None:  # --population-only: the baselines without a fit
@@ -285,7 +312,8 @@ def main(argv=None) -> int:
                         help="score only the population model and no change (no calibration; seconds per patient)")
     parser.add_argument("--delayed-death", default="14,21", metavar="DELAY,HALF_LIFE|none",
                         help="delayed death assumed when a plan has none: delay and clearance half-life in days "
-                             "(CalibrationSettings.assumed_delayed_death); 'none' = killed cells vanish at once")
+                             "(CalibrationSettings.assumed_delayed_death); 'none' = killed cells vanish at once; "
+                             "'truth' = each phantom's own values (a diagnostic, not a method)")
     parser.add_argument("--no-carry-dying", action="store_true",
                         help="restart the forecast from the last scan with every tumour cell alive (the "
                              "behaviour before the dying compartment was carried over)")
@@ -297,6 +325,8 @@ def main(argv=None) -> int:
                              "the lesion (columns coded_density_*), the effect of carry_density on the same fits")
     parser.add_argument("--radiosensitivity-start", type=float, default=CalibrationSettings.radiosensitivity_start,
                         help="starting factor on the plan's LQ alpha and beta")
+    parser.add_argument("--cases", nargs="+", metavar="CASE",
+                        help="evaluate only these cases (e.g. the hard cases of an earlier run)")
     parser.add_argument("--skip", type=int, default=0, help="skip the first N eligible patients (to split a run)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -312,21 +342,27 @@ def main(argv=None) -> int:
     cohort = args.cohort if args.cohort is not None else args.make
     model, model_label = population_model(args.population)
     print(f"population model: {model_label}", flush=True)
+    delayed_death = _delayed_death(args.delayed_death)
+    oracle_clearance = delayed_death == ORACLE
     settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, max_seconds=args.max_seconds,
-                                   observation=args.observation, assumed_delayed_death=_delayed_death(args.delayed_death),
+                                   observation=args.observation,
+                                   assumed_delayed_death=None if oracle_clearance else delayed_death,
                                    carry_dying=not args.no_carry_dying, carry_density=args.carry_density,
                                    radiosensitivity_start=args.radiosensitivity_start)
     rows, skipped, passed = [], [], 0
     for patient in load_cohort(cohort):
         if len(rows) >= args.patients:
             break
+        if args.cases and patient.case not in args.cases:
+            continue
         if not eligible(patient):
             skipped.append(patient.case)
             continue
         if passed < args.skip:
             passed += 1
             continue
-        row = evaluate_patient(patient, None if args.population_only else settings, model, args.compare_density)
+        row = evaluate_patient(patient, None if args.population_only else settings, model, args.compare_density,
+                               oracle_clearance)
         rows.append(row)
         print(f"{row['case']} {row['pattern']:>13} days {row['days']:>11}: fit {row['fit_dice_scan1']:.3f}; DSC "
               f"calibrated {row['calibrated_dice']:.3f} population {row['population_dice']:.3f} no-change "
