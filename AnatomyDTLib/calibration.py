@@ -127,9 +127,10 @@ INFILTRATED = (SCHEMA.index("white_matter"), SCHEMA.index("grey_matter"))
 """Tissues the invisible tumour tail of the threshold observation model may occupy."""
 _DAY_TOLERANCE = 1e-9
 TRUSTED_DENSITY = 2.0
-"""``carry_density`` uses the fitted rollout's density only where it is at least this multiple of the
-visibility threshold τ: where the rollout has thinned a lesion the scan still shows to near τ,
-the rollout is the one that is wrong, and a restart at ~τ would fade at the slightest kill."""
+"""Default of ``CalibrationSettings.density_trust``: ``carry_density`` uses the fitted rollout's
+density only where it is at least this multiple of the visibility threshold τ: where the rollout
+has thinned a lesion the scan still shows to near τ, the rollout may be the one that is wrong, and
+a restart at ~τ would fade at the slightest kill (case_0031 in docs/calibration.md)."""
 _CHI_SHARE_RANGE = (0.02, 0.98)  # initial s_k is clipped to this, so the logit is finite
 _FIT_DTYPE = torch.float32  # float64 gives the same losses to 1e-6 here, ~1.7x slower
 
@@ -222,6 +223,9 @@ class CalibrationSettings:
             instead of the coded profile, which assumes a dense core. Off by default: on the
             held-out phantoms it helped 18 of 28 changed forecasts but lost one stable lesion
             entirely (restarted just above the visibility threshold, it faded; docs/calibration.md).
+        density_trust: ``carry_density`` takes the rollout's density where it is at least this
+            multiple of the visibility threshold τ, the coded profile elsewhere (0 = everywhere;
+            default :data:`TRUSTED_DENSITY`).
         brain_mask: restrict the PDE to the non-background voxels of each rollout's start scan
             (tumour cannot grow into the resection cavity, CSF or outside the brain).
         threads: torch threads during the fit (restored afterwards; None = leave as is). The
@@ -257,6 +261,7 @@ class CalibrationSettings:
     assumed_delayed_death: tuple[float, float] | None = (14.0, 21.0)
     carry_dying: bool = True
     carry_density: bool = False
+    density_trust: float = TRUSTED_DENSITY
     brain_mask: bool = True
     threads: int | None = 1
 
@@ -298,6 +303,10 @@ class CalibrationSettings:
             raise ParameterError(f"threads must be an integer >= 1 or None, got {self.threads!r}.")
         if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
             raise ParameterError(f"max_seconds must be a positive number of seconds, got {self.max_seconds!r}.")
+        if not (isinstance(self.density_trust, (int, float)) and math.isfinite(self.density_trust)
+                and self.density_trust >= 0):
+            raise ParameterError("density_trust must be a number >= 0 (a multiple of the visibility threshold), got "
+                                 f"{self.density_trust!r}.")
         assumed = self.assumed_delayed_death
         if assumed is not None and not (
                 isinstance(assumed, (tuple, list)) and len(assumed) == 2
@@ -930,8 +939,10 @@ class CarriedDying:
         tumour_density: (Z, Y, X) float32, the rollout's tumour density (living + dying) at the
             last scan, NaN outside the fit's crop; None = not used. With the threshold
             observation the restart takes it inside the visible lesion instead of the coded
-            profile (:meth:`VisibilityCoding.encode`'s ``core_density``): radiotherapy has thinned
-            the lesion, which its labels cannot show.
+            profile (:meth:`VisibilityCoding.encode`'s ``core_density``) where it is at least
+            ``trusted_density``: radiotherapy has thinned the lesion, which its labels cannot show.
+        trusted_density: absolute density (same units as τ) below which the restart ignores
+            ``tumour_density`` and keeps the coded profile.
     """
 
     dying_share: np.ndarray
@@ -939,6 +950,7 @@ class CarriedDying:
     clearance_rate_per_day: float
     mean_dying_share: float
     tumour_density: np.ndarray | None = None
+    trusted_density: float = 0.0
 
     @classmethod
     def from_rollout(cls, visible_tumour: torch.Tensor, compartment: DyingCompartment, box: tuple[slice, ...],
@@ -946,8 +958,8 @@ class CarriedDying:
                      trusted_density: float = 0.0) -> "CarriedDying":
         """Shares from a rollout on the crop ``box`` of a grid of ``shape``: ``visible_tumour`` (*S)
         and ``compartment`` (dying (1, *S), pending masses (1, *S)) at the last scan's day;
-        ``keep_density`` also keeps the rollout's tumour density (``tumour_density``), where it is
-        at least ``trusted_density`` (NaN elsewhere: there the restart keeps the coded profile)."""
+        ``keep_density`` also keeps the rollout's tumour density (``tumour_density``), which the
+        restart uses where it is at least ``trusted_density`` (elsewhere the coded profile)."""
         total = visible_tumour.detach().to(torch.float64)
         weight = total.sum()
 
@@ -964,16 +976,17 @@ class CarriedDying:
         density = None
         if keep_density:
             density = np.full(shape, np.nan, dtype=np.float32)
-            fitted = total.numpy().astype(np.float32)
-            density[box] = np.where(fitted >= trusted_density, fitted, np.nan)
-        return cls(dying, pending, float(compartment.clearance_rate_per_day), mean, density)
+            density[box] = total.numpy().astype(np.float32)
+        return cls(dying, pending, float(compartment.clearance_rate_per_day), mean, density, float(trusted_density))
 
     def density_for(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """``tumour_density`` as a (1, *S) tensor for a restart on a grid of ``shape``."""
+        """The restart's core density, (1, *S): ``tumour_density`` where it is trusted, NaN (= the
+        coded profile) elsewhere, for a restart on a grid of ``shape``."""
         if tuple(shape) != tuple(self.tumour_density.shape):
             raise InputError(f"The carried tumour density is on a grid of shape {self.tumour_density.shape} but the "
                              f"baseline is {tuple(shape)}; forecast from the calibration's last scan.")
-        return torch.as_tensor(self.tumour_density)[None]
+        density = torch.as_tensor(self.tumour_density)
+        return torch.where(density >= self.trusted_density, density, torch.full_like(density, math.nan))[None]
 
     def compartment_for(self, visible_tumour: torch.Tensor) -> DyingCompartment:
         """The dying compartment of a restart whose tumour density is ``visible_tumour`` (*S)."""
@@ -1314,7 +1327,7 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     if settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0:
         result.carried = CarriedDying.from_rollout(density, dying, box, shape,
                                                    keep_density=settings.carry_density and threshold,
-                                                   trusted_density=TRUSTED_DENSITY * settings.visibility_threshold)
+                                                   trusted_density=settings.density_trust * settings.visibility_threshold)
     for scan, observed, (ml, d), (ml0, d0) in zip(scans[1:], problem.observed_ml.tolist(), quality, initial_quality):
         result.fits.append(ScanFit(scan.name, scan.day, float(observed), ml, d, ml0, d0))
     result.seconds = time.perf_counter() - started

@@ -238,11 +238,17 @@ def test_forecast_after_radiotherapy_carries_the_dying_compartment(irradiated_fi
     assert abs(volume["carried"] - volume["truth"]) < 0.25 * abs(volume["alive"] - volume["truth"]), volume
     assert dice(with_dying, truth) > max(dice(all_alive, truth), dice(last, truth)) + 0.2
     assert dice(with_density, truth) > dice(with_dying, truth) + 0.05 and dice(with_density, truth) > 0.85
-    # the carried density is the rollout's where it is well above τ (NaN elsewhere: the coded profile)
+    # the restart uses the rollout's density where it is well above τ (NaN elsewhere: the coded profile)
     inside = scans[2].labels == TUMOUR
-    kept = carried.tumour_density[np.isfinite(carried.tumour_density)]
-    assert np.isfinite(carried.tumour_density[inside]).mean() > 0.3  # measured 0.44
+    assert carried.trusted_density == pytest.approx(C.TRUSTED_DENSITY * 0.1)
+    restart = carried.density_for(inside.shape)[0].numpy()
+    kept = restart[np.isfinite(restart)]
+    assert np.isfinite(restart[inside]).mean() > 0.3  # measured 0.44
     assert kept.min() >= C.TRUSTED_DENSITY * 0.1 - 1e-6 and kept.max() <= 1.0
+    raw = carried.tumour_density[inside]
+    assert np.all(np.isfinite(raw)) and raw.min() < C.TRUSTED_DENSITY * 0.1  # the thin rim is not trusted
+    everywhere = replace(carried, trusted_density=0.0).density_for(inside.shape)[0].numpy()
+    np.testing.assert_array_equal(everywhere[inside], carried.tumour_density[inside])
     summary = calibration.to_dict()["radiotherapy"]["delayed_death"]
     assert summary["source"] == "the plan" and summary["carried_into_forecast"] is True
     assert summary["delay_days"] == 14.0 and summary["dying_share_of_last_scan_tumour"] == pytest.approx(
@@ -268,6 +274,9 @@ def test_delayed_death_is_assumed_when_the_plan_has_none(irradiated_fit):
                                 ).radiotherapy.delayed_death.delay_days == 14.0  # the plan's own is kept
     with pytest.raises(ParameterError, match="assumed_delayed_death"):
         C.CalibrationSettings(assumed_delayed_death=(10.0, 0.0)).check()
+    for bad in (-1.0, math.nan, "2"):
+        with pytest.raises(ParameterError, match="density_trust must be a number >= 0"):
+            C.CalibrationSettings(density_trust=bad).check()
     fit = C.calibrate(scans[:2], plan, settings=C.CalibrationSettings(iterations=1))
     assert fit.delayed_death_assumed and fit.carried is not None
     assert fit.carried.tumour_density is None  # carry_density is off by default

@@ -118,8 +118,22 @@ def oracle_delayed_death(patient) -> tuple[float, float]:
                          "rt_death_delay_days and clearance_half_life_days (only generated phantoms do)") from None
 
 
+def restart_variants(calibration, trust_factors) -> dict:
+    """The same calibration with other restart densities (``--compare-density``): ``coded_density``
+    (the coded dense core everywhere: what the default settings forecast) and ``trust_F`` (the
+    rollout's density where it is >= F * tau)."""
+    carried = calibration.carried
+    if carried is None or carried.tumour_density is None:
+        return {}
+    tau = calibration.visibility_threshold
+    variants = {"coded_density": replace(calibration, carried=replace(carried, tumour_density=None))}
+    for factor in trust_factors:
+        variants[f"trust_{factor:g}"] = replace(calibration, carried=replace(carried, trusted_density=factor * tau))
+    return variants
+
+
 def evaluate_patient(patient, settings: CalibrationSettings, model, compare_density: bool = False,
-                     oracle_clearance: bool = False) -> dict:
+                     oracle_clearance: bool = False, trust_factors=()) -> dict:
     volumes = [read_labelmap(t.segmentation) for t in patient.timepoints[:3]]
     scans = [HistoryScan(v.labels, v.geometry, t.day, f"{patient.case}/tp{t.index}")
              for v, t in zip(volumes, patient.timepoints)]
@@ -160,10 +174,9 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
         result = forecast(calibration, [scans[2].day])
         row["forecast_s"] = time.perf_counter() - t1
         predictions["calibrated"] = result.labels(0)
-        if compare_density and calibration.carried is not None and calibration.carried.tumour_density is not None:
-            # the same calibration, restarted with the coded (dense-core) density inside the lesion
-            coded = replace(calibration, carried=replace(calibration.carried, tumour_density=None))
-            predictions["coded_density"] = forecast(coded, [scans[2].day]).labels(0)
+        if compare_density:
+            for name, variant in restart_variants(calibration, trust_factors).items():
+                predictions[name] = forecast(variant, [scans[2].day]).labels(0)
 
     t2 = time.perf_counter()
     plan = shift_plan(load_plan_on_grid(plan_path, volumes[1].geometry, volumes[1].labels.shape), scans[1].day)
@@ -177,9 +190,11 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
             row[f"{method}_{key}"] = value
     if "calibrated" not in predictions:
         row.update(calibrated_dice=math.nan, calibrated_hd95=math.nan, calibrated_volume_error_ml=math.nan)
-    if compare_density and "coded_density" not in predictions:  # no carried density: the same forecast
-        for key in ("dice", "hd95", "volume_error_ml"):
-            row[f"coded_density_{key}"] = row.get(f"calibrated_{key}", math.nan)
+    if compare_density:  # no carried density: every variant is the same forecast
+        for name in ["coded_density"] + [f"trust_{f:g}" for f in trust_factors]:
+            if name not in predictions:
+                for key in ("dice", "hd95", "volume_error_ml"):
+                    row[f"{name}_{key}"] = row.get(f"calibrated_{key}", math.nan)
     row["truth_tumour_ml"] = float((truth == TUMOUR).sum() * voxel_ml)
     row["scan1_tumour_ml"] = float((volumes[1].labels == TUMOUR).sum() * voxel_ml)
     return row
@@ -218,16 +233,27 @@ def summarise(rows: list[dict], info: dict) -> tuple[str, dict]:
                              "population_dice_mean": _mean([r["population_dice"] for r in hard]),
                              "no_change_dice_mean": _mean([r["no_change_dice"] for r in hard]),
                              "n_calibrated_dice_at_least_target": len(met), "target": TARGET_DICE}
-    if rows and "coded_density_dice" in rows[0]:
-        pairs = [(r["calibrated_dice"], r["coded_density_dice"]) for r in rows]
-        changed = [a - b for a, b in pairs if abs(a - b) > 1e-9]
-        summary["density_comparison"] = {"calibrated_dice_mean": _mean([a for a, _ in pairs]),
-                                         "coded_density_dice_mean": _mean([b for _, b in pairs]),
-                                         "n_changed": len(changed), "n_better": sum(d > 0 for d in changed)}
-        lines += ["", f"Restart density: fitted (carry_density) {_mean([a for a, _ in pairs]):.3f} against coded "
-                      f"{_mean([b for _, b in pairs]):.3f} mean DSC; {len(changed)} patients differ, "
-                      f"{sum(d > 0 for d in changed)} better with the fitted density "
-                      f"(mean change {_mean(changed) if changed else 0.0:+.3f})."]
+    variants = [k[:-len("_dice")] for k in (rows[0] if rows else {})
+                if k.endswith("_dice") and (k.startswith("trust_") or k == "coded_density_dice")]
+    if variants:
+        lines += ["", "Restart densities from the same calibrations (change = against the coded dense core):", "",
+                  "| restart | tumour DSC mean | median | |volume error| median (mL) | hard cases: mean, >= "
+                  f"{TARGET_DICE} | differ from coded | better |", "|---|---|---|---|---|---|---|"]
+        summary["density_comparison"] = {}
+        for name in ["calibrated"] + variants:
+            d = [r[f"{name}_dice"] for r in rows]
+            changed = [r[f"{name}_dice"] - r["coded_density_dice"] for r in rows
+                       if abs(r[f"{name}_dice"] - r["coded_density_dice"]) > 1e-9]
+            hard_d = [r[f"{name}_dice"] for r in hard]
+            entry = {"dice_mean": _mean(d), "dice_median": _median(d),
+                     "abs_volume_error_median_ml": _median([abs(r[f"{name}_volume_error_ml"]) for r in rows]),
+                     "hard_dice_mean": _mean(hard_d), "hard_at_least_target": sum(x >= TARGET_DICE for x in hard_d),
+                     "n_changed": len(changed), "n_better": sum(x > 0 for x in changed),
+                     "mean_change": _mean(changed) if changed else 0.0}
+            summary["density_comparison"][name] = entry
+            lines.append(f"| {name} | {entry['dice_mean']:.3f} | {entry['dice_median']:.3f} | "
+                         f"{entry['abs_volume_error_median_ml']:.2f} | {entry['hard_dice_mean']:.3f}, "
+                         f"{entry['hard_at_least_target']} of {len(hard)} | {len(changed)} | {entry['n_better']} |")
     visible = [r for r in hard if r["truth_tumour_ml"] >= VISIBLE_TRUTH_ML]
     summary["hard_cases_visible"] = {
         "definition": f"hard cases whose scan-2 tumour is >= {VISIBLE_TRUTH_ML} mL", "n": len(visible),
@@ -323,6 +349,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-density", action="store_true",
                         help="with --carry-density: also forecast each calibration with the coded density inside "
                              "the lesion (columns coded_density_*), the effect of carry_density on the same fits")
+    parser.add_argument("--density-trust", type=float, nargs="+", default=[], metavar="F",
+                        help="with --compare-density: also forecast with the rollout's density trusted where it is "
+                             ">= F * tau (0 = everywhere), from the same calibration")
     parser.add_argument("--radiosensitivity-start", type=float, default=CalibrationSettings.radiosensitivity_start,
                         help="starting factor on the plan's LQ alpha and beta")
     parser.add_argument("--cases", nargs="+", metavar="CASE",
@@ -362,7 +391,7 @@ def main(argv=None) -> int:
             passed += 1
             continue
         row = evaluate_patient(patient, None if args.population_only else settings, model, args.compare_density,
-                               oracle_clearance)
+                               oracle_clearance, args.density_trust)
         rows.append(row)
         print(f"{row['case']} {row['pattern']:>13} days {row['days']:>11}: fit {row['fit_dice_scan1']:.3f}; DSC "
               f"calibrated {row['calibrated_dice']:.3f} population {row['population_dice']:.3f} no-change "
