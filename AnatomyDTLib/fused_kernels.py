@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
-from numba import uint64 as _u  # unsigned indices: no wraparound test, so the loops vectorise
 
 _NETWORK_LANES = 8  # class counts up to this are projected by the register sorting network
 
@@ -52,6 +51,191 @@ def flag_array(*, tumour, dying, sink, has_growth, growth_field, kappa_field, ha
     return np.array(values, dtype=np.int64)
 
 
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row(p, c, z, y, z0, z1, lower, lower_start, upper, ox, y0):
+    """Row (c, z, y, ox:) of the input state: the slab's own planes from p, its neighbours'
+    planes from the copies (of the box's part of them) taken before any slab wrote."""
+    if z < z0:
+        return lower[c, z - lower_start, y - y0]
+    if z >= z1:
+        return upper[c, z - z1, y - y0]
+    return p[c, z, y, ox:]
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _coefficient_row(field, is_field, z, y, ox, constant_row):
+    """Row (z, y, ox:) of a per-voxel coefficient (Z, Y, X), or its constant row."""
+    if is_field:
+        return field[z, y, ox:]
+    return constant_row
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _potential_plane(p, z, z0, z1, lower, lower_start, upper, chi, cols, y0, y1, ox, nx, out):
+    """out[r] = Σ_c χ[r, c]·p[cols[c]] on plane z: the drift potential of each row of χ."""
+    zero = chi[0, 0] - chi[0, 0]
+    for r in range(chi.shape[0]):
+        for y in range(y0, y1):
+            o = out[r, y - y0]
+            for x in range(nx):
+                o[x] = zero
+            for c in range(cols.shape[0]):
+                w = chi[r, c]
+                src = _row(p, cols[c], z, y, z0, z1, lower, lower_start, upper, ox, y0)
+                for x in range(nx):
+                    o[x] += w * src[x]
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _reaction_line(q, ly, growth, kappa, mask, fl, par, ox, nx, tmp):
+    """Logistic growth and chemotherapy on one line of q (in place), as the torch path."""
+    n_channels = q.shape[0]
+    dt, zero, one = par[_DT], par[_ZERO], par[_ONE]
+    tumour, dying, sink = fl[_TUMOUR], fl[_DYING], fl[_SINK]
+    viable = q[tumour, ly]
+    sink_line = q[sink, ly]
+    if fl[_HAS_GROWTH] == 1:
+        others, keep, grow, shrink = tmp[0], tmp[1], tmp[2], tmp[3]
+        for x in range(nx):
+            others[x] = zero
+        for c in range(n_channels):
+            if c != tumour and c != dying:
+                line = q[c, ly]
+                for x in range(nx):
+                    others[x] += line[x]  # the tissue share available to be displaced
+        total = tmp[4]
+        for x in range(nx):
+            total[x] = viable[x]
+        if dying >= 0:
+            dying_line = q[dying, ly]
+            for x in range(nx):
+                total[x] += dying_line[x]
+        for x in range(nx):
+            gain = (one - total[x] / kappa[x]) * viable[x] * growth[x] * dt * mask[x]
+            shrink[x] = min(gain, zero)
+            g = min(max(gain, zero), others[x])
+            grow[x] = g
+            keep[x] = one - g / others[x] if others[x] > zero else one
+        for c in range(n_channels):
+            if c != tumour and c != dying:
+                line = q[c, ly]
+                for x in range(nx):
+                    line[x] *= keep[x]
+        for x in range(nx):
+            viable[x] += grow[x] + shrink[x]
+            sink_line[x] -= shrink[x]
+    if par[_CHEMO] > zero:
+        for x in range(nx):
+            killed = viable[x] * par[_CHEMO] * mask[x]
+            viable[x] -= killed
+            sink_line[x] += killed
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _explicit_plane(p, e, z0, z1, lower, lower_start, upper, phi_ring, q, rows, growth, kappa, domain, clearable,
+                    fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp):
+    """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on plane e of the box."""
+    dt, zero = par[_DT], par[_ZERO]
+    n_channels = q.shape[0]
+    has_domain = fl[_HAS_DOMAIN] == 1
+    ones = constants[0, 0]
+    phi_c = phi_ring[e % 3]
+    for y in range(y0, y1):
+        ly = y - y0
+        for c in range(n_channels):
+            src = _row(p, c, e, y, z0, z1, lower, lower_start, upper, ox, y0)
+            dst = q[c, ly]
+            for x in range(nx):
+                dst[x] = src[x]
+        mask = domain[e, y, ox:] if has_domain else ones
+        _reaction_line(q, ly, _coefficient_row(growth, fl[_GROWTH_FIELD] == 1, e, y, ox, constants[0, 1]),
+                       _coefficient_row(kappa, fl[_KAPPA_FIELD] == 1, e, y, ox, constants[0, 2]), mask, fl, par, ox,
+                       nx, tmp)
+        if fl[_HAS_CLEARABLE] == 1:  # clearance of the dying cells whose delay has passed
+            dying_line, sink_line = q[fl[_DYING], ly], q[fl[_SINK], ly]
+            cl = clearable[e, y, ox:]
+            for x in range(nx):
+                cleared = cl[x] * par[_CLEAR]
+                dying_line[x] -= cleared
+                sink_line[x] += cleared
+        # cross-diffusion: Δt·Σ_axes (flux in through the lower face − out through the upper) / h,
+        # flux = upwind(Δφ/h); at the box border a face's neighbour is the cell itself (Δφ = 0: no flux)
+        fz = dt * par[_INV_HZ] * par[_INV_HZ]
+        fy = dt * par[_INV_HY] * par[_INV_HY]
+        fx = dt * par[_INV_HX] * par[_INV_HX]
+        below, above = max(e - 1, bz0), min(e + 1, bz1 - 1)
+        south, north = max(y - 1, y0), min(y + 1, y1 - 1)
+        mask_zl = domain[below, y, ox:] if has_domain else ones
+        mask_zu = domain[above, y, ox:] if has_domain else ones
+        mask_yl = domain[e, south, ox:] if has_domain else ones
+        mask_yu = domain[e, north, ox:] if has_domain else ones
+        x_flux = tmp[0]  # x_flux[i] = flux through the face left of cell i; x_flux[0] = x_flux[nx] = 0
+        for r in range(rows.shape[0]):
+            k = rows[r]
+            acc = q[k, ly]
+            here = _row(p, k, e, y, z0, z1, lower, lower_start, upper, ox, y0)
+            rho_zl = _row(p, k, below, y, z0, z1, lower, lower_start, upper, ox, y0)
+            rho_zu = _row(p, k, above, y, z0, z1, lower, lower_start, upper, ox, y0)
+            rho_yl = _row(p, k, e, south, z0, z1, lower, lower_start, upper, ox, y0)
+            rho_yu = _row(p, k, e, north, z0, z1, lower, lower_start, upper, ox, y0)
+            centre = phi_c[r, ly]
+            phi_zl, phi_zu = phi_ring[below % 3, r, ly], phi_ring[above % 3, r, ly]
+            phi_yl, phi_yu = phi_c[r, south - y0], phi_c[r, north - y0]
+            x_flux[0] = zero
+            x_flux[nx] = zero
+            for x in range(nx - 1):
+                v = (centre[x + 1] - centre[x]) * mask[x] * mask[x + 1]
+                x_flux[x + 1] = fx * (max(v, zero) * here[x] + min(v, zero) * here[x + 1])
+            for x in range(nx):
+                m = mask[x]
+                v_zl = (centre[x] - phi_zl[x]) * mask_zl[x] * m
+                v_zu = (phi_zu[x] - centre[x]) * m * mask_zu[x]
+                v_yl = (centre[x] - phi_yl[x]) * mask_yl[x] * m
+                v_yu = (phi_yu[x] - centre[x]) * m * mask_yu[x]
+                in_z = max(v_zl, zero) * rho_zl[x] + min(v_zl, zero) * here[x]
+                out_z = max(v_zu, zero) * here[x] + min(v_zu, zero) * rho_zu[x]
+                in_y = max(v_yl, zero) * rho_yl[x] + min(v_yl, zero) * here[x]
+                out_y = max(v_yu, zero) * here[x] + min(v_yu, zero) * rho_yu[x]
+                acc[x] += fz * (in_z - out_z) + fy * (in_y - out_y) + x_flux[x] - x_flux[x + 1]
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, wx, scale, fl, par, bz0, bz1,
+                 y0, y1, ox, nx, constants, lap):
+    """One Jacobi sweep u ← u + ω/(1 + Δt·c)·(rhs − u + Δt·∇·(D∇u)) on plane z of the box.
+
+    Diffused class d is channel ``channels[d]`` of the planes ``u_ring[plane % u_slots]`` and
+    channel ``rhs_channels[d]`` of ``rhs``; the result goes to ``out[d]``. Faces across the box
+    border carry no flux: the box holds every non-zero value of the diffused classes plus a
+    margin of m + 1 voxels. Face weights are D/h² (1/day) on faces (z-, y-, x-faces arrays)."""
+    dt = par[_DT]
+    field = fl[_DIFF_FIELD] == 1
+    scale_field = fl[_SCALE_FIELD] == 1
+    u_here = u_ring[z % u_slots]
+    # at the box border a face's neighbour is the cell itself: zero difference, no flux
+    below, above = max(z - 1, bz0), min(z + 1, bz1 - 1)
+    u_below, u_above = u_ring[below % u_slots], u_ring[above % u_slots]
+    zero = par[_ZERO]
+    for d in range(out.shape[0]):
+        c = channels[d]
+        for y in range(y0, y1):
+            ly = y - y0
+            south, north = max(y - 1, y0), min(y + 1, y1 - 1)
+            u = u_here[c, ly]
+            u_zl, u_zu = u_below[c, ly], u_above[c, ly]
+            u_yl, u_yu = u_here[c, south - y0], u_here[c, north - y0]
+            w_zl = _coefficient_row(wz[d], field and z > bz0, z - 1, y, ox, constants[1 + d, 0])
+            w_zu = _coefficient_row(wz[d], field and z < bz1 - 1, z, y, ox, constants[1 + d, 0])
+            w_yl = _coefficient_row(wy[d], field and y > y0, z, y - 1, ox, constants[1 + d, 1])
+            w_yu = _coefficient_row(wy[d], field and y < y1 - 1, z, y, ox, constants[1 + d, 1])
+            w_x = _coefficient_row(wx[d], field and nx > 1, z, y, ox, constants[1 + d, 2])
+            lap[0] = zero  # lap[i] = flow through the face left of cell i; lap[0] = lap[nx] = 0
+            lap[nx] = zero
+            for x in range(nx - 1):
+                lap[x + 1] = w_x[x] * (u[x + 1] - u[x])
+            s = _coefficient_row(scale[d], scale_field, z, y, ox, constants[1 + d, 3])
+            o = out[d, ly]
+            r = rhs[rhs_channels[d], ly]
+            for x in range(nx):
+                div = (w_zl[x] * (u_zl[x] - u[x]) + w_zu[x] * (u_zu[x] - u[x]) + w_yl[x] * (u_yl[x] - u[x])
+                       + w_yu[x] * (u_yu[x] - u[x]) + lap[x + 1] - lap[x])
+                o[x] = u[x] + s[x] * (r[x] - u[x] + dt * div)
 
 @njit(cache=True, fastmath=True, nogil=True, inline="always")
 def _exchange(a, b):
@@ -132,464 +316,104 @@ def _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals):
             c_j = (running[x] - one) * count
             theta[x] = c_j if u_j[x] > c_j else theta[x]
 
-# ------------------------------------------------------------------------------------------------
-# Padded planes. Every stage works on one plane of the box at a time, held as one flat line of
-# (ny + 2)·(nx + 2) values: row ly, column lx of the box at index (ly + 1)·W + lx + 1 with
-# W = nx + 2, framed by a ring of ghost cells. A ghost holds a copy of the box cell next to it, so
-# every difference across the box border is exactly zero: no flux crosses it, as the box holds
-# every non-zero value of the classes that move plus a margin (module docstring of fused.py). Loops
-# then run over one contiguous span per plane, [W + 1, W·(ny + 1) − 1), with neighbours at ±1
-# (x) and ±W (y) and no per-row work; the span also covers the ghost columns between rows, whose
-# values are recomputed (finite, never used) and then overwritten by the next ghost refresh.
-# ------------------------------------------------------------------------------------------------
-
 @njit(cache=True, fastmath=True, nogil=True)
-def _gather(src, base, stride, ny, nx, width, dst):
-    """dst[(ly + 1)·W + lx + 1] = src[base + ly·stride + lx] for the box's ny rows of nx values."""
-    for ly in range(ny):
-        s = base + ly * stride
-        d = (ly + 1) * width + 1
-        for lx in range(nx):
-            dst[_u(d + lx)] = src[_u(s + lx)]
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _scatter(src, dst, base, stride, ny, nx, width):
-    """The inverse of :func:`_gather`: the box's cells of a padded plane back into a flat grid array."""
-    for ly in range(ny):
-        d = base + ly * stride
-        s = (ly + 1) * width + 1
-        for lx in range(nx):
-            dst[_u(d + lx)] = src[_u(s + lx)]
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _refresh_ghosts(plane, ny, width):
-    """Ghost cells = the box cell next to them (zero difference, hence no flux, across the border)."""
-    for r in range(1, ny + 1):
-        plane[r * width] = plane[r * width + 1]
-        plane[r * width + width - 1] = plane[r * width + width - 2]
-    last = (ny + 1) * width
-    for i in range(width):
-        plane[_u(i)] = plane[_u(width + i)]
-        plane[_u(last + i)] = plane[_u(last - width + i)]
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _state_source(p_flat, lower_flat, upper_flat, c, z, z0, z1, lower_start, halo, shape, y0, ox, ny, nx):
-    """(array, offset of the box's first cell, row stride) of channel c, plane z of the step's
-    input: the slab's own planes from p, its neighbours' from the copies taken before any slab
-    wrote (halo planes of the box's part, (C, halo, ny, nx))."""
-    if z < z0:
-        return lower_flat, ((c * halo + z - lower_start) * ny) * nx, nx
-    if z >= z1:
-        return upper_flat, ((c * halo + z - z1) * ny) * nx, nx
-    return p_flat, ((c * shape[1] + z) * shape[2] + y0) * shape[3] + ox, shape[3]
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _gather_grid_plane(field, z, y0, ox, ny, nx, width, dst):
-    """Plane z of a (Z, Y, X) grid array (the domain, α, κ, the clearable cells) into a padded plane,
-    ghosts refreshed."""
-    flat = field.reshape(field.size)
-    _gather(flat, (z * field.shape[1] + y0) * field.shape[2] + ox, field.shape[2], ny, nx, width, dst)
-    _refresh_ghosts(dst, ny, width)
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _gather_face_weights(wz, wy, wx, scale, d, z, bz0, y0, ox, ny, nx, width, field, scale_field, out):
-    """Class d's per-face weights D/h² of plane z into padded planes: out[0] the face below each
-    cell (z − 1 | z; zero on the box's lowest plane), out[1] the face north of it (y | y + 1),
-    out[2] the face east of it (x | x + 1), out[3] the Jacobi scale (classic variant). Faces
-    beyond the box or the grid get weight 0; the differences across them are zero anyway."""
-    zero = out[0, 0] - out[0, 0]
-    if field:
-        below = out[0]
-        if z > bz0:
-            w = wz[d]
-            _gather(w.reshape(w.size), ((z - 1) * w.shape[1] + y0) * w.shape[2] + ox, w.shape[2], ny, nx, width,
-                    below)
-        else:
-            for i in range(below.shape[0]):
-                below[_u(i)] = zero
-        north = out[1]
-        w = wy[d]
-        rows = min(ny, w.shape[1] - y0)  # faces y | y + 1 exist for y < Y − 1
-        if rows > 0:
-            _gather(w.reshape(w.size), (z * w.shape[1] + y0) * w.shape[2] + ox, w.shape[2], rows, nx, width, north)
-        for ly in range(max(rows, 0), ny):
-            for lx in range(nx):
-                north[(ly + 1) * width + 1 + lx] = zero
-        for lx in range(nx):  # the box's last row: its north neighbour is a ghost
-            north[ny * width + 1 + lx] = zero
-        east = out[2]
-        w = wx[d]
-        cols = min(nx - 1, w.shape[2] - ox)
-        if cols > 0:
-            _gather(w.reshape(w.size), (z * w.shape[1] + y0) * w.shape[2] + ox, w.shape[2], ny, cols, width, east)
-        for ly in range(ny):
-            for lx in range(max(cols, 0), nx):
-                east[(ly + 1) * width + 1 + lx] = zero
-    if scale_field:
-        s = scale[d]
-        _gather(s.reshape(s.size), (z * s.shape[1] + y0) * s.shape[2] + ox, s.shape[2], ny, nx, width, out[3])
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _potential_plane(state, chi, cols, lo, hi, out):
-    """out[r] = Σ_c χ[r, c]·p[cols[c]] on one padded plane (ghosts included, so they stay copies)."""
-    zero = chi[0, 0] - chi[0, 0]
-    for r in range(chi.shape[0]):
-        o = out[r]
-        for i in range(lo, hi):
-            o[_u(i)] = zero
-        for c in range(cols.shape[0]):
-            w = chi[r, c]
-            src = state[cols[c]]
-            for i in range(lo, hi):
-                o[_u(i)] += w * src[_u(i)]
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _reaction_plane(state, q, growth, kappa, mask, fl, par, lo, hi, tmp):
-    """q = the input plane after logistic growth and chemotherapy, as the torch path (every channel
-    of q is written; the input is only read)."""
-    n_channels = q.shape[0]
-    dt, zero, one = par[_DT], par[_ZERO], par[_ONE]
-    tumour, dying, sink = fl[_TUMOUR], fl[_DYING], fl[_SINK]
-    viable = q[tumour]
-    sink_line = q[sink]
-    if fl[_HAS_GROWTH] == 1:
-        others, keep, change, shrink = tmp[0], tmp[1], tmp[2], tmp[3]
-        first = True
-        for c in range(n_channels):
-            if c != tumour and c != dying:
-                line = state[c]
-                if first:
-                    for i in range(lo, hi):
-                        others[_u(i)] = line[_u(i)]  # the tissue share available to be displaced
-                    first = False
-                else:
-                    for i in range(lo, hi):
-                        others[_u(i)] += line[_u(i)]
-        if first:  # no tissue channel
-            for i in range(lo, hi):
-                others[_u(i)] = zero
-        viable_in = state[tumour]
-        dying_in = state[max(dying, 0)]
-        with_dying = one if dying >= 0 else zero
-        for i in range(lo, hi):
-            total = viable_in[_u(i)] + with_dying * dying_in[_u(i)]
-            gain = (one - total / kappa[_u(i)]) * viable_in[_u(i)] * growth[_u(i)] * dt * mask[_u(i)]
-            s = min(gain, zero)
-            g = min(max(gain, zero), others[_u(i)])
-            keep[_u(i)] = one - g / others[_u(i)] if others[_u(i)] > zero else one
-            change[_u(i)] = g + s
-            shrink[_u(i)] = s
-        for c in range(n_channels):
-            if c != tumour and c != dying:
-                line, out = state[c], q[c]
-                for i in range(lo, hi):
-                    out[_u(i)] = line[_u(i)] * keep[_u(i)]
-        for i in range(lo, hi):
-            viable[_u(i)] = viable_in[_u(i)] + change[_u(i)]
-        if dying >= 0:
-            line, out = state[dying], q[dying]
-            for i in range(lo, hi):
-                out[_u(i)] = line[_u(i)]
-        for i in range(lo, hi):
-            sink_line[_u(i)] -= shrink[_u(i)]
-    else:
-        for c in range(n_channels):
-            line, out = state[c], q[c]
-            for i in range(lo, hi):
-                out[_u(i)] = line[_u(i)]
-    if par[_CHEMO] > zero:
-        for i in range(lo, hi):
-            killed = viable[_u(i)] * par[_CHEMO] * mask[_u(i)]
-            viable[_u(i)] -= killed
-            sink_line[_u(i)] += killed
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _explicit_plane(here_state, below_state, above_state, phi, phi_below, phi_above, mask, mask_below, mask_above,
-                    q, rows, growth, kappa, clearable, fl, par, width, lo, hi, tmp):
-    """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on one padded plane. ``*_below`` /
-    ``*_above`` are the planes z − 1 and z + 1 (the plane itself on the box's first / last plane:
-    no flux there)."""
-    dt, zero = par[_DT], par[_ZERO]
-    n_channels = q.shape[0]
-    _reaction_plane(here_state, q, growth, kappa, mask, fl, par, lo, hi, tmp)
-    if fl[_HAS_CLEARABLE] == 1:  # clearance of the dying cells whose delay has passed
-        dying_line, sink_line = q[fl[_DYING]], q[fl[_SINK]]
-        for i in range(lo, hi):
-            cleared = clearable[_u(i)] * par[_CLEAR]
-            dying_line[_u(i)] -= cleared
-            sink_line[_u(i)] += cleared
-    # cross-diffusion: Δt·Σ_axes (flux in through the lower face − out through the upper) / h,
-    # flux = upwind(Δφ/h); the face x | x + 1 is computed once per cell pair (x_flux)
-    fz = dt * par[_INV_HZ] * par[_INV_HZ]
-    fy = dt * par[_INV_HY] * par[_INV_HY]
-    fx = dt * par[_INV_HX] * par[_INV_HX]
-    x_flux = tmp[5]  # x_flux[_u(i)] = flux through the face east of cell i
-    for r in range(rows.shape[0]):
-        k = rows[r]
-        acc = q[k]
-        rho = here_state[k]
-        rho_zl, rho_zu = below_state[k], above_state[k]
-        centre, phi_zl, phi_zu = phi[r], phi_below[r], phi_above[r]
-        for i in range(lo - 1, hi):
-            v = (centre[_u(i + 1)] - centre[_u(i)]) * mask[_u(i)] * mask[_u(i + 1)]
-            x_flux[_u(i)] = fx * (max(v, zero) * rho[_u(i)] + min(v, zero) * rho[_u(i + 1)])
-        for i in range(lo, hi):
-            m = mask[_u(i)]
-            v_zl = (centre[_u(i)] - phi_zl[_u(i)]) * mask_below[_u(i)] * m
-            v_zu = (phi_zu[_u(i)] - centre[_u(i)]) * m * mask_above[_u(i)]
-            v_yl = (centre[_u(i)] - centre[_u(i - width)]) * mask[_u(i - width)] * m
-            v_yu = (centre[_u(i + width)] - centre[_u(i)]) * m * mask[_u(i + width)]
-            in_z = max(v_zl, zero) * rho_zl[_u(i)] + min(v_zl, zero) * rho[_u(i)]
-            out_z = max(v_zu, zero) * rho[_u(i)] + min(v_zu, zero) * rho_zu[_u(i)]
-            in_y = max(v_yl, zero) * rho[_u(i - width)] + min(v_yl, zero) * rho[_u(i)]
-            out_y = max(v_yu, zero) * rho[_u(i)] + min(v_yu, zero) * rho[_u(i + width)]
-            acc[_u(i)] += fz * (in_z - out_z) + fy * (in_y - out_y) + x_flux[_u(i - 1)] - x_flux[_u(i)]
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _sweep_plane(u_here, u_below, u_above, channels, rhs, rhs_channels, out, weights, weights_above, scale_constants,
-                 weight_constants, fl, par, width, lo, hi, ny):
-    """One Jacobi sweep u ← u + ω/(1 + Δt·c)·(rhs − u + Δt·∇·(D∇u)) on one padded plane.
-
-    Diffused class d is channel ``channels[d]`` of the u planes and channel ``rhs_channels[d]`` of
-    ``rhs``; the result goes to ``out[d]`` (ghosts refreshed). Per-face weights D/h² (1/day) come
-    from the padded weight planes of this plane and the next (``weights[d]``: below, north, east,
-    scale), else from ``weight_constants[d]`` (z, y, x) and ``scale_constants[d]``."""
-    dt = par[_DT]
-    field = fl[_DIFF_FIELD] == 1
-    scale_field = fl[_SCALE_FIELD] == 1
-    for d in range(out.shape[0]):
-        c = channels[d]
-        u, u_zl, u_zu = u_here[c], u_below[c], u_above[c]
-        r = rhs[rhs_channels[d]]
-        o = out[d]
-        if field:
-            w_zl, w_zu, w_n, w_e = weights[d, 0], weights_above[d, 0], weights[d, 1], weights[d, 2]
-            if scale_field:
-                s = weights[d, 3]
-                for i in range(lo, hi):
-                    here = u[_u(i)]
-                    div = (w_zl[_u(i)] * (u_zl[_u(i)] - here) + w_zu[_u(i)] * (u_zu[_u(i)] - here)
-                           + w_n[_u(i - width)] * (u[_u(i - width)] - here) + w_n[_u(i)] * (u[_u(i + width)] - here)
-                           + w_e[_u(i - 1)] * (u[_u(i - 1)] - here) + w_e[_u(i)] * (u[_u(i + 1)] - here))
-                    o[_u(i)] = here + s[_u(i)] * (r[_u(i)] - here + dt * div)
-            else:
-                s0 = scale_constants[d]
-                for i in range(lo, hi):
-                    here = u[_u(i)]
-                    div = (w_zl[_u(i)] * (u_zl[_u(i)] - here) + w_zu[_u(i)] * (u_zu[_u(i)] - here)
-                           + w_n[_u(i - width)] * (u[_u(i - width)] - here) + w_n[_u(i)] * (u[_u(i + width)] - here)
-                           + w_e[_u(i - 1)] * (u[_u(i - 1)] - here) + w_e[_u(i)] * (u[_u(i + 1)] - here))
-                    o[_u(i)] = here + s0 * (r[_u(i)] - here + dt * div)
-        else:
-            cz, cy, cx = weight_constants[d, 0], weight_constants[d, 1], weight_constants[d, 2]
-            if scale_field:
-                s = weights[d, 3]
-                for i in range(lo, hi):
-                    here = u[_u(i)]
-                    div = (cz * (u_zl[_u(i)] + u_zu[_u(i)] - 2 * here) + cy * (u[_u(i - width)] + u[_u(i + width)] - 2 * here)
-                           + cx * (u[_u(i - 1)] + u[_u(i + 1)] - 2 * here))
-                    o[_u(i)] = here + s[_u(i)] * (r[_u(i)] - here + dt * div)
-            else:
-                s0 = scale_constants[d]
-                for i in range(lo, hi):
-                    here = u[_u(i)]
-                    div = (cz * (u_zl[_u(i)] + u_zu[_u(i)] - 2 * here) + cy * (u[_u(i - width)] + u[_u(i + width)] - 2 * here)
-                           + cx * (u[_u(i - 1)] + u[_u(i + 1)] - 2 * here))
-                    o[_u(i)] = here + s0 * (r[_u(i)] - here + dt * div)
-        _refresh_ghosts(o, ny, width)
-
-@njit(cache=True, fastmath=True, nogil=True, inline="always")
-def _finished(q, last, is_diffused, c):
-    """Channel c of a finished plane: the last Jacobi sweep for a diffused class, else q."""
-    d = is_diffused[c]
-    return last[max(d, 0)] if d >= 0 else q[c]
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _project_listed(q, last, is_diffused, index, count, lanes, theta, running, reciprocals, p_flat, p_base,
-                    channel_stride, stride, width, one, zero):
-    """Project the listed cells of a finished plane onto the simplex and write them into p: their
-    channel values gathered into compact lanes (rows beyond the class count hold −1e30), θ from the
-    sorting network (or the generic sort above 8 classes), p = max(u − θ, 0)."""
-    n_channels = q.shape[0]
-    for c in range(n_channels):
-        src, lane = _finished(q, last, is_diffused, c), lanes[c]
-        for j in range(count):
-            lane[j] = src[index[j]]
-    if n_channels <= _NETWORK_LANES:
-        _threshold_network(lanes, theta, count, one, reciprocals)
-    else:
-        _threshold_generic(lanes, n_channels, theta, running, count, one, reciprocals)
-    for j in range(count):
-        i = index[j]
-        offset = (i // width - 1) * stride + (i % width - 1)
-        for c in range(n_channels):
-            p_flat[p_base + c * channel_stride + offset] = max(lanes[c, j] - theta[j], zero)
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _finish_plane(q, last, is_diffused, mask, p_flat, p_base, channel_stride, stride, dying_flat, dying_base, fl, par, width, lo,
-                  hi, ny, nx, tmp, lanes, theta, running, reciprocals, index):
-    """Write one finished plane into p: channel c from :func:`_finished` (the last sweep for diffused
-    classes, q for the others). The cells that left the simplex (channel sum off 1 by more than the
-    slack, or a negative value) inside the domain are then projected — θ as
-    :func:`AnatomyDTLib.simplex.simplex_threshold` — the others stay as computed; outside the
-    domain every term is masked, so p is unchanged there. The dying channel before the projection
-    goes to ``dying_flat`` (the integrator rescales delayed-death cohorts by the projection)."""
+def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, y1, ox, nx, constants, lanes,
+                  tmp, reciprocals):
+    """Write plane z back into p: diffused classes from the last sweep, the others from q. The
+    voxels that left the simplex (channel sum off 1 by more than the slack, or a negative value)
+    are projected — θ from a sorting network, as :func:`AnatomyDTLib.simplex.simplex_threshold`
+    — the others are written as computed; outside the domain nothing changes."""
     n_channels = q.shape[0]
     dying = fl[_DYING]
     slack, zero, one = par[_SLACK], par[_ZERO], par[_ONE]
-    total, smallest, flags = tmp[0], tmp[1], tmp[2]
-    first = _finished(q, last, is_diffused, 0)
-    for i in range(lo, hi):
-        total[_u(i)] = first[_u(i)]
-        smallest[_u(i)] = first[_u(i)]
-    for c in range(1, n_channels):
-        src = _finished(q, last, is_diffused, c)
-        for i in range(lo, hi):
-            total[_u(i)] += src[_u(i)]
-            smallest[_u(i)] = min(smallest[_u(i)], src[_u(i)])
-    flagged = zero
-    for i in range(lo, hi):
-        off = (abs(total[_u(i)] - one) > slack) | (smallest[_u(i)] < zero)
-        f = one if (off & (mask[_u(i)] > zero)) else zero
-        flags[_u(i)] = f
-        flagged += f
-    for c in range(n_channels):
-        _scatter(_finished(q, last, is_diffused, c), p_flat, p_base + c * channel_stride, stride, ny, nx, width)
-    if dying >= 0:
-        _scatter(_finished(q, last, is_diffused, dying), dying_flat, dying_base, stride, ny, nx, width)
-    if flagged > zero:
-        count = 0
-        for ly in range(ny):  # box cells only: the ghost columns of the span are not cells
-            start = (ly + 1) * width + 1
-            for i in range(start, start + nx):
-                if flags[_u(i)] > zero:
-                    index[count] = i
-                    count += 1
-        if count > 0:
-            _project_listed(q, last, is_diffused, index, count, lanes, theta, running, reciprocals, p_flat, p_base, channel_stride,
-                            stride, width, one, zero)
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _load_plane(z, p_flat, lower_flat, upper_flat, z0, z1, lower_start, halo, shape, y0, ox, ny, nx, width, state,
-                domain, has_domain, mask, chi, cols, has_cross, lo_all, hi_all, phi):
-    """Plane z of the step's input into padded planes: the state (ghosts refreshed), the domain
-    mask, and the drift potentials Σ_c χ[r, c]·p[cols[c]] (ghosts included)."""
-    for c in range(state.shape[0]):
-        src, base, stride = _state_source(p_flat, lower_flat, upper_flat, c, z, z0, z1, lower_start, halo, shape, y0,
-                                          ox, ny, nx)
-        plane = state[c]
-        _gather(src, base, stride, ny, nx, width, plane)
-        _refresh_ghosts(plane, ny, width)
-    if has_domain:
-        _gather_grid_plane(domain, z, y0, ox, ny, nx, width, mask)
-    if has_cross:
-        _potential_plane(state, chi, cols, lo_all, hi_all, phi)
+    has_domain = fl[_HAS_DOMAIN] == 1
+    ones = constants[0, 0]
+    total, smallest, theta, running, project = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4]
+    for y in range(y0, y1):
+        ly = y - y0
+        for c in range(n_channels):
+            d = is_diffused[c]
+            src = u_last[d, ly] if d >= 0 else q[c, ly]
+            lane = lanes[c]
+            for x in range(nx):
+                lane[x] = src[x]
+        if dying >= 0:  # the integrator rescales delayed-death cohorts by the projection
+            out = dying_out[z, y, ox:]
+            for x in range(nx):
+                out[x] = lanes[dying, x]
+        for x in range(nx):
+            total[x] = lanes[0, x]
+            smallest[x] = lanes[0, x]
+        for c in range(1, n_channels):
+            for x in range(nx):
+                total[x] += lanes[c, x]
+                smallest[x] = min(smallest[x], lanes[c, x])
+        if n_channels <= _NETWORK_LANES:
+            _threshold_network(lanes, theta, nx, one, reciprocals)
+        else:
+            _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals)
+        mask = domain[z, y, ox:] if has_domain else ones
+        for x in range(nx):  # project: 1 where the voxel left the simplex inside the domain, else 0
+            off = abs(total[x] - one) > slack or smallest[x] < zero
+            project[x] = one if (off and mask[x] > zero) else zero
+        # Outside the domain every term is masked, so the lanes equal p there exactly: writing
+        # them unprojected leaves p unchanged. The blend is exact for project in {0, 1}.
+        for c in range(n_channels):
+            dst = p[c, z, y, ox:]
+            lane = lanes[c]
+            for x in range(nx):
+                dst[x] = project[x] * max(lane[x] - theta[x], zero) + (one - project[x]) * lane[x]
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, domain, clearable, diffused,
               is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants):
     """Advance the output planes [z0, z1) of the box by one step (the pipeline of the module
-    docstring of fused.py): explicit part at plane e, sweep s at e − s, output at e − max(m, 1);
-    every plane held padded (see the section comment above :func:`_gather`)."""
+    docstring): explicit part at plane e, sweep s at e - s, output at e - max(m, 1)."""
     bz0, bz1, y0, y1, ox, x1 = box[0], box[1], box[2], box[3], box[4], box[5]
     ny, nx = y1 - y0, x1 - ox
-    width = nx + 2
-    size = (ny + 2) * width
-    lo, hi = width + 1, width * (ny + 1) - 1
-    dtype = p.dtype
     n_channels = p.shape[0]
     m = fl[_SWEEPS]
     lag = max(m, 1)
     q_slots = max(lag, 2) + 1
     kd = max(diffused.shape[0], 1)
-    has_domain = fl[_HAS_DOMAIN] == 1
-    has_cross = rows.shape[0] > 0
-    weights_needed = m > 0 and (fl[_DIFF_FIELD] == 1 or fl[_SCALE_FIELD] == 1)
-    state_ring = np.empty((3, n_channels, size), dtype=dtype)
-    mask_slots = lag + 3 if has_domain else 1
-    mask_ring = np.ones((mask_slots, size), dtype=dtype)
-    phi_ring = np.empty((3, max(rows.shape[0], 1), size), dtype=dtype)
-    q_ring = np.empty((q_slots, n_channels, size), dtype=dtype)
-    u_ring = np.empty((lag, 3, kd, size), dtype=dtype)  # u_s of sweep s = 1..m
-    w_slots = m + 2 if weights_needed else 1
-    weight_ring = np.zeros((w_slots, kd, 4, size if weights_needed else 1), dtype=dtype)  # finite everywhere
-    growth_plane = np.full(size, constants[0, 1, 0], dtype=dtype)
-    kappa_plane = np.full(size, constants[0, 2, 0], dtype=dtype)
-    clear_plane = np.zeros(size, dtype=dtype)
-    weight_constants = np.empty((kd, 3), dtype=dtype)
-    scale_constants = np.empty(kd, dtype=dtype)
-    for d in range(kd):
-        for axis in range(3):
-            weight_constants[d, axis] = constants[1 + d, axis, 0]
-        scale_constants[d] = constants[1 + d, 3, 0]
+    q_ring = np.empty((q_slots, n_channels, ny, nx), dtype=p.dtype)
+    phi_ring = np.empty((3, max(rows.shape[0], 1), ny, nx), dtype=p.dtype)
+    u_ring = np.empty((lag, 3, kd, ny, nx), dtype=p.dtype)  # u_s of sweep s = 1..m
     identity = np.arange(kd)
-    tmp = np.zeros((6, size), dtype=dtype)
-    lanes = np.full((max(2 * n_channels, _NETWORK_LANES), size), -1e30, dtype=dtype)  # see _threshold_network
-    theta = np.empty(size, dtype=dtype)
-    running = np.empty(size, dtype=dtype)
-    index = np.empty(size, dtype=np.int64)
-    reciprocals = np.empty(max(n_channels, _NETWORK_LANES), dtype=dtype)
+    tmp = np.zeros((6, nx + 1), dtype=p.dtype)
+    lanes = np.full((max(2 * n_channels, _NETWORK_LANES), nx), -1e30, dtype=p.dtype)  # see _threshold_network
+    reciprocals = np.empty(max(n_channels, _NETWORK_LANES), dtype=p.dtype)
     for j in range(reciprocals.shape[0]):
         reciprocals[j] = 1.0 / (j + 1)
-    p_flat = p.reshape(p.size)
-    lower_flat, upper_flat = lower.reshape(lower.size), upper.reshape(upper.size)
-    dying_flat = dying_out.reshape(dying_out.size)
-    shape = p.shape
-    halo = lower.shape[1]
-    lower_start = z0 - halo
-    channel_stride = shape[1] * shape[2] * shape[3]
+    lower_start = z0 - lower.shape[1]
     e_first = max(z0 - m, bz0)
     e_stop = min(z1 + m, bz1)
-    for z in range(max(e_first - 1, bz0), min(e_first + 1, bz1)):  # the planes the first explicit plane reads
-        _load_plane(z, p_flat, lower_flat, upper_flat, z0, z1, lower_start, halo, shape, y0, ox, ny, nx, width,
-                    state_ring[z % 3], domain, has_domain, mask_ring[z % mask_slots], chi, cols, has_cross, 0, size,
-                    phi_ring[z % 3])
+    has_cross = rows.shape[0] > 0
+    if has_cross:  # potentials of the planes the first explicit plane needs
+        for z in range(max(e_first - 1, bz0), min(e_first + 1, bz1)):
+            _potential_plane(p, z, z0, z1, lower, lower_start, upper, chi, cols, y0, y1, ox, nx, phi_ring[z % 3])
     for e in range(z0 - m, z1 + lag):
         if e_first <= e < e_stop:
-            if e + 1 < bz1:
-                z = e + 1
-                _load_plane(z, p_flat, lower_flat, upper_flat, z0, z1, lower_start, halo, shape, y0, ox, ny, nx,
-                            width, state_ring[z % 3], domain, has_domain, mask_ring[z % mask_slots], chi, cols,
-                            has_cross, 0, size, phi_ring[z % 3])
-            below, above = max(e - 1, bz0), min(e + 1, bz1 - 1)
-            if fl[_GROWTH_FIELD] == 1:
-                _gather_grid_plane(growth, e, y0, ox, ny, nx, width, growth_plane)
-            if fl[_KAPPA_FIELD] == 1:
-                _gather_grid_plane(kappa, e, y0, ox, ny, nx, width, kappa_plane)
-            if fl[_HAS_CLEARABLE] == 1:
-                _gather_grid_plane(clearable, e, y0, ox, ny, nx, width, clear_plane)
-            if weights_needed:
-                for d in range(diffused.shape[0]):
-                    _gather_face_weights(wz, wy, wx, scale, d, e, bz0, y0, ox, ny, nx, width, fl[_DIFF_FIELD] == 1,
-                                         fl[_SCALE_FIELD] == 1, weight_ring[e % w_slots, d])
-            q = q_ring[e % q_slots]
-            _explicit_plane(state_ring[e % 3], state_ring[below % 3], state_ring[above % 3], phi_ring[e % 3],
-                            phi_ring[below % 3], phi_ring[above % 3], mask_ring[e % mask_slots],
-                            mask_ring[below % mask_slots], mask_ring[above % mask_slots], q, rows, growth_plane,
-                            kappa_plane, clear_plane, fl, par, width, lo, hi, tmp)
-            if m > 0:
-                for d in range(diffused.shape[0]):  # u_0 = q: its ghosts are read by the first sweep
-                    _refresh_ghosts(q[diffused[d]], ny, width)
+            if has_cross and e + 1 < bz1:
+                _potential_plane(p, e + 1, z0, z1, lower, lower_start, upper, chi, cols, y0, y1, ox, nx,
+                                 phi_ring[(e + 1) % 3])
+            _explicit_plane(p, e, z0, z1, lower, lower_start, upper, phi_ring, q_ring[e % q_slots], rows, growth,
+                            kappa, domain, clearable, fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp)
         for s in range(1, m + 1):
             zs = e - s
             if zs < max(z0 - (m - s), bz0) or zs >= min(z1 + (m - s), bz1):
                 continue
-            below, above = max(zs - 1, bz0), min(zs + 1, bz1 - 1)
-            weights, weights_above = weight_ring[zs % w_slots], weight_ring[above % w_slots]
             if s == 1:  # u_0 = rhs = q, read through the diffused channels
-                _sweep_plane(q_ring[zs % q_slots], q_ring[below % q_slots], q_ring[above % q_slots], diffused,
-                             q_ring[zs % q_slots], diffused, u_ring[0, zs % 3], weights, weights_above,
-                             scale_constants, weight_constants, fl, par, width, lo, hi, ny)
+                _sweep_plane(zs, q_ring, q_slots, diffused, q_ring[zs % q_slots], diffused, u_ring[0, zs % 3],
+                             wz, wy, wx, scale, fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp[0])
             else:
-                _sweep_plane(u_ring[s - 2, zs % 3], u_ring[s - 2, below % 3], u_ring[s - 2, above % 3], identity,
-                             q_ring[zs % q_slots], diffused, u_ring[s - 1, zs % 3], weights, weights_above,
-                             scale_constants, weight_constants, fl, par, width, lo, hi, ny)
+                _sweep_plane(zs, u_ring[s - 2], 3, identity, q_ring[zs % q_slots], diffused,
+                             u_ring[s - 1, zs % 3], wz, wy, wx, scale, fl, par, bz0, bz1, y0, y1, ox, nx,
+                             constants, tmp[0])
         zf = e - lag
         if z0 <= zf < z1:
-            _finish_plane(q_ring[zf % q_slots], u_ring[lag - 1, zf % 3], is_diffused, mask_ring[zf % mask_slots], p_flat, ((zf * shape[2]) + y0) * shape[3] + ox,
-                          channel_stride, shape[3], dying_flat, (zf * shape[2] + y0) * shape[3] + ox, fl, par, width,
-                          lo, hi, ny, nx, tmp, lanes, theta, running, reciprocals, index)
-
+            _finish_plane(zf, q_ring[zf % q_slots], u_ring[lag - 1, zf % 3], p, dying_out, is_diffused, domain,
+                          fl, par, y0, y1, ox, nx, constants, lanes, tmp, reciprocals)
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
 def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffused, is_diffused, wz, wy, wx,
