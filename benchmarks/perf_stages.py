@@ -1,0 +1,139 @@
+"""Where the fused kernel's brain step spends its time, stage by stage: a measurement, not a test.
+
+    python benchmarks/perf_stages.py                 # step 60 of the roofline's brain case, 15 rounds
+    python benchmarks/perf_stages.py --step 30 --repeats 9
+
+The brain case of ``perf_roofline.py`` (the sample case at 240×240×155, 1 mm, ``pde-only``
+defaults, Stupp plan, Δt = 1 day) is run up to ``--step``; the arguments of that step's call of
+the numba kernel (``fused_kernels._fused_step``: state, box, coefficients, flags) are captured and
+the same call is timed again on fresh copies of the state (the copy is not timed), as it is and
+with each stage switched off through the kernel's own flags:
+
+* ``no sweeps``: m = 0 Jacobi sweeps (the implicit diffusion is the identity);
+* ``no cross-diffusion``: no χ row;
+* ``no growth``: no logistic growth;
+* ``plumbing only``: all three off — what is left is reading the box's planes, the chemotherapy
+  and clearance terms, the simplex check and projection, and writing the planes back;
+* ``one slab``: everything on, one thread (the two-core speed-up is the ratio to the first row).
+
+A stage's cost is roughly the difference between the first row and its row (the stages are not
+quite independent: switching one off changes what the others see). Printed with the machine, the
+load average and the box size; times are medians over ``--repeats`` runs with [min–max].
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import perf_common as pc  # noqa: E402
+
+ARGUMENTS = ("p", "box", "chi", "rows", "cols", "growth", "kappa", "domain", "clearable", "diffused", "is_diffused",
+             "wz", "wy", "wx", "scale", "dying_out", "fl", "par", "constants")
+
+
+def capture_step(step: int) -> dict:
+    """The keyword arguments of the kernel call of solver step ``step`` (1-based) of the brain case."""
+    import numpy as np
+    import torch
+
+    import perf_roofline
+    from AnatomyDTLib import fused, simulate
+
+    kernels = fused._kernels()
+    if kernels is None:
+        raise SystemExit("numba is not installed (or ANATOMYDT_FUSED=0): the fused kernel cannot run here")
+    p0, spacing, kwargs = perf_roofline._brain_problem()
+    original = kernels._fused_step
+    captured: dict = {}
+    calls = [0]
+
+    def capturing(*args):
+        calls[0] += 1
+        if calls[0] == step:
+            captured.update({name: value.copy() if isinstance(value, np.ndarray) else value
+                             for name, value in zip(ARGUMENTS, args)})
+        return original(*args)
+
+    kernels._fused_step = capturing
+    try:
+        with torch.no_grad():
+            simulate(p0, spacing=spacing, days=float(step + 1), **kwargs)
+    finally:
+        kernels._fused_step = original
+    if not captured:
+        raise SystemExit(f"the brain case made fewer than {step} kernel calls")
+    return captured
+
+
+def time_variants(calls: list[dict], repeats: int) -> list[list[float]]:
+    """Wall times (s) of the kernel for each argument set, on fresh copies of the captured state.
+    The variants take turns (round robin), so a drift of the machine's speed hits all of them alike;
+    a first round is a warm-up."""
+    from AnatomyDTLib import fused
+
+    kernel = fused._kernels()._fused_step
+    times: list[list[float]] = [[] for _ in calls]
+    for round_ in range(repeats + 1):
+        for i, arguments in enumerate(calls):
+            call = dict(arguments, p=arguments["p"].copy())
+            t0 = time.perf_counter()
+            kernel(*(call[name] for name in ARGUMENTS))
+            if round_ > 0:
+                times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def variants(arguments: dict) -> list[tuple[str, dict]]:
+    """(label, arguments) of the full step and of the step with stages switched off."""
+    import numpy as np
+
+    from AnatomyDTLib import fused
+
+    k = fused._kernels()
+
+    def with_flags(**changes):
+        flags = arguments["fl"].copy()
+        for slot, value in changes.items():
+            flags[getattr(k, slot)] = value
+        return flags
+
+    no_rows = np.zeros(0, dtype=np.int64)
+    return [
+        ("full step", arguments),
+        ("no sweeps", dict(arguments, fl=with_flags(_SWEEPS=0))),
+        ("no cross-diffusion", dict(arguments, rows=no_rows)),
+        ("no growth", dict(arguments, fl=with_flags(_HAS_GROWTH=0))),
+        ("plumbing only", dict(arguments, rows=no_rows, fl=with_flags(_SWEEPS=0, _HAS_GROWTH=0))),
+        ("one slab (1 thread)", dict(arguments, fl=with_flags(_THREADS=1))),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--step", type=int, default=60, help="which solver step to capture (default 60)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per variant (default 15)")
+    args = parser.parse_args()
+    arguments = capture_step(args.step)
+    box = arguments["box"]
+    voxels = int((box[1] - box[0]) * (box[3] - box[2]) * (box[5] - box[4]))
+    print(f"machine: {pc.machine_text()}; {pc.load_text()}")
+    print(f"brain case step {args.step}: box z {box[0]}:{box[1]}, y {box[2]}:{box[3]}, x {box[4]}:{box[5]} "
+          f"= {voxels / 1e6:.2f} M voxels, kernel slabs (threads) {int(arguments['fl'][-1])}")
+    labelled = variants(arguments)
+    all_times = time_variants([call for _, call in labelled], args.repeats)
+    full = statistics.median(all_times[0])
+    for (label, call), times in zip(labelled, all_times):
+        median = statistics.median(times)
+        cost = "" if call is arguments else f"   difference to the full step {1e3 * (full - median):+.2f} ms"
+        print(f"  {label:22s} {1e3 * median:7.2f} ms [{1e3 * min(times):.2f}–{1e3 * max(times):.2f}] "
+              f"{1e9 * median / voxels:5.1f} ns/voxel{cost}")
+    print(f"load average after: {pc.load_text()}")
+
+
+if __name__ == "__main__":
+    main()
