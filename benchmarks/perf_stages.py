@@ -18,7 +18,7 @@ with each stage switched off through the kernel's own flags:
 
 A stage's cost is roughly the difference between the first row and its row (the stages are not
 quite independent: switching one off changes what the others see). Printed with the machine, the
-load average and the box size; times are medians over ``--repeats`` runs with [min–max].
+load average and the box size; times are medians over ``--repeats`` rounds with [min–max].
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import perf_common as pc  # noqa: E402
 
 ARGUMENTS = ("p", "box", "chi", "rows", "cols", "growth", "kappa", "domain", "clearable", "diffused", "is_diffused",
              "wz", "wy", "wx", "scale", "dying_out", "fl", "par", "constants")
+ONE_SLAB = "one slab (1 thread)"
 
 
 def capture_step(step: int) -> dict:
@@ -109,7 +110,7 @@ def variants(arguments: dict) -> list[tuple[str, dict]]:
         ("no cross-diffusion", dict(arguments, rows=no_rows)),
         ("no growth", dict(arguments, fl=with_flags(_HAS_GROWTH=0))),
         ("plumbing only", dict(arguments, rows=no_rows, fl=with_flags(_SWEEPS=0, _HAS_GROWTH=0))),
-        ("one slab (1 thread)", dict(arguments, fl=with_flags(_THREADS=1))),
+        (ONE_SLAB, dict(arguments, fl=with_flags(_THREADS=1))),
     ]
 
 
@@ -118,18 +119,26 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=60, help="which solver step to capture (default 60)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per variant (default 15)")
     args = parser.parse_args()
+    from AnatomyDTLib import fused
+
     arguments = capture_step(args.step)
     box = arguments["box"]
     voxels = int((box[1] - box[0]) * (box[3] - box[2]) * (box[5] - box[4]))
     print(f"machine: {pc.machine_text()}; {pc.load_text()}")
+    threads = int(arguments["fl"][fused._kernels()._THREADS])
     print(f"brain case step {args.step}: box z {box[0]}:{box[1]}, y {box[2]}:{box[3]}, x {box[4]}:{box[5]} "
-          f"= {voxels / 1e6:.2f} M voxels, kernel slabs (threads) {int(arguments['fl'][-1])}")
+          f"= {voxels / 1e6:.2f} M voxels, kernel threads {threads}")
     labelled = variants(arguments)
     all_times = time_variants([call for _, call in labelled], args.repeats)
     full = statistics.median(all_times[0])
     for (label, call), times in zip(labelled, all_times):
         median = statistics.median(times)
-        cost = "" if call is arguments else f"   difference to the full step {1e3 * (full - median):+.2f} ms"
+        if call is arguments:
+            cost = ""
+        elif label == ONE_SLAB:
+            cost = f"   two-slab speed-up {median / full:.2f}"
+        else:
+            cost = f"   difference to the full step {1e3 * (full - median):+.2f} ms"
         print(f"  {label:22s} {1e3 * median:7.2f} ms [{1e3 * min(times):.2f}–{1e3 * max(times):.2f}] "
               f"{1e9 * median / voxels:5.1f} ns/voxel{cost}")
     print(f"load average after: {pc.load_text()}")
