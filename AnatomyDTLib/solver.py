@@ -114,8 +114,25 @@ def _check_spacing(spacing: Sequence[float]) -> tuple[float, ...]:
     return values
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True if every value of ``t`` is finite, in one reduction instead of a full boolean copy.
+
+    A sum is finite only if every term is (NaN and ±inf propagate through additions), so a finite
+    sum proves the tensor finite; only a non-finite sum (a bad value, or an overflow of large
+    finite values) needs the element-wise test. On a 1 mm, 5-class field this is one read of the
+    field instead of writing and reading a boolean copy of it.
+    """
+    if t.numel() == 0:
+        return True
+    if not t.dtype.is_floating_point:
+        return True
+    if bool(torch.isfinite(t.detach().sum())):
+        return True
+    return bool(torch.isfinite(t.detach()).all())
+
+
 def _check_field(p: torch.Tensor) -> None:
-    if not torch.isfinite(p).all():
+    if not all_finite(p):
         bad = int((~torch.isfinite(p)).sum())
         raise InputError(f"p0 contains {bad} NaN or infinite values; the initial anatomy must be a finite probability field.")
     low = float(p.min())
@@ -133,7 +150,7 @@ def _coefficient_field(value, name: str, unit: str, grid: Grid, *, per_class: bo
     """Validate a scalar / per-class / spatial coefficient and shape it (B|1, C|1, *S|1...)."""
     t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value, dtype=np.float64))
     t = t.to(dtype=grid.dtype, device=grid.device)
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         raise ParameterError(f"{name} contains NaN or infinite values; give finite values in {unit}.")
     low = float(t.detach().min()) if t.numel() else 0.0
     if strictly_positive and low <= minimum:
@@ -180,10 +197,10 @@ def _mask_field(mask, grid: Grid) -> torch.Tensor | None:
     m = m.reshape((-1, 1) + grid.spatial_shape)
     if m.shape[0] not in (1, grid.batch):
         raise InputError(f"mask has batch size {m.shape[0]} but p0 has {grid.batch}.")
-    values = m.to(torch.float64)
-    if not torch.isfinite(values).all() or not ((values == 0) | (values == 1)).all():
+    # NaN and ±inf equal neither 0 nor 1, so the binary test also refuses non-finite values
+    if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):
         raise InputError("mask must be binary (0/1 or bool).")
-    if not bool(values.any()):
+    if not bool(m.any()):
         raise InputError("mask is empty: no voxel is inside the domain.")
     return m.to(dtype=grid.dtype, device=grid.device)
 
@@ -605,12 +622,15 @@ class _Integrator:
             self._rescale_cohorts(dying_before, p_new[:, pr.dying:pr.dying + 1])
         return p_new
 
-    def run(self, p: torch.Tensor, output_days: list[float]) -> list[torch.Tensor]:
+    def run(self, p: torch.Tensor, output_days: list[float], *, private: bool = False) -> list[torch.Tensor]:
+        """The fields at ``output_days``. ``private``: ``p`` is the solver's own tensor (built from
+        p0, not the caller's), which the no-grad path may then change in place without a copy."""
         if torch.is_grad_enabled():
             return self._run(p, output_days)
         from .inference import InferenceStepper
 
-        p = p.clone(memory_format=torch.contiguous_format)  # a private copy: the steps work in place
+        if not (private and p.is_contiguous()):
+            p = p.clone(memory_format=torch.contiguous_format)  # a private copy: the steps work in place
         self.stepper = InferenceStepper(self.problem, p)
         flushing = torch.set_flush_denormal(True)  # see inference.py: exact boxes, no slow denormals
         threads = torch.get_num_threads()
@@ -635,9 +655,10 @@ class _Integrator:
         snapshots: dict[int, torch.Tensor] = {}
         pending_outputs = list(enumerate(output_days))
         for i, t0 in enumerate(cuts):
+            final = t0 >= horizon - _EVENT_TIME_TOLERANCE  # nothing changes p after this
             while pending_outputs and abs(pending_outputs[0][1] - t0) <= _EVENT_TIME_TOLERANCE:
-                snapshots[pending_outputs.pop(0)[0]] = _visible(self.problem, p).clone()
-            if t0 >= horizon - _EVENT_TIME_TOLERANCE:
+                snapshots[pending_outputs.pop(0)[0]] = self._snapshot(p, final)
+            if final:
                 break
             p = self._apply_events(p, t0)
             t1 = cuts[i + 1]
@@ -649,9 +670,20 @@ class _Integrator:
                 if self.progress is not None:
                     self.progress(t0 + (s + 1) * h, horizon)  # may raise Cancelled to stop the run
         for index, _ in pending_outputs:  # output days equal to the horizon
-            snapshots[index] = _visible(self.problem, p).clone()
+            snapshots[index] = self._snapshot(p, True)
         self.final_state = p
         return [snapshots[i] for i in range(len(output_days))]
+
+    def _snapshot(self, p: torch.Tensor, final: bool) -> torch.Tensor:
+        """The imaged classes at an output day, as a tensor later steps do not change.
+
+        The no-grad steps work on ``p`` in place, so an earlier day's field is copied; the
+        horizon's is ``p`` itself (no step follows), and a merged dying channel is a new tensor
+        already. On a 1 mm brain grid each copy avoided saves ~0.1-0.2 s."""
+        visible = _visible(self.problem, p)
+        if visible is not p or final:
+            return visible
+        return p.clone()
 
     def dying_compartment(self, horizon: float) -> DyingCompartment | None:
         """The dying channel and its cohorts still in their delay at ``horizon``, on a day axis
@@ -748,7 +780,7 @@ def simulate(p0, *, spacing, days, dt, diffusion, growth_rate=0.0, carrying_capa
     _limit_cross_diffusion_step(problem, float(dt))
     state, cohorts = _initial_state(problem, p, dying, batched)
     integrator = _Integrator(problem, float(dt), checkpoint, progress, cohorts)
-    snapshots = integrator.run(state, output_days)
+    snapshots = integrator.run(state, output_days, private=state is not p)  # a dying channel: a new tensor
     if not batched:
         snapshots = [s[0] for s in snapshots]
     result = torch.stack(snapshots) if return_trajectory else snapshots[-1]

@@ -190,3 +190,48 @@ def test_library_cross_diffusion_gives_finite_gradients_over_a_long_rollout():
                    carrying_capacity=1.0, tumor_class=1, cross_diffusion=chi, jacobi_iters=4)
     (out[1] * torch.linspace(-1, 1, 24) ** 2).sum().backward()
     assert torch.isfinite(chi.grad).all() and float(chi.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_distinct_values_and_their_index_agree_with_torch_unique(dtype):
+    # the stability analysis reduces coefficient fields to distinct values through NumPy (fast on
+    # CPU); torch.unique is the independent reference, including -0.0 == 0.0 and strided input
+    from AnatomyDTLib.operators import distinct_value_index, distinct_values
+
+    torch.manual_seed(3)
+    values = torch.randint(0, 40, (3000,)).to(dtype) * 0.137
+    values[::7] = -0.0
+    values[1::7] = 0.0
+    strided = values.reshape(60, 50).t().reshape(-1)[::2]
+    for v in (values, strided, values[:1]):
+        reference, inverse = torch.unique(v, return_inverse=True)
+        distinct = distinct_values(v)
+        assert distinct.dtype == v.dtype and torch.equal(distinct, reference)
+        index = distinct_value_index(v)
+        assert index.dtype == torch.int64 and torch.equal(index, inverse)
+        assert torch.equal(distinct[index], v)
+
+
+def test_stability_report_of_a_tissue_dependent_field_equals_that_of_its_distinct_values():
+    # the report for a per-voxel D (a few tissue values repeated over the grid) must be the one of
+    # the same D given as a grid holding each distinct value once
+    from AnatomyDTLib.operators import cross_diffusion_stability
+
+    torch.manual_seed(1)
+    shape = (12, 14, 10)
+    tissue = torch.randint(0, 3, shape)
+    tumour_d = torch.tensor([0.02, 0.2, 0.05], dtype=torch.float64)[tissue]
+    d = torch.zeros(1, K, *shape, dtype=torch.float64)
+    d[0, 1] = tumour_d
+    # χ = -0.04 mm²/day: ill-posed where D = 0.02 (left out of the limit), 2 sub-steps where D = 0.2
+    # and 3 where D = 0.05 (measured per value); so every distinct value must be found
+    chi = _mass_effect(-0.04, -0.01)
+    full = cross_diffusion_stability(d, chi, (1.0, 1.0, 1.0), shape, 1.0)
+    assert full.substeps == 3 and [r[:2] for r in full.ill_posed] == [(2, 1)]
+    few = torch.zeros(1, K, 3, 1, 1, dtype=torch.float64)
+    few[0, 1, :, 0, 0] = torch.tensor([0.02, 0.2, 0.05], dtype=torch.float64)
+    # same σ_max (same grid and spacing) and the same per-class Jacobi scale: give the operator
+    from AnatomyDTLib.operators import DiffusionOperator
+    operator = DiffusionOperator(d, (1.0, 1.0, 1.0), None, shape)
+    reduced = cross_diffusion_stability(few, chi, (1.0, 1.0, 1.0), shape, 1.0, operator=operator)
+    assert (full.substeps, full.ill_posed, full.unresolved) == (reduced.substeps, reduced.ill_posed, reduced.unresolved)

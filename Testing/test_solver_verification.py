@@ -354,3 +354,36 @@ def test_integer_labels_instead_of_field_are_reported():
 def test_spacing_that_does_not_match_the_field_is_reported():
     with pytest.raises(InputError, match="spatial axes"):
         simulate(_ok_field(), spacing=(1.0, 1.0, 1.0, 1.0)[:3], days=1.0, dt=0.5, diffusion=0.1)
+
+
+def test_all_finite_finds_every_kind_of_bad_value_and_survives_overflow():
+    # all_finite decides from one sum where it can; it must agree with the element-wise test
+    from AnatomyDTLib.solver import all_finite
+
+    field = torch.rand(4, 7, 9, dtype=torch.float32)
+    assert all_finite(field) and all_finite(field.double()) and all_finite(torch.empty(0))
+    assert all_finite(torch.arange(10))  # integers are always finite
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = field.clone()
+        broken[3, 6, 8] = bad
+        assert not all_finite(broken), bad
+    both = field.clone()
+    both[0, 0, 0], both[1, 1, 1] = float("inf"), float("-inf")  # their sum is NaN: still refused
+    assert not all_finite(both)
+    huge = torch.full((8,), 3e38, dtype=torch.float32)  # finite values whose sum overflows to inf
+    assert all_finite(huge) and bool(torch.isinf(huge.sum()))
+
+
+def test_nonfinite_or_non_binary_masks_are_refused():
+    for bad in (float("nan"), float("inf"), 0.5):
+        mask = torch.ones(6, 6)
+        mask[2, 2] = bad
+        with pytest.raises(InputError, match="mask must be binary"):
+            simulate(_ok_field(), spacing=(1.0, 1.0), days=1.0, dt=0.5, diffusion=0.1, mask=mask)
+
+
+def test_diffusion_field_with_an_infinite_voxel_is_refused():
+    d = torch.full((2, 6, 6), 0.1)
+    d[1, 4, 4] = float("inf")
+    with pytest.raises(ParameterError, match="diffusion contains NaN or infinite"):
+        simulate(_ok_field(), spacing=(1.0, 1.0), days=1.0, dt=0.5, diffusion=d)
