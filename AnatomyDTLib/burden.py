@@ -63,7 +63,6 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import least_squares
 
 from .errors import InputError, ParameterError
 from .plan import TreatmentPlan, load_plan
@@ -653,6 +652,10 @@ def _starts(t, log_v, free, schedule, nominal) -> list[np.ndarray]:
 
 
 def _solve(t, log_v, free, fixed, schedule, starts) -> np.ndarray:
+    # imported here: scipy.optimize costs ~0.3 s, and every CLI command imports this module to
+    # build its parser, most of them without ever fitting a burden model
+    from scipy.optimize import least_squares
+
     fun = _residual_function(t, log_v, free, fixed, schedule)
     lo, hi = _bounds(free)
     best = None

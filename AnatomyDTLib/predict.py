@@ -136,6 +136,7 @@ class Prediction:
     model_version: str
     baseline: AnatomyState
     _labels: dict = field(default_factory=dict, repr=False, compare=False)  # index -> argmax labels, computed once
+    _volumes: list = field(default_factory=list, repr=False, compare=False)  # volumes_ml rows, computed once
 
     def state(self, index: int) -> AnatomyState:
         return AnatomyState(self.fields[index], self.geometry, self.schema)
@@ -151,13 +152,16 @@ class Prediction:
         return self.fields[index, self.schema.tumour_index].detach().cpu().numpy().astype(np.float32)
 
     def volumes_ml(self) -> list[tuple[float, dict[str, float]]]:
-        """Per output day, the class volumes in mL (argmax voxel count × voxel volume); day 0 = baseline."""
-        rows = [(0.0, self.baseline.class_volumes_ml())]
-        voxel_ml = self.geometry.voxel_volume_ml
-        for i, d in enumerate(self.days):
-            counts = np.bincount(self.labels(i).ravel(), minlength=self.schema.num_classes)
-            rows.append((d, {name: float(counts[k]) * voxel_ml for k, name in enumerate(self.schema.names)}))
-        return rows
+        """Per output day, the class volumes in mL (argmax voxel count × voxel volume); day 0 = baseline.
+        Computed once (the CSV, the figure and the printed table all ask); each call returns a copy."""
+        if not self._volumes:
+            rows = [(0.0, self.baseline.class_volumes_ml())]
+            voxel_ml = self.geometry.voxel_volume_ml
+            for i, d in enumerate(self.days):
+                counts = np.bincount(self.labels(i).ravel(), minlength=self.schema.num_classes)
+                rows.append((d, {name: float(counts[k]) * voxel_ml for k, name in enumerate(self.schema.names)}))
+            self._volumes.extend(rows)
+        return [(d, dict(volumes)) for d, volumes in self._volumes]
 
     def segment_tags(self) -> dict[str, str]:
         """Tags written on every predicted segment (read by Slicer's DICOM SEG export)."""

@@ -73,3 +73,34 @@ def project_to_simplex_(v: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """In-place variant for the no-grad inference path: overwrites and returns ``v``."""
     theta = simplex_threshold(v, dim)
     return v.sub_(theta).clamp_(min=0.0)
+
+
+# |sum - 1| up to this counts as on the simplex (a few ulps of a K-term sum in the dtype)
+_ON_SIMPLEX_SLACK = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 2e-7, torch.float64: 1e-13}
+
+
+def project_off_simplex_(v: torch.Tensor, dim: int = 1, slack: float | None = None) -> torch.Tensor:
+    """Project, in place, only the voxels that are off the simplex; return ``v``.
+
+    A voxel is off when one of its values is negative or its sum differs from 1 by more than
+    ``slack`` (default: a few ulps of the dtype, ``_ON_SIMPLEX_SLACK``). The others are left
+    exactly as they are: projecting them would change them only by rounding. This is the
+    no-grad path's version of :func:`project_to_simplex` for fields that are mostly on the simplex
+    already, such as a baseline plus a model's local change (``models/model_grid.py``): on a 1 mm
+    brain it projects the voxels near the tumour instead of all 8.9 M (1.6 s per output day).
+    """
+    if slack is None:
+        slack = _ON_SIMPLEX_SLACK.get(v.dtype, 1e-6)
+    off = (v.sum(dim) - 1.0).abs_() > slack
+    off |= v.amin(dim) < 0
+    index = off.reshape(-1).nonzero().squeeze(1)
+    if index.numel() == 0:
+        return v
+    classes_first = v.movedim(dim, 0)
+    if classes_first.is_contiguous():  # (K, voxels) is a view: gather the off voxels' lanes by index
+        flat = classes_first.reshape(classes_first.shape[0], -1)
+        flat.index_copy_(1, index, project_to_simplex(flat.index_select(1, index), dim=0))
+    else:
+        classes_last = v.movedim(dim, -1)  # a view: (*other axes, K)
+        classes_last[off] = project_to_simplex(classes_last[off], dim=1)
+    return v

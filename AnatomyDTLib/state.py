@@ -154,8 +154,10 @@ def _gaussian_smooth_axis(field: torch.Tensor, axis: int, sigma_vox: float) -> t
 # --------------------------------------------------------------------------------------------
 
 
-def field_to_labels(p: Any, *, batched: bool = False) -> torch.Tensor:
-    """Most probable class per voxel (argmax over the class axis), as int64.
+def field_to_labels(p: Any, *, batched: bool = False, small: bool = False) -> torch.Tensor:
+    """Most probable class per voxel (argmax over the class axis), as int64 (``small``: as uint8
+    when there are at most 256 classes, which saves a copy of the grid for callers that store
+    labels that way).
 
     The class axis is 0 for ``(K, *S)`` and 1 for batched ``(B, K, *S)`` fields. Ties go to the
     lowest class index (torch's argmax returns the first maximum), so an exactly 50/50 voxel
@@ -163,8 +165,12 @@ def field_to_labels(p: Any, *, batched: bool = False) -> torch.Tensor:
     """
     field = p if isinstance(p, torch.Tensor) else torch.as_tensor(np.asarray(p))
     dim = _class_dim(field, batched)
-    if not torch.is_floating_point(field) or field.shape[dim] > 255 or bool(torch.isnan(field).any()):
-        return torch.argmax(field, dim=dim)
+    # NaN decides argmax differently; a NaN anywhere makes the sum NaN (so does inf - inf, which
+    # only costs the exact test), so one reduction replaces a boolean copy of the field
+    if not torch.is_floating_point(field) or field.shape[dim] > 255 or (
+            bool(torch.isnan(field.sum())) and bool(torch.isnan(field).any())):
+        labels = torch.argmax(field, dim=dim)
+        return labels.to(torch.uint8) if small and field.shape[dim] <= 256 else labels
     # torch.argmax along a strided class axis is ~4x slower than this sweep over the K contiguous
     # class slices (0.95 s vs 0.23 s for 5 x 240x240x155 on one core); same result, ties included.
     lanes = field.unbind(dim)
@@ -173,7 +179,7 @@ def field_to_labels(p: Any, *, batched: bool = False) -> torch.Tensor:
     for k in range(1, len(lanes)):
         index.masked_fill_(lanes[k] > best, k)  # strictly greater: ties keep the lower class
         torch.maximum(best, lanes[k], out=best)
-    return index.long()
+    return index if small else index.long()
 
 
 def _class_dim(field: torch.Tensor, batched: bool) -> int:
@@ -269,7 +275,9 @@ class AnatomyState:
 
     def to_labels(self) -> np.ndarray:
         """Most probable class per voxel as a numpy array in array order (uint8 for up to 256 classes)."""
-        return field_to_labels(self.field).cpu().numpy().astype(label_dtype(self.schema.num_classes))
+        dtype = label_dtype(self.schema.num_classes)
+        small = dtype == np.uint8
+        return field_to_labels(self.field, small=small).cpu().numpy().astype(dtype, copy=False)
 
     def to_label_volume(self, source: str = "") -> LabelVolume:
         """The argmax labelmap with this state's geometry and schema."""
@@ -286,6 +294,6 @@ class AnatomyState:
 
     def class_volumes_ml(self) -> dict[str, float]:
         """Volume of each class in mL: argmax voxel counts times the voxel volume."""
-        counts = torch.bincount(field_to_labels(self.field).reshape(-1), minlength=self.schema.num_classes)
+        counts = np.bincount(self.to_labels().reshape(-1), minlength=self.schema.num_classes)
         voxel_ml = self.geometry.voxel_volume_ml
         return {name: float(counts[k]) * voxel_ml for k, name in enumerate(self.schema.names)}

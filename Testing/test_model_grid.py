@@ -92,3 +92,53 @@ def test_a_model_trained_at_2mm_answers_a_1mm_input_on_the_1mm_grid():
     assert tumour_fine == pytest.approx(tumour_coarse, rel=0.05)  # the same prediction, on the finer grid
     outside = fine_labels == 0
     assert torch.equal(fine[0].argmax(0)[torch.as_tensor(outside)], torch.zeros(int(outside.sum()), dtype=torch.int64))
+
+
+def _projection_by_bisection(v: np.ndarray) -> np.ndarray:
+    """Reference projection onto the simplex, row by row (classes last): bisection for the θ with
+    sum(max(v - θ, 0)) = 1, independent of the sorting algorithm of AnatomyDTLib.simplex."""
+    lo = v.min(axis=1) - 1.0
+    hi = v.max(axis=1)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        too_much = np.maximum(v - mid[:, None], 0.0).sum(axis=1) > 1.0
+        lo, hi = np.where(too_much, mid, lo), np.where(too_much, hi, mid)
+    return np.maximum(v - (0.5 * (lo + hi))[:, None], 0.0)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_projecting_only_the_voxels_off_the_simplex(dim):
+    """project_off_simplex_ projects the voxels with a negative value or a sum off 1 (as the
+    bisection reference does) and leaves every other voxel bit for bit as it was."""
+    from AnatomyDTLib.simplex import project_off_simplex_
+
+    rng = np.random.default_rng(4)
+    field = rng.dirichlet(np.full(5, 0.6), size=(7, 6, 9))  # (*S, K), on the simplex
+    off = rng.random((7, 6, 9)) < 0.2
+    field[off] += rng.normal(0.0, 0.3, size=(int(off.sum()), 5))  # pushed off: negatives, wrong sums
+    v = torch.from_numpy(np.moveaxis(field, -1, 0).copy())  # (K, *S)
+    if dim == 1:
+        v = v[None]
+    before = v.clone()
+    out = project_off_simplex_(v, dim=dim)
+    assert out is v
+    classes_last = v.movedim(dim, -1).reshape(-1, 5).numpy()
+    reference = _projection_by_bisection(before.movedim(dim, -1).reshape(-1, 5).numpy())
+    flat_off = off.reshape(-1)
+    assert np.abs(classes_last[flat_off] - reference[flat_off]).max() < 1e-12
+    assert np.array_equal(classes_last[~flat_off], before.movedim(dim, -1).reshape(-1, 5).numpy()[~flat_off])
+    assert classes_last.min() >= 0 and np.abs(classes_last.sum(1) - 1).max() < 1e-12
+
+
+def test_projecting_off_simplex_voxels_of_a_strided_field():
+    """The same projection on a field whose class axis is not the slowest (a permuted view)."""
+    from AnatomyDTLib.simplex import project_off_simplex_
+
+    rng = np.random.default_rng(5)
+    field = rng.dirichlet(np.full(4, 0.6), size=(5, 6, 7))  # (*S, K)
+    field[1:3] -= 0.05  # negatives and wrong sums on two planes
+    v = torch.from_numpy(field.copy())  # classes last: dim = 3, not contiguous once moved first
+    reference = _projection_by_bisection(field.reshape(-1, 4)).reshape(field.shape)
+    project_off_simplex_(v, dim=3)
+    assert np.abs(v.numpy()[1:3] - reference[1:3]).max() < 1e-12
+    assert np.array_equal(v.numpy()[[0, 3, 4]], field[[0, 3, 4]])

@@ -19,6 +19,7 @@ from .. import __version__
 from ..errors import InputError
 from ..plan import TreatmentPlan, load_plan
 from ..schema import BRAIN_SCHEMA, ClassSchema
+from ..state import field_to_labels
 from .conditioning import Conditioning
 from .growth import AnatomyDTModel
 from .model_grid import actual_spacing, changes_to_input_grid, model_grid_shape, needs_resampling, resize_field, resize_plan
@@ -100,7 +101,9 @@ class LearnedForecastModel:
                 raise InputError(f"The mask has shape {tuple(m.shape)} but the baseline grid is {tuple(p0.shape[1:])}.")
             m = (m > 0.5 if torch.is_floating_point(m) else m.bool()).to(torch.float32)
         elif self.info.get("body_mask", False):
-            m = (work.argmax(0) != self.background_index).to(torch.float32)  # as in training: the body only
+            # as in training: the body only (field_to_labels: argmax with ties to the lower class, as
+            # torch.argmax, ~4x faster on a strided class axis)
+            m = (field_to_labels(work) != self.background_index).to(torch.float32)
         run_plan = None if treatment_plan.is_empty() else treatment_plan
         resample = needs_resampling(spacing, self.model_spacing)
         if resample:  # run on the model's voxel size, answer on the input grid (models/model_grid.py)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..simplex import project_to_simplex
+from ..simplex import project_off_simplex_
 
 _SAME_SPACING_TOLERANCE = 0.02  # relative: closer than 2 % counts as the model's own voxel size
 
@@ -85,5 +85,9 @@ def changes_to_input_grid(p0: torch.Tensor, p0_model: torch.Tensor, trajectory_m
     out = torch.empty((trajectory_model.shape[0],) + tuple(p0.shape), dtype=p0.dtype, device=p0.device)
     for i in range(trajectory_model.shape[0]):
         change = resize_field(trajectory_model[i] - p0_model, shape).to(p0.dtype)
-        out[i] = project_to_simplex((p0 + change)[None], dim=1)[0]
+        torch.add(p0, change, out=out[i])
+        # the change sums to ~0 per voxel (both model fields are on the simplex and resampling is
+        # linear), so only voxels pushed below 0 (fine detail the coarse change overrides) or off
+        # by rounding need the projection
+        project_off_simplex_(out[i], dim=0)
     return out
