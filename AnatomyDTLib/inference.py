@@ -230,7 +230,8 @@ class InferenceStepper:
         return boxes
 
     # -- events -----------------------------------------------------------------------------
-    def radiation_fraction_(self, p: torch.Tensor, dose_gy, alpha_per_gy: float, beta_per_gy2: float, target: int):
+    def radiation_fraction_(self, p: torch.Tensor, dose_gy, alpha_per_gy: float, beta_per_gy2: float, target: int,
+                            hypoxia=None):
         """One radiotherapy fraction in place, on the box of the viable tumour only: the same transfer as
         :func:`treatments.radiation_fraction` (elsewhere the tumour is zero and nothing changes).
 
@@ -247,8 +248,11 @@ class InferenceStepper:
             return killed_full
         dose = dose_gy if isinstance(dose_gy, torch.Tensor) else torch.as_tensor(float(dose_gy), dtype=p.dtype,
                                                                                   device=p.device)
-        survival = tx.linear_quadratic_survival(_crop(dose, box) if dose.dim() > 0 else dose, alpha_per_gy, beta_per_gy2)
         region = _crop(p, box)
+        dose = _crop(dose, box) if dose.dim() > 0 else dose
+        if hypoxia is not None:  # outside the box the tumour share is 0: OER 1, and nothing to kill
+            dose = tx.effective_dose(dose, tx.tumour_total(region, pr.tumour, pr.dying), hypoxia)
+        survival = tx.linear_quadratic_survival(dose, alpha_per_gy, beta_per_gy2)
         killed = region[:, pr.tumour:pr.tumour + 1] * (1.0 - survival)
         domain = _crop(pr.domain, box)
         if domain is not None:

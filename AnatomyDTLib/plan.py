@@ -43,6 +43,7 @@ from .schema import ClassSchema
 __all__ = [
     "Surgery",
     "DelayedDeath",
+    "HypoxicRadioresistance",
     "Radiotherapy",
     "Chemotherapy",
     "TreatmentPlan",
@@ -82,9 +83,11 @@ _TOP_KEYS = ("version", "surgery", "radiotherapy", "chemotherapy")
 _SURGERY_KEYS = ("day", "resection_mask", "extent", "removed_to")
 _RT_KEYS = (
     "start_day", "fractions", "dose_per_fraction_gy", "total_dose_gy", "fractions_per_week",
-    "fraction_days", "dose_map", "alpha_per_gy", "alpha_beta_gy", "delayed_death",
+    "fraction_days", "dose_map", "alpha_per_gy", "alpha_beta_gy", "delayed_death", "hypoxia",
 )
 _DELAYED_DEATH_KEYS = ("delay_days", "clearance_half_life_days")
+_HYPOXIA_KEYS = ("oxygen_enhancement_ratio", "dense_from", "dense_to")
+MAX_OXYGEN_ENHANCEMENT_RATIO = 4.0  # fully anoxic cells: 2.5-3.5 in the radiobiology literature
 _CYCLE_KEYS = ("start_day", "cycles", "days_on", "cycle_length_days")
 _CHEMO_KEYS = ("agent", "kill_rate_per_day", "windows") + _CYCLE_KEYS
 _AGENT_ABBREVIATIONS = {"temozolomide": "TMZ"}
@@ -189,6 +192,32 @@ class DelayedDeath:
                 "clearance_half_life_days": _tidy(self.clearance_half_life_days)}
 
 
+@dataclass(frozen=True)
+class HypoxicRadioresistance:
+    """Hypoxic radioresistance: densely packed tumour is short of oxygen and needs more dose.
+
+    Each fraction's dose is divided by the oxygen enhancement ratio OER(ρ) before the LQ survival
+    is applied, where ρ is the voxel's tumour share (living + dying cells, 0..1) at the fraction:
+    OER = 1 + (OER_max − 1)·smoothstep(ρ; ``dense_from``, ``dense_to``) — 1 (well oxygenated)
+    where the tumour share is below ``dense_from``, ``oxygen_enhancement_ratio`` where it is above
+    ``dense_to``. So a dense lesion responds slowly until it thins out and re-oxygenates.
+
+    Attributes:
+        oxygen_enhancement_ratio: OER_max (dimensionless, 1..4; 1 switches the effect off).
+        dense_from: tumour share (0..1) from which cells become hypoxic.
+        dense_to: tumour share (> dense_from, <= 1) from which they are fully hypoxic.
+    """
+
+    oxygen_enhancement_ratio: float
+    dense_from: float = 0.6
+    dense_to: float = 0.95
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict in the file format."""
+        return {"oxygen_enhancement_ratio": float(self.oxygen_enhancement_ratio),
+                "dense_from": float(self.dense_from), "dense_to": float(self.dense_to)}
+
+
 @dataclass(frozen=True, eq=False)
 class Radiotherapy(_ArrayAwareEq):
     """A fractionated radiotherapy course with linear-quadratic (LQ) cell kill.
@@ -203,6 +232,7 @@ class Radiotherapy(_ArrayAwareEq):
         alpha_per_gy: LQ alpha (1/Gy).
         beta_per_gy2: LQ beta (1/Gy^2) = alpha / (alpha/beta ratio).
         delayed_death: delayed clearance of killed cells, or ``None`` for immediate removal.
+        hypoxia: hypoxic radioresistance of dense tumour, or ``None`` (every cell oxygenated).
     """
 
     fraction_days: tuple[float, ...]
@@ -211,6 +241,7 @@ class Radiotherapy(_ArrayAwareEq):
     alpha_per_gy: float = DEFAULT_ALPHA_PER_GY
     beta_per_gy2: float = DEFAULT_ALPHA_PER_GY / DEFAULT_ALPHA_BETA_GY
     delayed_death: DelayedDeath | None = None
+    hypoxia: HypoxicRadioresistance | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "fraction_days", tuple(sorted(float(d) for d in self.fraction_days)))
@@ -279,6 +310,8 @@ class Radiotherapy(_ArrayAwareEq):
             d["dose_map"] = _array_or_path_to_json(self.dose_map)
         if self.delayed_death is not None:
             d["delayed_death"] = self.delayed_death.to_dict()
+        if self.hypoxia is not None:
+            d["hypoxia"] = self.hypoxia.to_dict()
         return d
 
 
@@ -881,6 +914,25 @@ def _parse_delayed_death(problems, loc, v) -> DelayedDeath | None:
     return DelayedDeath(delay_days=delay, clearance_rate_per_day=_LN2 / half_life)
 
 
+def _parse_hypoxia(problems, loc, v) -> HypoxicRadioresistance | None:
+    """The hypoxia block: OER (1..4) and the tumour shares where it starts and ends rising."""
+    if not _object(problems, loc, v, "oxygen_enhancement_ratio (and optionally dense_from, dense_to)"):
+        return None
+    _check_keys(problems, loc, v, _HYPOXIA_KEYS)
+    oer = None
+    if _require(problems, loc, v, "oxygen_enhancement_ratio", " (dose factor of fully hypoxic cells, 1..4)"):
+        oer = _number(problems, _join(loc, "oxygen_enhancement_ratio"), v["oxygen_enhancement_ratio"], "", lo=1,
+                      hi=MAX_OXYGEN_ENHANCEMENT_RATIO)
+    lo = _number(problems, _join(loc, "dense_from"), _optional(v, "dense_from", 0.6), "(tumour share)", lo=0, hi=1)
+    hi = _number(problems, _join(loc, "dense_to"), _optional(v, "dense_to", 0.95), "(tumour share)", lo=0, hi=1)
+    if lo is not None and hi is not None and not lo < hi:
+        problems.add(_join(loc, "dense_to"), f"must be greater than dense_from ({lo:g}), got {hi:g}")
+        return None
+    if None in (oer, lo, hi):
+        return None
+    return HypoxicRadioresistance(oxygen_enhancement_ratio=oer, dense_from=lo, dense_to=hi)
+
+
 def _parse_radiotherapy(ctx, problems, loc, r) -> Radiotherapy | None:
     """The radiotherapy section."""
     if not _object(problems, loc, r, "a radiotherapy course"):
@@ -895,11 +947,12 @@ def _parse_radiotherapy(ctx, problems, loc, r) -> Radiotherapy | None:
                  "Gy", lo=0, lo_open=True)
     dd = _parse_delayed_death(problems, _join(loc, "delayed_death"), r["delayed_death"]) \
         if "delayed_death" in r else None
+    hypoxia = _parse_hypoxia(problems, _join(loc, "hypoxia"), r["hypoxia"]) if "hypoxia" in r else None
     if None in (days, dpf, alpha, ab) or ("dose_map" in r and dose_map is None) \
-            or ("delayed_death" in r and dd is None):
+            or ("delayed_death" in r and dd is None) or ("hypoxia" in r and hypoxia is None):
         return None
     return Radiotherapy(fraction_days=days, dose_per_fraction_gy=dpf, dose_map=dose_map,
-                        alpha_per_gy=alpha, beta_per_gy2=alpha / ab, delayed_death=dd)
+                        alpha_per_gy=alpha, beta_per_gy2=alpha / ab, delayed_death=dd, hypoxia=hypoxia)
 
 
 def _parse_window(problems, loc, w) -> tuple[float, float] | None:
@@ -1295,6 +1348,18 @@ _RT_SCHEMA = {
             "properties": {
                 "delay_days": _num("Delay before clearance starts (days)", minimum=0),
                 "clearance_half_life_days": _num("Clearance half-life (days)", exclusiveMinimum=0),
+            },
+        },
+        "hypoxia": {
+            "type": "object",
+            "description": "Dose divided by an oxygen enhancement ratio where the tumour is densely packed.",
+            "additionalProperties": False,
+            "required": ["oxygen_enhancement_ratio"],
+            "properties": {
+                "oxygen_enhancement_ratio": _num("OER of fully hypoxic cells", minimum=1,
+                                                 maximum=MAX_OXYGEN_ENHANCEMENT_RATIO),
+                "dense_from": _num("Tumour share where hypoxia starts", minimum=0, maximum=1, default=0.6),
+                "dense_to": _num("Tumour share of full hypoxia", minimum=0, maximum=1, default=0.95),
             },
         },
     },

@@ -568,10 +568,11 @@ class _Integrator:
         rt = pr.plan.radiotherapy
         target = pr.dying if pr.dying is not None else pr.sink
         if self.stepper is not None:  # in place, on the tumour's box only (same arithmetic, see inference.py)
-            killed = self.stepper.radiation_fraction_(p, pr.dose_per_fraction, rt.alpha_per_gy, rt.beta_per_gy2, target)
+            killed = self.stepper.radiation_fraction_(p, pr.dose_per_fraction, rt.alpha_per_gy, rt.beta_per_gy2, target,
+                                                      hypoxia=rt.hypoxia)
         else:
             p, killed = tx.radiation_fraction(p, pr.dose_per_fraction, rt.alpha_per_gy, rt.beta_per_gy2, pr.tumour,
-                                              target, pr.domain)
+                                              target, pr.domain, hypoxia=rt.hypoxia, dying=pr.dying)
         if pr.dying is not None:
             delay = rt.delayed_death.delay_days
             self.cohorts.append(_Cohort(day + delay, killed))

@@ -94,17 +94,38 @@ def linear_quadratic_survival(dose_gy, alpha_per_gy: float, beta_per_gy2: float)
     return np.exp(-alpha_per_gy * np.asarray(dose_gy) - beta_per_gy2 * np.asarray(dose_gy) ** 2)
 
 
+def oxygen_enhancement(tumour_share: torch.Tensor, hypoxia) -> torch.Tensor:
+    """OER(ρ) = 1 + (OER_max − 1)·smoothstep(ρ; dense_from, dense_to) of a tumour share ρ (living +
+    dying cells, 0..1) for a :class:`~AnatomyDTLib.plan.HypoxicRadioresistance`; the dose a fraction
+    delivers is divided by it. Smooth in ρ, so the kill stays differentiable."""
+    t = ((tumour_share - hypoxia.dense_from) / (hypoxia.dense_to - hypoxia.dense_from)).clamp(0.0, 1.0)
+    return 1.0 + (hypoxia.oxygen_enhancement_ratio - 1.0) * (t * t * (3.0 - 2.0 * t))
+
+
+def effective_dose(dose_gy: torch.Tensor, tumour_share: torch.Tensor | None, hypoxia) -> torch.Tensor:
+    """The dose (Gy) that acts in each voxel: the fraction's dose, divided by the oxygen enhancement
+    ratio of the voxel's tumour share when the plan models hypoxia."""
+    if hypoxia is None or tumour_share is None:
+        return dose_gy
+    return dose_gy / oxygen_enhancement(tumour_share, hypoxia)
+
+
 def radiation_fraction(field: torch.Tensor, dose_gy, alpha_per_gy: float, beta_per_gy2: float, tumour: int,
-                       target: int, domain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       target: int, domain: torch.Tensor | None = None, *, hypoxia=None,
+                       dying: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One radiotherapy fraction: viable tumour v ← v·S(d); the lethally hit part goes to ``target``.
 
     ``target`` is the dying channel when delayed death is modelled (cells stay visible as tumour),
     else the class receiving removed tumour. ``dose_gy`` is a float or a (B|1, 1, *S) dose map of
-    this fraction in Gy. Returns the new field and the killed probability (B, 1, *S).
+    this fraction in Gy. With ``hypoxia`` (:class:`~AnatomyDTLib.plan.HypoxicRadioresistance`) the
+    dose is divided by the oxygen enhancement ratio of the tumour share (viable plus the ``dying``
+    channel) before the fraction. Returns the new field and the killed probability (B, 1, *S).
     """
-    survival = linear_quadratic_survival(
-        dose_gy if isinstance(dose_gy, torch.Tensor) else torch.as_tensor(float(dose_gy), dtype=field.dtype, device=field.device),
-        alpha_per_gy, beta_per_gy2)
+    dose = dose_gy if isinstance(dose_gy, torch.Tensor) else torch.as_tensor(float(dose_gy), dtype=field.dtype,
+                                                                              device=field.device)
+    if hypoxia is not None:
+        dose = effective_dose(dose, tumour_total(field, tumour, dying), hypoxia)
+    survival = linear_quadratic_survival(dose, alpha_per_gy, beta_per_gy2)
     killed = field[:, tumour:tumour + 1] * (1.0 - survival)
     if domain is not None:
         killed = killed * domain

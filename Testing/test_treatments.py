@@ -56,6 +56,45 @@ def test_radiotherapy_follows_linear_quadratic_survival_fraction_by_fraction():
     assert float((traj[-1].sum(0) - 1).abs().max()) < 1e-12
 
 
+def _smoothstep_reference(x, lo, hi):
+    t = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_hypoxic_tumour_gets_the_dose_divided_by_its_oxygen_enhancement_ratio(grad):
+    """With radiotherapy.hypoxia, each voxel's fraction acts with dose / OER(tumour share), the
+    OER rising smoothly from 1 below dense_from to its maximum above dense_to (numpy reference,
+    voxel by voxel, on the differentiable and on the in-place no-grad path)."""
+    p0 = _brain_like_field()  # tumour share 0 .. 0.9 across the blob
+    hypoxia = {"oxygen_enhancement_ratio": 2.5, "dense_from": 0.3, "dense_to": 0.8}
+    plan = {"radiotherapy": {"fraction_days": [1.0], "dose_per_fraction_gy": 2.0, "alpha_per_gy": ALPHA,
+                             "alpha_beta_gy": AB, "hypoxia": hypoxia}}
+    with torch.set_grad_enabled(grad):
+        after = _static(p0.requires_grad_(grad) if grad else p0, plan, [1.5])
+    share = p0[1].detach().numpy()
+    oer = 1.0 + 1.5 * _smoothstep_reference(share, 0.3, 0.8)
+    dose = 2.0 / oer
+    expected = share * np.exp(-(ALPHA * dose + BETA * dose ** 2))
+    assert np.abs(after[1].detach().numpy() - expected).max() < 1e-12
+    assert oer.min() == 1.0 and oer.max() == 2.5  # both ends of the ramp are on the grid
+    oxygenated = _static(p0.detach(), {"radiotherapy": {k: v for k, v in plan["radiotherapy"].items()
+                                                        if k != "hypoxia"}}, [1.5])
+    dense = share > 0.8
+    assert (after[1].detach().numpy()[dense] > oxygenated[1].numpy()[dense] + 1e-6).all()  # the core survives more
+
+
+def test_hypoxia_slows_the_response_of_a_dense_lesion_with_delayed_death():
+    """The dying channel counts towards the tumour share: later fractions see the same dense lesion."""
+    p0 = _brain_like_field()
+    rt = {"fraction_days": [1.0, 2.0, 3.0], "dose_per_fraction_gy": 2.0, "alpha_per_gy": ALPHA, "alpha_beta_gy": AB,
+          "delayed_death": {"delay_days": 10.0, "clearance_half_life_days": 5.0}}
+    hypoxic = {**rt, "hypoxia": {"oxygen_enhancement_ratio": 3.0, "dense_from": 0.3, "dense_to": 0.8}}
+    with torch.no_grad():
+        lesion = [_static(p0, {"radiotherapy": r}, [30.0])[1].sum() for r in (rt, hypoxic)]
+    assert float(lesion[1]) > float(lesion[0]) * 1.05
+
+
 def test_radiotherapy_with_a_dose_map_kills_per_voxel():
     p0 = _brain_like_field()
     dose_total = np.zeros(p0.shape[1:])
