@@ -110,7 +110,7 @@ from .parameters import PDEParameters
 from .plan import TreatmentPlan, crop_plan, load_plan
 from .predict import PDEOnlyModel, Prediction, predict
 from .schema import BRAIN_SCHEMA
-from .plan import DelayedDeath
+from .plan import MAX_OXYGEN_ENHANCEMENT_RATIO, DelayedDeath, HypoxicRadioresistance
 from .solver import DyingCompartment, simulate
 from .state import AnatomyState, labels_to_field
 
@@ -215,6 +215,10 @@ class CalibrationSettings:
             stay visible for the delay, then clear. None = they vanish at once (the plan as given).
             Default (14, 21): the centre of the burden model's priors (burden.PRIORS; the cohort's
             ranges are 7-28 and 10-45 days).
+        assumed_hypoxia: an oxygen enhancement ratio (1..4) for densely packed tumour, used when
+            the plan's radiotherapy does not give ``hypoxia`` (:class:`~AnatomyDTLib.plan.
+            HypoxicRadioresistance` with its default tumour shares 0.6-0.95): the dose is divided by
+            it where the lesion is dense. None (the default) = the plan as given.
         carry_dying: start the forecast with the dying compartment of the fitted rollout at the last
             scan (:class:`CarriedDying`): the share of the last scan's tumour that is already
             lethally hit keeps clearing instead of regrowing. Needs delayed death (above).
@@ -259,6 +263,7 @@ class CalibrationSettings:
     backtrack_tolerance: float = 0.02
     max_seconds: float | None = None
     assumed_delayed_death: tuple[float, float] | None = (14.0, 21.0)
+    assumed_hypoxia: float | None = None
     carry_dying: bool = True
     carry_density: bool = False
     density_trust: float = TRUSTED_DENSITY
@@ -314,6 +319,11 @@ class CalibrationSettings:
                 and assumed[0] >= 0 and assumed[1] > 0):
             raise ParameterError("assumed_delayed_death must be None or (delay in days >= 0, clearance half-life in "
                                  f"days > 0), got {assumed!r}.")
+        oer = self.assumed_hypoxia
+        if oer is not None and not (isinstance(oer, (int, float)) and math.isfinite(oer)
+                                    and 1.0 <= oer <= MAX_OXYGEN_ENHANCEMENT_RATIO):
+            raise ParameterError(f"assumed_hypoxia must be None or an oxygen enhancement ratio in 1..."
+                                 f"{MAX_OXYGEN_ENHANCEMENT_RATIO:g}, got {oer!r}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -900,13 +910,24 @@ class Calibration:
                                     "PDEParameters file"},
             "radiotherapy": {"radiosensitivity_scale": self.radiosensitivity_scale,
                              "note": "multiplies the plan's LQ alpha and beta (alpha/beta kept) in the forecast",
-                             "delayed_death": self._delayed_death_summary()},
+                             "delayed_death": self._delayed_death_summary(),
+                             "hypoxia": None if self.plan.radiotherapy is None or self.plan.radiotherapy.hypoxia is None
+                             else self.plan.radiotherapy.hypoxia.to_dict()},
             "fit": [f.to_dict() for f in self.fits],
             "loss_history": self.loss_history,
             "iterations": self.iterations,
             "stop_reason": self.stop_reason,
             "seconds": round(self.seconds, 2),
         }
+
+
+def with_hypoxia(plan: TreatmentPlan, oxygen_enhancement_ratio: float | None) -> TreatmentPlan:
+    """The plan with hypoxic radioresistance of the given OER (default tumour shares) when its
+    radiotherapy has none (a plan's own ``hypoxia`` is kept); unchanged without radiotherapy or OER."""
+    rt = plan.radiotherapy
+    if rt is None or rt.hypoxia is not None or oxygen_enhancement_ratio is None:
+        return plan
+    return replace(plan, radiotherapy=replace(rt, hypoxia=HypoxicRadioresistance(float(oxygen_enhancement_ratio))))
 
 
 def with_delayed_death(plan: TreatmentPlan, assumed: tuple[float, float] | None) -> TreatmentPlan:
@@ -1232,7 +1253,8 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     reference = scans[-1]
     shape = tuple(np.asarray(reference.labels).shape)
     given = load_plan_on_grid(plan, reference.geometry, shape)
-    treatment = with_delayed_death(given, settings.assumed_delayed_death)
+    with_death = with_delayed_death(given, settings.assumed_delayed_death)
+    treatment = with_hypoxia(with_death, settings.assumed_hypoxia)
     box = _tumour_box(scans, settings.margin_mm)
     dtype = _FIT_DTYPE
     problem = _build_problem(scans, treatment, box, dtype)
@@ -1322,7 +1344,7 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
                          history_records, len(history_records), stop_reason, 0.0, settings,
                          visibility_threshold=settings.visibility_threshold if threshold else None,
                          infiltration_length_mm=params.infiltration_length(),
-                         delayed_death_assumed=treatment is not given)
+                         delayed_death_assumed=with_death is not given)
     quality, dying, density = _fit_quality(result.model(), problem, scans, box, rt_scale)
     if settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0:
         result.carried = CarriedDying.from_rollout(density, dying, box, shape,

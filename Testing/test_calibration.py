@@ -507,6 +507,26 @@ def test_bad_delayed_death_is_refused_before_any_output(volume_files, tmp_path, 
     assert phrase in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("value, phrase", [("0.5", "between 1"), ("9", "between 1"), ("high", "oxygen enhancement")])
+def test_bad_hypoxia_is_refused_before_any_output(volume_files, tmp_path, capsys, value, phrase):
+    a, b, plan = volume_files["a"], volume_files["b"], volume_files["plan"]
+    out = tmp_path / "out"
+    assert run("--history", f"{a}@0", f"{b}@30", "--plan", plan, "--days", "45", f"--hypoxia={value}",
+               "--out", out) == 2
+    assert phrase in capsys.readouterr().err and not out.exists()
+
+
+def test_an_assumed_hypoxia_reaches_the_record_and_the_console(volume_files, tmp_path, capsys):
+    a, b, plan = volume_files["a"], volume_files["b"], volume_files["plan"]
+    out = tmp_path / "out"
+    assert run("--history", f"{a}@0", f"{b}@30", "--plan", plan, "--days", "45", "--iterations", 1,
+               "--hypoxia", "2.25", "--out", out) == 0
+    assert "dose divided by up to 2.25" in capsys.readouterr().out
+    record = json.loads((out / "calibration.json").read_text())
+    assert record["calibration"]["radiotherapy"]["hypoxia"] == {"oxygen_enhancement_ratio": 2.25,
+                                                                "dense_from": 0.6, "dense_to": 0.95}
+
+
 @pytest.mark.parametrize("history, plan, days, phrase", [
     (["{a}@0"], "{plan}", "45", "at least 2"),
     (["{b}@30", "{a}@0"], "{plan}", "45", "increase in the order given"),
@@ -554,3 +574,19 @@ def test_output_folder_that_is_a_file_or_an_input_is_refused(volume_files, capsy
         assert "is one of the inputs" in capsys.readouterr().err and copy.read_text() == "day\n"
     finally:
         copy.unlink()
+
+
+def test_assumed_hypoxia_is_added_only_where_the_plan_has_none_and_is_checked():
+    rt = {"start_day": 0, "fractions": 30, "total_dose_gy": 60}
+    plain = load_plan({"version": 1, "radiotherapy": rt}, schema=BRAIN_SCHEMA)
+    own = load_plan({"version": 1, "radiotherapy": {**rt, "hypoxia": {"oxygen_enhancement_ratio": 3.0,
+                                                                       "dense_from": 0.5, "dense_to": 0.9}}},
+                    schema=BRAIN_SCHEMA)
+    added = C.with_hypoxia(plain, 2.0).radiotherapy.hypoxia
+    assert (added.oxygen_enhancement_ratio, added.dense_from, added.dense_to) == (2.0, 0.6, 0.95)
+    assert C.with_hypoxia(own, 2.0) is own and C.with_hypoxia(plain, None) is plain
+    untreated = load_plan(None, schema=BRAIN_SCHEMA)
+    assert C.with_hypoxia(untreated, 2.0) is untreated
+    for bad in (0.5, 5.0, float("nan"), "2"):
+        with pytest.raises(ParameterError, match="assumed_hypoxia"):
+            C.CalibrationSettings(assumed_hypoxia=bad).check()

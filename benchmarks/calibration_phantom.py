@@ -118,6 +118,28 @@ def oracle_delayed_death(patient) -> tuple[float, float]:
                          "rt_death_delay_days and clearance_half_life_days (only generated phantoms do)") from None
 
 
+def _hypoxia(text: str) -> float | str | None:
+    """'2.25' -> 2.25 (an assumed oxygen enhancement ratio); 'none' -> None; 'truth' -> ORACLE."""
+    value = text.strip().lower()
+    if value == "none":
+        return None
+    if value == ORACLE:
+        return ORACLE
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"--hypoxia must be an oxygen enhancement ratio (1..4), 'none' or 'truth', got {text!r}") \
+            from None
+
+
+def oracle_hypoxia(patient) -> float:
+    """The oxygen enhancement ratio of this phantom patient's dense bulk (truth.json)."""
+    try:
+        return float(_truth(patient)["biology"]["hypoxic_oer"])
+    except KeyError:
+        raise SystemExit(f"--hypoxia truth: {patient.case} has no truth.json with the phantom's hypoxic_oer") from None
+
+
 def restart_variants(calibration, trust_factors) -> dict:
     """The same calibration with other restart densities (``--compare-density``): ``coded_density``
     (the coded dense core everywhere: what the default settings forecast) and ``trust_F`` (the
@@ -133,7 +155,7 @@ def restart_variants(calibration, trust_factors) -> dict:
 
 
 def evaluate_patient(patient, settings: CalibrationSettings, model, compare_density: bool = False,
-                     oracle_clearance: bool = False, trust_factors=()) -> dict:
+                     oracle_clearance: bool = False, trust_factors=(), oracle_oer: bool = False) -> dict:
     volumes = [read_labelmap(t.segmentation) for t in patient.timepoints[:3]]
     scans = [HistoryScan(v.labels, v.geometry, t.day, f"{patient.case}/tp{t.index}")
              for v, t in zip(volumes, patient.timepoints)]
@@ -148,6 +170,10 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
     if settings is not None and oracle_clearance:
         settings = replace(settings, assumed_delayed_death=oracle_delayed_death(patient))
         row["assumed_delay_days"], row["assumed_half_life_days"] = settings.assumed_delayed_death
+    if settings is not None and oracle_oer:
+        settings = replace(settings, assumed_hypoxia=oracle_hypoxia(patient))
+    if settings is not None:
+        row["assumed_oer"] = settings.assumed_hypoxia
 
     predictions = {}
     if settings is None:  # --population-only: the baselines without a fit
@@ -340,6 +366,10 @@ def main(argv=None) -> int:
                         help="delayed death assumed when a plan has none: delay and clearance half-life in days "
                              "(CalibrationSettings.assumed_delayed_death); 'none' = killed cells vanish at once; "
                              "'truth' = each phantom's own values (a diagnostic, not a method)")
+    parser.add_argument("--hypoxia", default="none", metavar="OER|none|truth",
+                        help="hypoxic radioresistance assumed when a plan has none: the oxygen enhancement ratio of "
+                             "dense tumour (CalibrationSettings.assumed_hypoxia; default none); 'truth' = each "
+                             "phantom's own (a diagnostic)")
     parser.add_argument("--no-carry-dying", action="store_true",
                         help="restart the forecast from the last scan with every tumour cell alive (the "
                              "behaviour before the dying compartment was carried over)")
@@ -373,9 +403,12 @@ def main(argv=None) -> int:
     print(f"population model: {model_label}", flush=True)
     delayed_death = _delayed_death(args.delayed_death)
     oracle_clearance = delayed_death == ORACLE
+    hypoxia = _hypoxia(args.hypoxia)
+    oracle_oer = hypoxia == ORACLE
     settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, max_seconds=args.max_seconds,
                                    observation=args.observation,
                                    assumed_delayed_death=None if oracle_clearance else delayed_death,
+                                   assumed_hypoxia=None if oracle_oer else hypoxia,
                                    carry_dying=not args.no_carry_dying, carry_density=args.carry_density,
                                    radiosensitivity_start=args.radiosensitivity_start)
     rows, skipped, passed = [], [], 0
@@ -391,7 +424,7 @@ def main(argv=None) -> int:
             passed += 1
             continue
         row = evaluate_patient(patient, None if args.population_only else settings, model, args.compare_density,
-                               oracle_clearance, args.density_trust)
+                               oracle_clearance, args.density_trust, oracle_oer)
         rows.append(row)
         print(f"{row['case']} {row['pattern']:>13} days {row['days']:>11}: fit {row['fit_dice_scan1']:.3f}; DSC "
               f"calibrated {row['calibrated_dice']:.3f} population {row['population_dice']:.3f} no-change "
@@ -400,7 +433,7 @@ def main(argv=None) -> int:
             "settings": dict(vars(settings)),
             "settings_summary": "not calibrated (--population-only)" if args.population_only else (
                 f"{args.observation} observation, alpha {args.alpha}, <= {args.iterations} iterations, "
-                f"<= {args.max_seconds:g} s each, delayed death {args.delayed_death}, "
+                f"<= {args.max_seconds:g} s each, delayed death {args.delayed_death}, hypoxia (OER) {args.hypoxia}, "
                 f"{'no ' if args.no_carry_dying else ''}carried dying compartment"
                 f"{' with its density' if args.carry_density and not args.no_carry_dying else ''}"),
             "threads": args.threads, "machine": platform.platform(), "python": sys.version.split()[0],

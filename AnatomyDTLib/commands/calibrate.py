@@ -2,7 +2,7 @@
 
     anatomydt calibrate --history A.seg.nrrd@0 B.seg.nrrd@60 [C.seg.nrrd@120 ...] --plan PLAN.json|none
                         --days 90[,120] --out DIR [--alpha scalar|field] [--iterations N]
-                        [--delayed-death DELAY,HALF_LIFE|none] [--classes MAP] [--force]
+                        [--delayed-death DELAY,HALF_LIFE|none] [--hypoxia OER|none] [--classes MAP] [--force]
 
 Days (``@DAY`` and ``--days``) count on the treatment plan's day axis: day 0 is the plan's
 baseline (for most plans the first scan). ``--plan none`` states that the patient had no
@@ -78,8 +78,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "visible DELAY days, then clear with HALF_LIFE days; the forecast then starts with "
                              "the fitted share of the last scan's tumour that is already dying. 'none': killed "
                              "cells vanish at once (default: %(default)s)")
+    parser.add_argument("--hypoxia", default="none", metavar="OER|none",
+                        help="when the plan's radiotherapy gives no hypoxia: assume densely packed tumour (60-95 %% "
+                             "of a voxel) is hypoxic and needs OER times the dose (oxygen enhancement ratio, 1..4, "
+                             "e.g. 2.25; docs/plan.md). 'none': every cell responds alike (default: %(default)s)")
     add_class_map_argument(parser)
     add_force_argument(parser)
+
+
+def parse_hypoxia(text: str) -> float | None:
+    """``OER`` -> the oxygen enhancement ratio (1..4); ``none`` -> None."""
+    from ..plan import MAX_OXYGEN_ENHANCEMENT_RATIO
+
+    if text.strip().lower() == "none":
+        return None
+    try:
+        oer = float(text)
+    except ValueError:
+        raise InputError(f"--hypoxia {text!r}: give an oxygen enhancement ratio (e.g. 2.25) or 'none'.") from None
+    if not (math.isfinite(oer) and 1.0 <= oer <= MAX_OXYGEN_ENHANCEMENT_RATIO):
+        raise InputError(f"--hypoxia {text!r}: the oxygen enhancement ratio must be between 1 (no effect) and "
+                         f"{MAX_OXYGEN_ENHANCEMENT_RATIO:g}.")
+    return oer
 
 
 def parse_delayed_death(text: str) -> tuple[float, float] | None:
@@ -179,6 +199,7 @@ def run(args) -> int:
                          "--history pre.seg.nrrd@0 post.seg.nrrd@60.")
     days = parse_days(args.days)
     assumed_delayed_death = parse_delayed_death(args.delayed_death)
+    assumed_hypoxia = parse_hypoxia(args.hypoxia)
     if args.iterations < 0:
         raise InputError(f"--iterations must be >= 0, got {args.iterations}.")
     if not 0.001 <= args.visibility_threshold <= 0.9:
@@ -210,7 +231,7 @@ def run(args) -> int:
 
     settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, observation=args.observation,
                                    visibility_threshold=args.visibility_threshold,
-                                   assumed_delayed_death=assumed_delayed_death)
+                                   assumed_delayed_death=assumed_delayed_death, assumed_hypoxia=assumed_hypoxia)
     settings.check()
     with progress_bar_count(max(args.iterations, 1), "iteration") as bar:
         calibration = calibrate(common, plan, settings=settings,
@@ -220,6 +241,10 @@ def run(args) -> int:
           if calibration.loss_history else "fit: no iterations (starting parameters kept)")
     print(fit_table(calibration))
     print(delayed_death_line(calibration))
+    hypoxia = calibration.to_dict()["radiotherapy"]["hypoxia"]
+    if hypoxia is not None:
+        print(f"hypoxia: dose divided by up to {hypoxia['oxygen_enhancement_ratio']:g} where tumour fills "
+              f"{100 * hypoxia['dense_from']:.0f}-{100 * hypoxia['dense_to']:.0f} % of a voxel")
     result = forecast(calibration, days)
 
     try:
