@@ -497,21 +497,15 @@ def test_cli_round_trip_writes_every_output(volume_files, tmp_path, capsys):
     assert json.loads((out / "calibration.json").read_text())["plan"] == {"version": 1}
 
 
-@pytest.mark.parametrize("value, phrase", [("14", "DELAY,HALF_LIFE"), ("14,0", "half-life > 0"),
-                                           ("-1,20", "delay must be >= 0"), ("a,b", "DELAY,HALF_LIFE")])
-def test_bad_delayed_death_is_refused_before_any_output(volume_files, tmp_path, capsys, value, phrase):
+@pytest.mark.parametrize("option, value, phrase", [
+    ("delayed-death", "14", "DELAY,HALF_LIFE"), ("delayed-death", "14,0", "half-life > 0"),
+    ("delayed-death", "-1,20", "delay must be >= 0"), ("delayed-death", "a,b", "DELAY,HALF_LIFE"),
+    ("hypoxia", "0.5", "between 1"), ("hypoxia", "9", "between 1"), ("hypoxia", "high", "oxygen enhancement")])
+def test_bad_radiotherapy_assumptions_are_refused_before_any_output(volume_files, tmp_path, capsys, option, value,
+                                                                    phrase):
     a, b, plan = volume_files["a"], volume_files["b"], volume_files["plan"]
     out = tmp_path / "out"
-    assert run("--history", f"{a}@0", f"{b}@30", "--plan", plan, "--days", "45", f"--delayed-death={value}",
-               "--out", out) == 2
-    assert phrase in capsys.readouterr().err and not out.exists()
-
-
-@pytest.mark.parametrize("value, phrase", [("0.5", "between 1"), ("9", "between 1"), ("high", "oxygen enhancement")])
-def test_bad_hypoxia_is_refused_before_any_output(volume_files, tmp_path, capsys, value, phrase):
-    a, b, plan = volume_files["a"], volume_files["b"], volume_files["plan"]
-    out = tmp_path / "out"
-    assert run("--history", f"{a}@0", f"{b}@30", "--plan", plan, "--days", "45", f"--hypoxia={value}",
+    assert run("--history", f"{a}@0", f"{b}@30", "--plan", plan, "--days", "45", f"--{option}={value}",
                "--out", out) == 2
     assert phrase in capsys.readouterr().err and not out.exists()
 
