@@ -44,9 +44,7 @@ import torch
 from . import treatments as tx
 from .operators import face_both_inside
 from .fused import FusedStep, floored_supports_
-from .simplex import simplex_threshold
-
-_SIMPLEX_SLACK = {torch.float32: 2e-7, torch.float64: 1e-13}
+from .simplex import on_simplex_slack, simplex_threshold
 
 def support_floor(dtype: torch.dtype) -> float:
     """ε² of the dtype (1.4e-14 in float32, 4.9e-32 in float64): magnitudes below this are set to zero in
@@ -70,7 +68,7 @@ class InferenceStepper:
         n_face = max(int(math.prod(self._face_shape(d, (1, 1) + self.shape[2:]))) for d in range(2, len(self.shape)))
         self.face_buffer = torch.empty(n_face * self.shape[0] * max(1, len(self.diffused)), dtype=self.dtype,
                                        device=self.device)
-        self.slack = _SIMPLEX_SLACK.get(self.dtype, 1e-6)
+        self.slack = on_simplex_slack(self.dtype)
         self.floor = support_floor(self.dtype)
         self.full_box = tuple(slice(0, n) for n in self.shape[2:])
         self.tumour_like = [problem.tumour] + ([problem.dying] if problem.dying is not None else [])

@@ -76,21 +76,27 @@ def project_to_simplex_(v: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 
 # |sum - 1| up to this counts as on the simplex (a few ulps of a K-term sum in the dtype)
-_ON_SIMPLEX_SLACK = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 2e-7, torch.float64: 1e-13}
+_ON_SIMPLEX_SLACK = {torch.float32: 2e-7, torch.float64: 1e-13}
+
+
+def on_simplex_slack(dtype: torch.dtype) -> float:
+    """How far from 1 a voxel's class sum may be and still count as on the simplex: a few ulps of
+    a K-term sum in ``dtype`` (1e-6 for other dtypes). Voxels within it are not projected again."""
+    return _ON_SIMPLEX_SLACK.get(dtype, 1e-6)
 
 
 def project_off_simplex_(v: torch.Tensor, dim: int = 1, slack: float | None = None) -> torch.Tensor:
     """Project, in place, only the voxels that are off the simplex; return ``v``.
 
     A voxel is off when one of its values is negative or its sum differs from 1 by more than
-    ``slack`` (default: a few ulps of the dtype, ``_ON_SIMPLEX_SLACK``). The others are left
+    ``slack`` (default: :func:`on_simplex_slack` of the dtype). The others are left
     exactly as they are: projecting them would change them only by rounding. This is the
     no-grad path's version of :func:`project_to_simplex` for fields that are mostly on the simplex
     already, such as a baseline plus a model's local change (``models/model_grid.py``): on a 1 mm
     brain it projects the voxels near the tumour instead of all 8.9 M (1.6 s per output day).
     """
     if slack is None:
-        slack = _ON_SIMPLEX_SLACK.get(v.dtype, 1e-6)
+        slack = on_simplex_slack(v.dtype)
     off = (v.sum(dim) - 1.0).abs_() > slack
     off |= v.amin(dim) < 0
     index = off.reshape(-1).nonzero().squeeze(1)
