@@ -146,10 +146,7 @@ class DiffusionOperator:
                     faces = torch.ones(face_shape, dtype=w.dtype, device=w.device)
                     part = _face_sum(faces, dim, n) * w  # 2 faces inside, 1 at the grid's ends
                     total = part if total is None else total + part
-                elif w.requires_grad:
-                    part = _face_sum(w, dim, n)
-                    total = part if total is None else total + part
-                else:  # in place, the same sums in the same order: (z-part + y-part) + x-part
+                else:  # in place (autograd follows it), the same sums in the same order: (z + y) + x
                     cells = list(w.shape)
                     cells[dim] = n
                     if total is None:
@@ -452,9 +449,10 @@ def _pair_coefficients(diffusion: torch.Tensor, chi: torch.Tensor, k: int, j: in
     columns = [_scalar_if_constant(diffusion[:, j].detach(), cache, ("constant", j)),
                _scalar_if_constant(diffusion[:, k].detach(), cache, ("constant", k)),
                _scalar_if_constant(c, None, None)]
+    columns = [t.to(torch.float64) if t.numel() <= 1 else t for t in columns]
     varying = [i for i, t in enumerate(columns) if t.numel() > 1]
     if not varying:
-        return torch.stack([t.reshape(()).to(torch.float64) for t in columns]).reshape(1, 3)
+        return torch.stack([t.reshape(()) for t in columns]).reshape(1, 3)
     if len(varying) == 1:
         i = varying[0]
         key = ("d", (j, k)[i]) if i < 2 else None
@@ -468,8 +466,7 @@ def _pair_coefficients(diffusion: torch.Tensor, chi: torch.Tensor, k: int, j: in
                 cache[key] = values
         else:
             values = cache[key]
-        return torch.stack([values if m == i else columns[m].reshape(()).to(torch.float64).expand(values.numel())
-                            for m in range(3)], dim=1)
+        return torch.stack([values if m == i else columns[m].reshape(()).expand(values.numel()) for m in range(3)], dim=1)
     if mask is not None:
         inside, *fields = torch.broadcast_tensors(mask[:, 0].detach() > 0, *[columns[i] for i in varying])
         fields = [t[inside] for t in fields]
@@ -486,8 +483,7 @@ def _pair_coefficients(diffusion: torch.Tensor, chi: torch.Tensor, k: int, j: in
     one_each.scatter_(0, key, torch.arange(key.numel(), dtype=torch.int64))
     picked = dict(zip(varying, (t[one_each].to(torch.float64) for t in fields)))
     n = one_each.numel()
-    return torch.stack([picked[i] if i in picked else columns[i].reshape(()).to(torch.float64).expand(n)
-                        for i in range(3)], dim=1)
+    return torch.stack([picked[i] if i in picked else columns[i].reshape(()).expand(n) for i in range(3)], dim=1)
 
 
 def _scalar_if_constant(t: torch.Tensor, cache: dict | None, key) -> torch.Tensor:
