@@ -14,33 +14,52 @@ import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
-load = lambda f: {r["case"]: r for r in csv.DictReader(open(f))}
-base = load(RESULTS / "calibration_carried" / "per_patient.csv")
-base.update(load(RESULTS / "calibration_hypoxia_baseline_hard" / "per_patient.csv"))  # hard cases, rerun
-base.update(load(RESULTS / "calibration_hypoxia_reruns_200s" / "none" / "per_patient.csv"))
-new = load(RESULTS / "calibration_hypoxia" / "per_patient.csv")
-new.update(load(RESULTS / "calibration_hypoxia_reruns_200s" / "oer_2.25" / "per_patient.csv"))
-common = sorted(base)
-d = lambda r: float(r["calibrated_dice"])
-rows = []
-for c in common:
-    a, b = d(base[c]), d(new[c])
-    if abs(a - b) > 0.005:
-        rows.append((c, new[c]["pattern"], a, b, float(new[c]["no_change_dice"]), float(base[c]["calibrated_volume_error_ml"]), float(new[c]["calibrated_volume_error_ml"])))
-print("| case | pattern | calibrated DSC | with hypoxia | no change | volume error (mL) | with hypoxia |")
-print("|---|---|---|---|---|---|---|")
-for r in rows:
-    print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:+.2f} | {r[6]:+.2f} |")
-A = [d(base[c]) for c in common]; B = [d(new[c]) for c in common]
-sd = statistics.stdev
-print(f"mean {statistics.mean(A):.3f} ± {sd(A):.3f} -> {statistics.mean(B):.3f} ± {sd(B):.3f}; median {statistics.median(A):.3f} -> {statistics.median(B):.3f}")
-diffs = [b - a for a, b in zip(A, B)]
-print("better", sum(x > 0.005 for x in diffs), "worse", sum(x < -0.005 for x in diffs), "level", sum(abs(x) <= 0.005 for x in diffs))
-ve = lambda r: abs(float(r["calibrated_volume_error_ml"]))
-print(f"median |vol err| {statistics.median(ve(base[c]) for c in common):.2f} -> {statistics.median(ve(new[c]) for c in common):.2f}")
-hd = lambda r: float(r["calibrated_hd95"])
-print(f"median hd95 {statistics.median(hd(base[c]) for c in common):.2f} -> {statistics.median(hd(new[c]) for c in common):.2f}")
-tl = lambda t: sum(t[c]["stop_reason"] == "time limit" for c in common)
-print("time limited", tl(base), tl(new))
-hard = [c for c in common if float(new[c]["no_change_dice"]) <= 0.65]
-print("hard", len(hard), f"{statistics.mean(d(base[c]) for c in hard):.3f} -> {statistics.mean(d(new[c]) for c in hard):.3f}", sum(d(new[c]) >= 0.8 for c in hard))
+HARD = 0.65  # a hard case: no change scores at most this tumour DSC
+
+
+def load(*tables: Path) -> dict:
+    """case -> row of the per-patient tables, later tables replacing earlier rows."""
+    rows: dict = {}
+    for table in tables:
+        with open(table) as fh:
+            rows.update({r["case"]: r for r in csv.DictReader(fh)})
+    return rows
+
+
+def number(row: dict, column: str) -> float:
+    return float(row[column])
+
+
+def main() -> None:
+    base = load(RESULTS / "calibration_carried" / "per_patient.csv",
+                RESULTS / "calibration_hypoxia_baseline_hard" / "per_patient.csv",
+                RESULTS / "calibration_hypoxia_reruns_200s" / "none" / "per_patient.csv")
+    new = load(RESULTS / "calibration_hypoxia" / "per_patient.csv",
+               RESULTS / "calibration_hypoxia_reruns_200s" / "oer_2.25" / "per_patient.csv")
+    cases = sorted(base)
+    dice = lambda rows: [number(rows[c], "calibrated_dice") for c in cases]  # noqa: E731
+    before, after = dice(base), dice(new)
+    print("| case | pattern | calibrated DSC | with hypoxia | no change | volume error (mL) | with hypoxia |")
+    print("|---|---|---|---|---|---|---|")
+    for c, a, b in zip(cases, before, after):
+        if abs(a - b) > 0.005:
+            print(f"| {c} | {new[c]['pattern']} | {a:.3f} | {b:.3f} | {number(new[c], 'no_change_dice'):.3f} | "
+                  f"{number(base[c], 'calibrated_volume_error_ml'):+.2f} | "
+                  f"{number(new[c], 'calibrated_volume_error_ml'):+.2f} |")
+    mean, median, sd = statistics.mean, statistics.median, statistics.stdev
+    print(f"mean {mean(before):.3f} ± {sd(before):.3f} -> {mean(after):.3f} ± {sd(after):.3f}; "
+          f"median {median(before):.3f} -> {median(after):.3f}")
+    diffs = [b - a for a, b in zip(before, after)]
+    print("better", sum(x > 0.005 for x in diffs), "worse", sum(x < -0.005 for x in diffs),
+          "level", sum(abs(x) <= 0.005 for x in diffs))
+    for label, column, transform in (("|vol err|", "calibrated_volume_error_ml", abs), ("hd95", "calibrated_hd95", float)):
+        print(f"median {label} {median(transform(number(base[c], column)) for c in cases):.2f} -> "
+              f"{median(transform(number(new[c], column)) for c in cases):.2f}")
+    print("time limited", *(sum(rows[c]["stop_reason"] == "time limit" for c in cases) for rows in (base, new)))
+    hard = [i for i, c in enumerate(cases) if number(new[c], "no_change_dice") <= HARD]
+    print("hard", len(hard), f"{mean(before[i] for i in hard):.3f} -> {mean(after[i] for i in hard):.3f}",
+          sum(after[i] >= 0.8 for i in hard))
+
+
+if __name__ == "__main__":
+    main()

@@ -241,10 +241,10 @@ def run(args) -> int:
           if calibration.loss_history else "fit: no iterations (starting parameters kept)")
     print(fit_table(calibration))
     print(delayed_death_line(calibration))
-    hypoxia = calibration.to_dict()["radiotherapy"]["hypoxia"]
+    hypoxia = None if calibration.plan.radiotherapy is None else calibration.plan.radiotherapy.hypoxia
     if hypoxia is not None:
-        print(f"hypoxia: dose divided by up to {hypoxia['oxygen_enhancement_ratio']:g} where tumour fills "
-              f"{100 * hypoxia['dense_from']:.0f}-{100 * hypoxia['dense_to']:.0f} % of a voxel")
+        print(f"hypoxia: dose divided by up to {hypoxia.oxygen_enhancement_ratio:g} where tumour fills "
+              f"{100 * hypoxia.dense_from:.0f}-{100 * hypoxia.dense_to:.0f} % of a voxel")
     result = forecast(calibration, days)
 
     try:
