@@ -158,6 +158,9 @@ class AnatomyDTParameterNode:
     # Delayed death of irradiated cells (days), assumed when the plan gives none (docs/calibration.md).
     calibrationDeathDelay: Annotated[float, WithinRange(0.0, 120.0)] = 14.0
     calibrationClearanceHalfLife: Annotated[float, WithinRange(1.0, 365.0)] = 21.0
+    # Hypoxic radioresistance of densely packed tumour (oxygen enhancement ratio), assumed when the
+    # plan gives none; 1 = none (the default: it made more held-out forecasts worse than better).
+    calibrationHypoxiaOER: Annotated[float, WithinRange(1.0, 4.0)] = 1.0
 
     probabilityMapEnabled: bool = False
     probabilityMembers: Annotated[int, WithinRange(1, 200)] = 20
@@ -752,9 +755,11 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
                              "needs its own classes. Untick 'Complete missing anatomy' or segment all classes.")
         history, historyDays, baselineDay = self.history(p)
         days = [baselineDay + d for d in scene.time_points(p.horizonValue, p.horizonUnit, p.intermediateTimePoints)]
+        oer = float(p.calibrationHypoxiaOER)
         settings = CalibrationSettings(alpha=p.calibrationAlpha, iterations=int(p.calibrationIterations),
                                        assumed_delayed_death=(float(p.calibrationDeathDelay),
-                                                              float(p.calibrationClearanceHalfLife)))
+                                                              float(p.calibrationClearanceHalfLife)),
+                                       assumed_hypoxia=oer if oer > 1.0 else None)
         return scene.calibrate_into_scene(
             p.referenceVolume.GetScene(), history, p.referenceVolume, days=days, history_days=historyDays,
             plan=self.panelPlan(p), settings=settings, class_map=self.classMap(p), progress=progress,

@@ -819,6 +819,8 @@ class Calibration:
             before the last scan or ``carry_dying`` off).
         delayed_death_assumed: the plan's radiotherapy had no delayed death and
             ``settings.assumed_delayed_death`` was added to it (``plan`` holds the result).
+        hypoxia_assumed: the plan's radiotherapy had no hypoxia and ``settings.assumed_hypoxia``
+            was added to it (``plan`` holds the result).
         fits: per later scan, the fit quality.
         loss_history: per iteration, the loss and its terms.
         iterations, stop_reason, seconds: how the run ended.
@@ -843,6 +845,7 @@ class Calibration:
     infiltration_length_mm: float | None = None
     carried: CarriedDying | None = None
     delayed_death_assumed: bool = False
+    hypoxia_assumed: bool = False
 
     @property
     def reference(self) -> HistoryScan:
@@ -869,6 +872,13 @@ class Calibration:
                                   growth_rate_map=None if alpha is None else torch.as_tensor(alpha),
                                   edge_width_mm=self.edge_width_mm, visibility_threshold=self.visibility_threshold,
                                   infiltration_length_mm=self.infiltration_length_mm, carried=self.carried)
+
+    def _hypoxia_summary(self) -> dict | None:
+        rt = self.plan.radiotherapy
+        if rt is None or rt.hypoxia is None:
+            return None
+        return {**rt.hypoxia.to_dict(),
+                "source": "assumed (settings.assumed_hypoxia)" if self.hypoxia_assumed else "the plan"}
 
     def _delayed_death_summary(self) -> dict | None:
         rt = self.plan.radiotherapy
@@ -911,8 +921,7 @@ class Calibration:
             "radiotherapy": {"radiosensitivity_scale": self.radiosensitivity_scale,
                              "note": "multiplies the plan's LQ alpha and beta (alpha/beta kept) in the forecast",
                              "delayed_death": self._delayed_death_summary(),
-                             "hypoxia": None if self.plan.radiotherapy is None or self.plan.radiotherapy.hypoxia is None
-                             else self.plan.radiotherapy.hypoxia.to_dict()},
+                             "hypoxia": self._hypoxia_summary()},
             "fit": [f.to_dict() for f in self.fits],
             "loss_history": self.loss_history,
             "iterations": self.iterations,
@@ -1344,7 +1353,7 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
                          history_records, len(history_records), stop_reason, 0.0, settings,
                          visibility_threshold=settings.visibility_threshold if threshold else None,
                          infiltration_length_mm=params.infiltration_length(),
-                         delayed_death_assumed=with_death is not given)
+                         delayed_death_assumed=with_death is not given, hypoxia_assumed=treatment is not with_death)
     quality, dying, density = _fit_quality(result.model(), problem, scans, box, rt_scale)
     if settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0:
         result.carried = CarriedDying.from_rollout(density, dying, box, shape,

@@ -1506,6 +1506,12 @@ def _calibrated_parameter_rows(calibration) -> list[list]:
             if dying["carried_into_forecast"]:
                 rows.append(["dying share of the last scan's tumour", dying["dying_share_of_last_scan_tumour"], "",
                              "from the fitted history: lethally hit at the last scan; the forecast lets it clear"])
+        hypoxia = calibration.plan.radiotherapy.hypoxia
+        if hypoxia is not None:
+            source = "assumed (the plan has none)" if calibration.hypoxia_assumed else "the plan's"
+            rows.append(["oxygen enhancement ratio of dense tumour", hypoxia.oxygen_enhancement_ratio, "",
+                         f"{source}: each fraction's dose is divided by up to this where tumour fills "
+                         f"{100 * hypoxia.dense_from:.0f}-{100 * hypoxia.dense_to:.0f} % of a voxel"])
     if calibration.infiltration_length_mm is not None:
         rows.append(["infiltration length", calibration.infiltration_length_mm, "mm",
                      "fitted e-folding length of the tumour density beyond the visible edge"])

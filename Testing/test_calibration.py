@@ -518,7 +518,8 @@ def test_an_assumed_hypoxia_reaches_the_record_and_the_console(volume_files, tmp
     assert "dose divided by up to 2.25" in capsys.readouterr().out
     record = json.loads((out / "calibration.json").read_text())
     assert record["calibration"]["radiotherapy"]["hypoxia"] == {"oxygen_enhancement_ratio": 2.25,
-                                                                "dense_from": 0.6, "dense_to": 0.95}
+                                                                "dense_from": 0.6, "dense_to": 0.95,
+                                                                "source": "assumed (settings.assumed_hypoxia)"}
 
 
 @pytest.mark.parametrize("history, plan, days, phrase", [

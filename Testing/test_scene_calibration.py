@@ -242,6 +242,24 @@ def test_fit_and_parameter_tables(calibrated):
     assert "radiosensitivity factor" not in parameters  # no radiotherapy in the history
 
 
+def test_parameter_table_names_the_radiotherapy_assumptions():
+    """Radiotherapy between the scans: the fitted radiosensitivity and the assumed delayed death and
+    hypoxia (neither is in the plan) are listed with their source."""
+    case = History()
+    plan = {"version": 1, "radiotherapy": {"start_day": 5, "fractions": 10, "total_dose_gy": 20}}
+    result = scene_logic.calibrate_into_scene(
+        case.scene, case.pairs(), case.flair, days=[45.0], plan=plan,
+        settings=CalibrationSettings(iterations=1, threads=1, assumed_delayed_death=(10.0, 20.0),
+                                     assumed_hypoxia=2.5))
+    parameters = {r["name"]: r for r in table_rows(result["parameter_table"])}
+    assert parameters["radiosensitivity factor"]["value"] > 0
+    assert parameters["death delay of irradiated cells"]["value"] == 10.0
+    assert parameters["clearance half-life"]["value"] == pytest.approx(20.0)
+    oer = parameters["oxygen enhancement ratio of dense tumour"]
+    assert oer["value"] == 2.5 and oer["note"].startswith("assumed (the plan has none)")
+    assert "60-95 %" in oer["note"]
+
+
 def test_calibration_leaves_inputs_unchanged_and_overlays(calibrated):
     case, result, _, fingerprint, _ = calibrated
     assert case.fingerprint() == fingerprint

@@ -114,6 +114,7 @@ HISTORY_WIDGETS = {
     "calibrationAlphaComboBox": ("QComboBox", "calibrationAlpha"),
     "calibrationDeathDelaySpinBox": ("QDoubleSpinBox", "calibrationDeathDelay"),
     "calibrationClearanceHalfLifeSpinBox": ("QDoubleSpinBox", "calibrationClearanceHalfLife"),
+    "calibrationHypoxiaOERSpinBox": ("QDoubleSpinBox", "calibrationHypoxiaOER"),
     "probabilityMapCheckBox": ("QCheckBox", "probabilityMapEnabled"),
     "probabilityMembersSpinBox": ("QSpinBox", "probabilityMembers"),
 }
