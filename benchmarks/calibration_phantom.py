@@ -94,10 +94,12 @@ def score(pred: np.ndarray, truth: np.ndarray, spacing, diagonal: float, voxel_m
             "volume_error_ml": float((a.sum() - b.sum()) * voxel_ml)}
 
 
-def eligible(patient) -> bool:
-    if len(patient.timepoints) < 3 or not all(t.day_known for t in patient.timepoints[:3]):
+def eligible(patient, history_scans: int = 2) -> bool:
+    """At least ``history_scans`` + 1 scans with known days, each with tumour."""
+    needed = history_scans + 1
+    if len(patient.timepoints) < needed or not all(t.day_known for t in patient.timepoints[:needed]):
         return False
-    return all((read_labelmap(t.segmentation).labels == TUMOUR).any() for t in patient.timepoints[:3])
+    return all((read_labelmap(t.segmentation).labels == TUMOUR).any() for t in patient.timepoints[:needed])
 
 
 def _truth(patient) -> dict:
@@ -155,17 +157,24 @@ def restart_variants(calibration, trust_factors) -> dict:
 
 
 def evaluate_patient(patient, settings: CalibrationSettings, model, compare_density: bool = False,
-                     oracle_clearance: bool = False, trust_factors=(), oracle_oer: bool = False) -> dict:
-    volumes = [read_labelmap(t.segmentation) for t in patient.timepoints[:3]]
+                     oracle_clearance: bool = False, trust_factors=(), oracle_oer: bool = False,
+                     history_scans: int = 2) -> dict:
+    """Calibrate on the first ``history_scans`` scans and score the forecast of the next one.
+
+    In the row, "scan 1" is the last history scan (the forecasts' start) and "scan 2" the scored one.
+    """
+    n = history_scans
+    volumes = [read_labelmap(t.segmentation) for t in patient.timepoints[:n + 1]]
     scans = [HistoryScan(v.labels, v.geometry, t.day, f"{patient.case}/tp{t.index}")
              for v, t in zip(volumes, patient.timepoints)]
-    geometry, truth = volumes[2].geometry, volumes[2].labels
+    history, target, last = scans[:n], scans[n], volumes[n - 1]
+    geometry, truth = volumes[n].geometry, volumes[n].labels
     spacing = geometry.spacing_array_order
     diagonal = image_diagonal_mm(truth.shape, spacing)
     voxel_ml = geometry.voxel_volume_ml
     plan_path = str(patient.plan) if patient.plan is not None else None
-    row = {"case": patient.case, "days": "/".join(f"{d:g}" for d in patient.days[:3]),
-           "horizon_days": scans[2].day - scans[1].day}
+    row = {"case": patient.case, "days": "/".join(f"{d:g}" for d in patient.days[:n + 1]),
+           "history_scans": n, "horizon_days": target.day - history[-1].day}
     row["pattern"] = _truth(patient).get("pattern", "")
     if settings is not None and oracle_clearance:
         settings = replace(settings, assumed_delayed_death=oracle_delayed_death(patient))
@@ -184,33 +193,33 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
         row["stop_reason"] = "not calibrated"
     else:
         t0 = time.perf_counter()
-        calibration = calibrate(scans[:2], plan_path, settings=settings)
+        calibration = calibrate(history, plan_path, settings=settings)
         row["calibration_s"] = time.perf_counter() - t0
         row["iterations"] = calibration.iterations
         row["stop_reason"] = calibration.stop_reason.split(" (")[0]
-        row["fit_dice_scan1"] = calibration.fits[0].tumour_dice
-        row["fit_volume_error_ml"] = calibration.fits[0].volume_error_ml
-        row["start_fit_dice_scan1"] = calibration.fits[0].initial_tumour_dice
+        row["fit_dice_scan1"] = calibration.fits[-1].tumour_dice          # the last history scan
+        row["fit_volume_error_ml"] = calibration.fits[-1].volume_error_ml
+        row["start_fit_dice_scan1"] = calibration.fits[-1].initial_tumour_dice
         row["alpha_per_day"] = calibration.parameters.growth_rate
         row["d_white_mm2_per_day"] = calibration.parameters.tumour_diffusion_by_tissue["white_matter"]
         row["edge_width_mm"] = calibration.edge_width_mm
         row["rt_scale"] = calibration.radiosensitivity_scale
         row["dying_share_scan1"] = math.nan if calibration.carried is None else calibration.carried.mean_dying_share
         t1 = time.perf_counter()
-        result = forecast(calibration, [scans[2].day])
+        result = forecast(calibration, [target.day])
         row["forecast_s"] = time.perf_counter() - t1
         predictions["calibrated"] = result.labels(0)
         if compare_density:
             for name, variant in restart_variants(calibration, trust_factors).items():
-                predictions[name] = forecast(variant, [scans[2].day]).labels(0)
+                predictions[name] = forecast(variant, [target.day]).labels(0)
 
     t2 = time.perf_counter()
-    plan = shift_plan(load_plan_on_grid(plan_path, volumes[1].geometry, volumes[1].labels.shape), scans[1].day)
-    baseline = AnatomyState(labels_to_field(volumes[1].labels, BRAIN_SCHEMA.num_classes), volumes[1].geometry)
-    population = predict(baseline, days=[scans[2].day - scans[1].day], plan=plan, model=model)
+    plan = shift_plan(load_plan_on_grid(plan_path, last.geometry, last.labels.shape), history[-1].day)
+    baseline = AnatomyState(labels_to_field(last.labels, BRAIN_SCHEMA.num_classes), last.geometry)
+    population = predict(baseline, days=[target.day - history[-1].day], plan=plan, model=model)
     row["population_s"] = time.perf_counter() - t2
     predictions["population"] = population.labels(0)
-    predictions["no_change"] = volumes[1].labels
+    predictions["no_change"] = last.labels
     for method, labels in predictions.items():
         for key, value in score(labels, truth, spacing, diagonal, voxel_ml).items():
             row[f"{method}_{key}"] = value
@@ -222,7 +231,7 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
                 for key in ("dice", "hd95", "volume_error_ml"):
                     row[f"{name}_{key}"] = row.get(f"calibrated_{key}", math.nan)
     row["truth_tumour_ml"] = float((truth == TUMOUR).sum() * voxel_ml)
-    row["scan1_tumour_ml"] = float((volumes[1].labels == TUMOUR).sum() * voxel_ml)
+    row["scan1_tumour_ml"] = float((last.labels == TUMOUR).sum() * voxel_ml)
     return row
 
 
@@ -386,11 +395,17 @@ def main(argv=None) -> int:
                         help="starting factor on the plan's LQ alpha and beta")
     parser.add_argument("--cases", nargs="+", metavar="CASE",
                         help="evaluate only these cases (e.g. the hard cases of an earlier run)")
+    parser.add_argument("--history-scans", type=int, default=2, metavar="N",
+                        help="calibrate on the first N scans (>= 2) and forecast scan N (default 2: the issue's "
+                             "protocol, scans 0 and 1 -> scan 2); patients need N + 1 scans with tumour")
     parser.add_argument("--skip", type=int, default=0, help="skip the first N eligible patients (to split a run)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
+    if args.history_scans < 2:
+        raise SystemExit(f"--history-scans must be at least 2 (a fit needs a start and a later scan), "
+                         f"got {args.history_scans}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if args.make is not None:
@@ -417,30 +432,32 @@ def main(argv=None) -> int:
             break
         if args.cases and patient.case not in args.cases:
             continue
-        if not eligible(patient):
+        if not eligible(patient, args.history_scans):
             skipped.append(patient.case)
             continue
         if passed < args.skip:
             passed += 1
             continue
         row = evaluate_patient(patient, None if args.population_only else settings, model, args.compare_density,
-                               oracle_clearance, args.density_trust, oracle_oer)
+                               oracle_clearance, args.density_trust, oracle_oer, args.history_scans)
         rows.append(row)
         print(f"{row['case']} {row['pattern']:>13} days {row['days']:>11}: fit {row['fit_dice_scan1']:.3f}; DSC "
               f"calibrated {row['calibrated_dice']:.3f} population {row['population_dice']:.3f} no-change "
               f"{row['no_change_dice']:.3f}  ({row['calibration_s']:.0f} s, {row['iterations']} it)", flush=True)
     info = {"cohort": str(cohort), "population_model": model_label, "skipped_ineligible": skipped,
             "settings": dict(vars(settings)),
-            "settings_summary": "not calibrated (--population-only)" if args.population_only else (
+            "settings_summary": ("not calibrated (--population-only)" if args.population_only else (
                 f"{args.observation} observation, alpha {args.alpha}, <= {args.iterations} iterations, "
                 f"<= {args.max_seconds:g} s each, delayed death {args.delayed_death}, hypoxia (OER) {args.hypoxia}, "
                 f"{'no ' if args.no_carry_dying else ''}carried dying compartment"
-                f"{' with its density' if args.carry_density and not args.no_carry_dying else ''}"),
+                f"{' with its density' if args.carry_density and not args.no_carry_dying else ''}")
+            ) + f"; history: scans 0-{args.history_scans - 1}, forecast of scan {args.history_scans}",
             "threads": args.threads, "machine": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "command": " ".join(sys.argv),
             "wall_time_s": round(time.perf_counter() - started, 1)}
     print(write_outputs(args.out, rows, info))
-    print(f"wall time {info['wall_time_s']:.0f} s; skipped (fewer than 3 scans or a scan without tumour): "
+    print(f"wall time {info['wall_time_s']:.0f} s; skipped (fewer than {args.history_scans + 1} scans or a scan "
+          "without tumour): "
           f"{', '.join(skipped) or 'none'}")
     return 0
 
