@@ -123,6 +123,7 @@ PUSHED = ("white_matter", "grey_matter", "lateral_ventricles")
 """Classes the tumour pushes away (mass effect, χ_k,tumour <= 0) in the fit."""
 ALPHA_MODES = ("scalar", "field")
 OBSERVATIONS = ("threshold", "argmax")
+CLEARANCE_FITS = ("auto", "always", "never")
 INFILTRATED = (SCHEMA.index("white_matter"), SCHEMA.index("grey_matter"))
 """Tissues the invisible tumour tail of the threshold observation model may occupy."""
 _DAY_TOLERANCE = 1e-9
@@ -215,6 +216,12 @@ class CalibrationSettings:
             stay visible for the delay, then clear. None = they vanish at once (the plan as given).
             Default (14, 21): the centre of the burden model's priors (burden.PRIORS; the cohort's
             ranges are 7-28 and 10-45 days).
+        fit_clearance: fit the clearance half-life of lethally irradiated cells (the delay stays as
+            given): "auto" when at least two later history scans come after the first fraction and
+            the last of them after the first fraction + the delay, so that the history shows the
+            kill and then its clearance (never with only two scans); "always" whenever the fit has
+            fractions and delayed death; "never" (the default). Log-parametrised, starting at (and
+            weakly pulled towards) the plan's or assumed half-life.
         assumed_hypoxia: an oxygen enhancement ratio (1..4) for densely packed tumour, used when
             the plan's radiotherapy does not give ``hypoxia`` (:class:`~AnatomyDTLib.plan.
             HypoxicRadioresistance` with its default tumour shares 0.6-0.95): the dose is divided by
@@ -263,6 +270,7 @@ class CalibrationSettings:
     backtrack_tolerance: float = 0.02
     max_seconds: float | None = None
     assumed_delayed_death: tuple[float, float] | None = (14.0, 21.0)
+    fit_clearance: str = "never"
     assumed_hypoxia: float | None = None
     carry_dying: bool = True
     carry_density: bool = False
@@ -274,6 +282,8 @@ class CalibrationSettings:
         """Raise :class:`ParameterError` for a setting out of range."""
         if self.alpha not in ALPHA_MODES:
             raise ParameterError(f"alpha must be one of {list(ALPHA_MODES)}, got {self.alpha!r}.")
+        if self.fit_clearance not in CLEARANCE_FITS:
+            raise ParameterError(f"fit_clearance must be one of {list(CLEARANCE_FITS)}, got {self.fit_clearance!r}.")
         if self.observation not in OBSERVATIONS:
             raise ParameterError(f"observation must be one of {list(OBSERVATIONS)}, got {self.observation!r}.")
         if not (isinstance(self.visibility_threshold, (int, float)) and 0.001 <= self.visibility_threshold <= 0.9):
@@ -565,7 +575,9 @@ def visibility_coding(threshold: float, length_mm: float, *, learn_length: bool 
 class _Parametrisation(torch.nn.Module):
     """The fitted parameters as unconstrained tensors, and the PDE coefficients they give."""
 
-    def __init__(self, start: PDEParameters, settings: CalibrationSettings, ndim: int, dtype: torch.dtype):
+    def __init__(self, start: PDEParameters, settings: CalibrationSettings, ndim: int, dtype: torch.dtype,
+                 clearance_rate: float | None = None):
+        """``clearance_rate``: the start (1/day) of a fitted clearance rate of dying cells; None = not fitted."""
         super().__init__()
         self.start = start
         self.settings = settings
@@ -585,6 +597,8 @@ class _Parametrisation(torch.nn.Module):
         self.log_length0 = torch.tensor(math.log(settings.infiltration_length_mm), dtype=dtype)
         self.log_rt_scale0 = torch.tensor(math.log(settings.radiosensitivity_start), dtype=dtype)
         self.log_rt_scale = torch.nn.Parameter(self.log_rt_scale0.clone(), requires_grad=settings.fit_radiosensitivity)
+        self.log_clearance0 = torch.tensor(math.log(clearance_rate or 1.0), dtype=dtype)
+        self.log_clearance = torch.nn.Parameter(self.log_clearance0.clone(), requires_grad=clearance_rate is not None)
         self.field = None
         if settings.alpha == "field":
             self.field = torch.nn.Parameter(torch.zeros((settings.field_points,) * ndim, dtype=dtype))
@@ -654,12 +668,21 @@ class _Parametrisation(torch.nn.Module):
         """The factor on the plan's LQ α and β (α/β kept), > 0."""
         return torch.exp(self.log_rt_scale)
 
+    def clearance_rate(self) -> float | None:
+        """The fitted clearance rate of dying cells (1/day), or None when it is not fitted."""
+        return float(torch.exp(self.log_clearance.detach())) if self.log_clearance.requires_grad else None
+
     def treated_plan(self, plan: TreatmentPlan) -> TreatmentPlan:
-        """The plan with the fitted radiosensitivity. The LQ α and β become 0-d tensors: the solver
-        passes them straight to torch (treatments.radiation_fraction), so the loss has their gradient."""
-        if plan.radiotherapy is None or not self.log_rt_scale.requires_grad:
+        """The plan with the fitted radiosensitivity (and clearance rate). They become 0-d tensors:
+        the solver passes them straight to torch (treatments.radiation_fraction, clear_dying), so
+        the loss has their gradient."""
+        if plan.radiotherapy is None:
             return plan
-        return scale_radiosensitivity(plan, self.radiosensitivity_scale())
+        if self.log_rt_scale.requires_grad:
+            plan = scale_radiosensitivity(plan, self.radiosensitivity_scale())
+        if self.log_clearance.requires_grad:
+            plan = with_clearance_rate(plan, torch.exp(self.log_clearance))
+        return plan
 
     def start_field(self, problem: "_Problem") -> torch.Tensor:
         if self.visibility is not None:
@@ -688,6 +711,8 @@ class _Parametrisation(torch.nn.Module):
             prior = prior + ((torch.log(self.visibility.length_mm()) - self.log_length0) / decade).pow(2)
         if self.log_rt_scale.requires_grad:
             prior = prior + ((self.log_rt_scale - self.log_rt_scale0) / decade).pow(2)
+        if self.log_clearance.requires_grad:
+            prior = prior + ((self.log_clearance - self.log_clearance0) / decade).pow(2)
         total = self.settings.prior_weight * prior
         if self.field is not None:
             rough = sum(face_difference(self.field.unsqueeze(0).unsqueeze(0), 2 + a).pow(2).sum()
@@ -821,6 +846,8 @@ class Calibration:
             ``settings.assumed_delayed_death`` was added to it (``plan`` holds the result).
         hypoxia_assumed: the plan's radiotherapy had no hypoxia and ``settings.assumed_hypoxia``
             was added to it (``plan`` holds the result).
+        clearance_fitted: the clearance half-life of ``plan``'s delayed death was fitted
+            (``settings.fit_clearance``); the delay is the plan's or the assumed one.
         fits: per later scan, the fit quality.
         loss_history: per iteration, the loss and its terms.
         iterations, stop_reason, seconds: how the run ended.
@@ -846,6 +873,7 @@ class Calibration:
     carried: CarriedDying | None = None
     delayed_death_assumed: bool = False
     hypoxia_assumed: bool = False
+    clearance_fitted: bool = False
 
     @property
     def reference(self) -> HistoryScan:
@@ -887,6 +915,7 @@ class Calibration:
         carried = self.carried
         return {**rt.delayed_death.to_dict(),
                 "source": "assumed (settings.assumed_delayed_death)" if self.delayed_death_assumed else "the plan",
+                "clearance_half_life_fitted": self.clearance_fitted,
                 "carried_into_forecast": carried is not None,
                 "dying_share_of_last_scan_tumour": None if carried is None else round(carried.mean_dying_share, 4),
                 "pending_cohorts": None if carried is None else len(carried.pending)}
@@ -937,6 +966,34 @@ def with_hypoxia(plan: TreatmentPlan, oxygen_enhancement_ratio: float | None) ->
     if rt is None or rt.hypoxia is not None or oxygen_enhancement_ratio is None:
         return plan
     return replace(plan, radiotherapy=replace(rt, hypoxia=HypoxicRadioresistance(float(oxygen_enhancement_ratio))))
+
+
+def with_clearance_rate(plan: TreatmentPlan, rate_per_day) -> TreatmentPlan:
+    """The plan with its delayed death clearing at ``rate_per_day`` (1/day; a float or a 0-d
+    tensor), the delay unchanged; unchanged without radiotherapy or delayed death."""
+    rt = plan.radiotherapy
+    if rt is None or rt.delayed_death is None:
+        return plan
+    return replace(plan, radiotherapy=replace(rt, delayed_death=replace(rt.delayed_death,
+                                                                        clearance_rate_per_day=rate_per_day)))
+
+
+def clearance_is_fitted(setting: str, plan: TreatmentPlan, later_days: Sequence[float]) -> bool:
+    """Whether the fit fits the clearance half-life (``CalibrationSettings.fit_clearance``).
+
+    ``plan`` and ``later_days`` count from the first history scan. "auto" needs at least two later
+    scans after the first fraction and the last of them after the first fraction + the delay:
+    one scan during or just after the course cannot tell a strong kill that clears slowly from a
+    weak kill that clears fast; a second, later one shows how the response goes on.
+    """
+    rt = plan.radiotherapy
+    if setting == "never" or rt is None or rt.delayed_death is None or not rt.fraction_days:
+        return False
+    if setting == "always":
+        return True
+    first = rt.fraction_days[0]
+    after = [d for d in later_days if d > first]
+    return len(after) >= 2 and after[-1] > first + rt.delayed_death.delay_days
 
 
 def with_delayed_death(plan: TreatmentPlan, assumed: tuple[float, float] | None) -> TreatmentPlan:
@@ -1272,7 +1329,9 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
         problem.mask = mask if bool(mask.any()) else None
     span = problem.days[-1]
     dt = settings.dt_days if settings.dt_days is not None else max(float(initial.dt_days), span / settings.max_steps)
-    params = _Parametrisation(initial, settings, len(shape), dtype)
+    fit_clearance = clearance_is_fitted(settings.fit_clearance, problem.plan, problem.days)
+    params = _Parametrisation(initial, settings, len(shape), dtype, clearance_rate=(
+        problem.plan.radiotherapy.delayed_death.clearance_rate_per_day if fit_clearance else None))
     threshold = settings.observation == "threshold"
     initial_model = CalibratedPDEModel(
         parameters=replace(initial, dt_days=dt),
@@ -1348,12 +1407,17 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     width = params.edge_width()
     width = None if width is None else float(width.detach())
     rt_scale = float(params.radiosensitivity_scale().detach()) if problem.plan.radiotherapy is not None else 1.0
+    assumed_clearance = treatment
+    if fit_clearance:  # the forecast and the fit report use the fitted half-life
+        treatment = with_clearance_rate(treatment, params.clearance_rate())
+        problem.plan = with_clearance_rate(problem.plan, params.clearance_rate())
     result = Calibration(calibrated, initial, scans, treatment, [(s.start, s.stop) for s in box], control, width,
                          rt_scale, [],
                          history_records, len(history_records), stop_reason, 0.0, settings,
                          visibility_threshold=settings.visibility_threshold if threshold else None,
                          infiltration_length_mm=params.infiltration_length(),
-                         delayed_death_assumed=with_death is not given, hypoxia_assumed=treatment is not with_death)
+                         delayed_death_assumed=with_death is not given,
+                         hypoxia_assumed=assumed_clearance is not with_death, clearance_fitted=fit_clearance)
     quality, dying, density = _fit_quality(result.model(), problem, scans, box, rt_scale)
     if settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0:
         result.carried = CarriedDying.from_rollout(density, dying, box, shape,

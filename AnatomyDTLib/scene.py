@@ -1502,7 +1502,9 @@ def _calibrated_parameter_rows(calibration) -> list[list]:
             rows.append(["death delay of irradiated cells", dying["delay_days"], "day",
                          f"{source}: killed cells stay visible this long"])
             rows.append(["clearance half-life", dying["clearance_half_life_days"], "day",
-                         f"{source}: then they clear with this half-life"])
+                         "fitted to the history (started from the " + ("assumed" if calibration.delayed_death_assumed
+                                                                       else "plan's") + " half-life)"
+                         if calibration.clearance_fitted else f"{source}: then they clear with this half-life"])
             if dying["carried_into_forecast"]:
                 rows.append(["dying share of the last scan's tumour", dying["dying_share_of_last_scan_tumour"], "",
                              "from the fitted history: lethally hit at the last scan; the forecast lets it clear"])

@@ -361,11 +361,12 @@ def _grid_array(value, grid: Grid, what: str) -> torch.Tensor:
     return torch.as_tensor(arr.astype(np.float64), dtype=grid.dtype, device=grid.device).reshape((1, 1) + grid.spatial_shape)
 
 
-def _clearance_rate(plan: TreatmentPlan, carried: DyingCompartment | None) -> float | None:
+def _clearance_rate(plan: TreatmentPlan, carried: DyingCompartment | None) -> float | torch.Tensor | None:
     """Clearance rate (1/day) of the dying channel, or None when the solve has no dying channel.
 
     The channel exists when the plan models delayed death or a dying compartment is carried in;
-    with both, their clearance rates must agree (one rate per channel)."""
+    with both, their clearance rates must agree (one rate per channel). A plan's rate may be a
+    0-d tensor (calibration fits it); it is returned as is, so the solve is differentiable in it."""
     rt = plan.radiotherapy
     planned = rt.delayed_death.clearance_rate_per_day if rt is not None and rt.delayed_death is not None else None
     if carried is None:
@@ -376,7 +377,7 @@ def _clearance_rate(plan: TreatmentPlan, carried: DyingCompartment | None) -> fl
     rate = float(carried.clearance_rate_per_day)
     if not (math.isfinite(rate) and rate > 0):
         raise ParameterError(f"The carried dying compartment's clearance rate must be > 0 per day, got {rate!r}.")
-    if planned is not None and abs(planned - rate) > 1e-9 * max(planned, rate):
+    if planned is not None and abs(float(planned) - rate) > 1e-9 * max(float(planned), rate):
         raise ParameterError(f"The carried dying compartment clears at {rate:g}/day but the plan's delayed death at "
                              f"{planned:g}/day; give both the same half-life.")
     return rate
@@ -407,7 +408,7 @@ def _build_problem(grid: Grid, *, diffusion, growth_rate, carrying_capacity, cro
                                strictly_positive=True, maximum=1.0)
     problem = _Problem(grid, num_channels, tumour, sink, dying, operator, cross, alpha, kappa, domain, plan, schema,
                        reaction_hook, jacobi_iters, omega, jacobi_variant, diffusion_coefficients=d,
-                       clearance_rate_per_day=clearance_rate or 0.0)
+                       clearance_rate_per_day=0.0 if clearance_rate is None else clearance_rate)
     for surgery in plan.surgeries:
         if surgery.resection_mask is not None:
             removal = _grid_array(surgery.resection_mask, grid, "resection mask")
@@ -695,7 +696,7 @@ class _Integrator:
         pending = [(c.expiry_day - horizon, c.mass.clone()) for c in self.cohorts
                    if c.expiry_day > horizon + _EVENT_TIME_TOLERANCE]
         return DyingCompartment(self.final_state[:, pr.dying:pr.dying + 1].clone(), pending,
-                                pr.clearance_rate_per_day)
+                                float(pr.clearance_rate_per_day))
 
 
 # --------------------------------------------------------------------------------------------

@@ -136,10 +136,14 @@ def clear_dying(field: torch.Tensor, clearable: torch.Tensor, rate_per_day: floa
                 target: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Clear lethally hit cells whose delay has passed: pool ← pool·exp(-λ·dt), exactly.
 
-    ``clearable`` (B, 1, *S) is the part of the dying channel past its delay. Returns the new
-    field and the cleared amount.
+    ``clearable`` (B, 1, *S) is the part of the dying channel past its delay. ``rate_per_day`` may
+    be a 0-d tensor (a fitted clearance rate, calibration.py): the result is then differentiable
+    in it. Returns the new field and the cleared amount.
     """
-    cleared = clearable * (1.0 - math.exp(-rate_per_day * dt))
+    if isinstance(rate_per_day, torch.Tensor):
+        cleared = clearable * -torch.expm1(-rate_per_day * dt)
+    else:
+        cleared = clearable * (1.0 - math.exp(-rate_per_day * dt))
     return transfer(field, cleared, dying, target), cleared
 
 

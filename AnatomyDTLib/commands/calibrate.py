@@ -2,7 +2,8 @@
 
     anatomydt calibrate --history A.seg.nrrd@0 B.seg.nrrd@60 [C.seg.nrrd@120 ...] --plan PLAN.json|none
                         --days 90[,120] --out DIR [--alpha scalar|field] [--iterations N]
-                        [--delayed-death DELAY,HALF_LIFE|none] [--hypoxia OER|none] [--classes MAP] [--force]
+                        [--delayed-death DELAY,HALF_LIFE|none] [--fit-clearance auto|always|never]
+                        [--hypoxia OER|none] [--classes MAP] [--force]
 
 Days (``@DAY`` and ``--days``) count on the treatment plan's day axis: day 0 is the plan's
 baseline (for most plans the first scan). ``--plan none`` states that the patient had no
@@ -78,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "visible DELAY days, then clear with HALF_LIFE days; the forecast then starts with "
                              "the fitted share of the last scan's tumour that is already dying. 'none': killed "
                              "cells vanish at once (default: %(default)s)")
+    parser.add_argument("--fit-clearance", choices=("auto", "always", "never"), default="never",
+                        help="fit the clearance half-life of irradiated cells (the delay stays): 'auto' when two "
+                             "later scans follow the first fraction and the last one its delay, 'always', or "
+                             "'never' (default: %(default)s; docs/calibration.md)")
     parser.add_argument("--hypoxia", default="none", metavar="OER|none",
                         help="when the plan's radiotherapy gives no hypoxia: assume densely packed tumour (60-95 %% "
                              "of a voxel) is hypoxic and needs OER times the dose (oxygen enhancement ratio, 1..4, "
@@ -180,8 +185,9 @@ def delayed_death_line(calibration) -> str:
     summary = calibration.to_dict()["radiotherapy"]["delayed_death"]
     if summary is None:
         return ("delayed death: none (no radiotherapy, or --delayed-death none): killed cells vanish at once")
+    fitted = ", half-life fitted" if summary["clearance_half_life_fitted"] else ""
     text = (f"delayed death: irradiated cells stay visible {summary['delay_days']:g} days, then clear with a "
-            f"half-life of {summary['clearance_half_life_days']:g} days ({summary['source']})")
+            f"half-life of {summary['clearance_half_life_days']:.3g} days ({summary['source']}{fitted})")
     if summary["carried_into_forecast"]:
         text += (f"; the forecast starts with {100 * summary['dying_share_of_last_scan_tumour']:.0f} % of the last "
                  "scan's tumour already lethally hit (from the fitted history)")
@@ -231,7 +237,8 @@ def run(args) -> int:
 
     settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, observation=args.observation,
                                    visibility_threshold=args.visibility_threshold,
-                                   assumed_delayed_death=assumed_delayed_death, assumed_hypoxia=assumed_hypoxia)
+                                   assumed_delayed_death=assumed_delayed_death, assumed_hypoxia=assumed_hypoxia,
+                                   fit_clearance=args.fit_clearance)
     settings.check()
     with progress_bar_count(max(args.iterations, 1), "iteration") as bar:
         calibration = calibrate(common, plan, settings=settings,
