@@ -188,7 +188,7 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
     if settings is None:  # --population-only: the baselines without a fit
         for key in ("calibration_s", "iterations", "fit_dice_scan1", "fit_volume_error_ml", "start_fit_dice_scan1",
                     "alpha_per_day", "d_white_mm2_per_day", "edge_width_mm", "rt_scale", "dying_share_scan1",
-                    "forecast_s"):
+                    "clearance_half_life_days", "forecast_s"):
             row[key] = math.nan
         row["stop_reason"] = "not calibrated"
     else:
@@ -205,6 +205,9 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
         row["edge_width_mm"] = calibration.edge_width_mm
         row["rt_scale"] = calibration.radiosensitivity_scale
         row["dying_share_scan1"] = math.nan if calibration.carried is None else calibration.carried.mean_dying_share
+        dying = calibration.plan.radiotherapy.delayed_death if calibration.plan.radiotherapy is not None else None
+        row["clearance_half_life_days"] = math.nan if dying is None else dying.clearance_half_life_days
+        row["clearance_fitted"] = calibration.clearance_fitted
         t1 = time.perf_counter()
         result = forecast(calibration, [target.day])
         row["forecast_s"] = time.perf_counter() - t1
@@ -379,6 +382,8 @@ def main(argv=None) -> int:
                         help="hypoxic radioresistance assumed when a plan has none: the oxygen enhancement ratio of "
                              "dense tumour (CalibrationSettings.assumed_hypoxia; default none); 'truth' = each "
                              "phantom's own (a diagnostic)")
+    parser.add_argument("--fit-clearance", choices=("auto", "always", "never"), default="never",
+                        help="fit the clearance half-life of irradiated cells (CalibrationSettings.fit_clearance)")
     parser.add_argument("--no-carry-dying", action="store_true",
                         help="restart the forecast from the last scan with every tumour cell alive (the "
                              "behaviour before the dying compartment was carried over)")
@@ -425,6 +430,7 @@ def main(argv=None) -> int:
                                    assumed_delayed_death=None if oracle_clearance else delayed_death,
                                    assumed_hypoxia=None if oracle_oer else hypoxia,
                                    carry_dying=not args.no_carry_dying, carry_density=args.carry_density,
+                                   fit_clearance=args.fit_clearance,
                                    radiosensitivity_start=args.radiosensitivity_start)
     rows, skipped, passed = [], [], 0
     for patient in load_cohort(cohort):
@@ -449,6 +455,7 @@ def main(argv=None) -> int:
             "settings_summary": ("not calibrated (--population-only)" if args.population_only else (
                 f"{args.observation} observation, alpha {args.alpha}, <= {args.iterations} iterations, "
                 f"<= {args.max_seconds:g} s each, delayed death {args.delayed_death}, hypoxia (OER) {args.hypoxia}, "
+                f"fit clearance {args.fit_clearance}, "
                 f"{'no ' if args.no_carry_dying else ''}carried dying compartment"
                 f"{' with its density' if args.carry_density and not args.no_carry_dying else ''}")
             ) + f"; history: scans 0-{args.history_scans - 1}, forecast of scan {args.history_scans}",
