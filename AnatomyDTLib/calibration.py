@@ -124,6 +124,8 @@ PUSHED = ("white_matter", "grey_matter", "lateral_ventricles")
 ALPHA_MODES = ("scalar", "field")
 OBSERVATIONS = ("threshold", "argmax")
 CLEARANCE_FITS = ("auto", "always", "never")
+_OER_SPAN = MAX_OXYGEN_ENHANCEMENT_RATIO - 1.0
+"""A fitted oxygen enhancement ratio is 1 + span·sigmoid(θ): between 1 (no effect) and the plan's maximum."""
 INFILTRATED = (SCHEMA.index("white_matter"), SCHEMA.index("grey_matter"))
 """Tissues the invisible tumour tail of the threshold observation model may occupy."""
 _DAY_TOLERANCE = 1e-9
@@ -222,6 +224,9 @@ class CalibrationSettings:
             kill and then its clearance (never with only two scans); "always" whenever the fit has
             fractions and delayed death; "never" (the default). Log-parametrised, starting at (and
             weakly pulled towards) the plan's or assumed half-life.
+        fit_hypoxia: fit the oxygen enhancement ratio of the plan's (or assumed) hypoxia together
+            with the radiosensitivity, as 1 + 3·sigmoid(θ) (so 1..4), starting at (and weakly pulled
+            towards) the given one; only when the fit has fractions and hypoxia. Off by default.
         assumed_hypoxia: an oxygen enhancement ratio (1..4) for densely packed tumour, used when
             the plan's radiotherapy does not give ``hypoxia`` (:class:`~AnatomyDTLib.plan.
             HypoxicRadioresistance` with its default tumour shares 0.6-0.95): the dose is divided by
@@ -271,6 +276,7 @@ class CalibrationSettings:
     max_seconds: float | None = None
     assumed_delayed_death: tuple[float, float] | None = (14.0, 21.0)
     fit_clearance: str = "never"
+    fit_hypoxia: bool = False
     assumed_hypoxia: float | None = None
     carry_dying: bool = True
     carry_density: bool = False
@@ -576,8 +582,9 @@ class _Parametrisation(torch.nn.Module):
     """The fitted parameters as unconstrained tensors, and the PDE coefficients they give."""
 
     def __init__(self, start: PDEParameters, settings: CalibrationSettings, ndim: int, dtype: torch.dtype,
-                 clearance_rate: float | None = None):
-        """``clearance_rate``: the start (1/day) of a fitted clearance rate of dying cells; None = not fitted."""
+                 clearance_rate: float | None = None, oxygen_enhancement_ratio: float | None = None):
+        """``clearance_rate``: the start (1/day) of a fitted clearance rate of dying cells;
+        ``oxygen_enhancement_ratio``: the start of a fitted OER of the plan's hypoxia; None = not fitted."""
         super().__init__()
         self.start = start
         self.settings = settings
@@ -599,6 +606,10 @@ class _Parametrisation(torch.nn.Module):
         self.log_rt_scale = torch.nn.Parameter(self.log_rt_scale0.clone(), requires_grad=settings.fit_radiosensitivity)
         self.log_clearance0 = torch.tensor(math.log(clearance_rate or 1.0), dtype=dtype)
         self.log_clearance = torch.nn.Parameter(self.log_clearance0.clone(), requires_grad=clearance_rate is not None)
+        share = min(max(((oxygen_enhancement_ratio or 2.0) - 1.0) / _OER_SPAN, 0.01), 0.99)
+        self.oer_logit0 = torch.tensor(_logit(share), dtype=dtype)
+        self.oer_logit = torch.nn.Parameter(self.oer_logit0.clone(),
+                                            requires_grad=oxygen_enhancement_ratio is not None)
         self.field = None
         if settings.alpha == "field":
             self.field = torch.nn.Parameter(torch.zeros((settings.field_points,) * ndim, dtype=dtype))
@@ -668,6 +679,14 @@ class _Parametrisation(torch.nn.Module):
         """The factor on the plan's LQ α and β (α/β kept), > 0."""
         return torch.exp(self.log_rt_scale)
 
+    def oxygen_enhancement_ratio(self) -> torch.Tensor:
+        """The fitted OER of dense tumour, 1..4."""
+        return 1.0 + _OER_SPAN * torch.sigmoid(self.oer_logit)
+
+    def fitted_oxygen_enhancement_ratio(self) -> float | None:
+        """The fitted OER, or None when it is not fitted."""
+        return float(self.oxygen_enhancement_ratio().detach()) if self.oer_logit.requires_grad else None
+
     def clearance_rate(self) -> float | None:
         """The fitted clearance rate of dying cells (1/day), or None when it is not fitted."""
         return float(torch.exp(self.log_clearance.detach())) if self.log_clearance.requires_grad else None
@@ -682,6 +701,8 @@ class _Parametrisation(torch.nn.Module):
             plan = scale_radiosensitivity(plan, self.radiosensitivity_scale())
         if self.log_clearance.requires_grad:
             plan = with_clearance_rate(plan, torch.exp(self.log_clearance))
+        if self.oer_logit.requires_grad:
+            plan = with_oxygen_enhancement_ratio(plan, self.oxygen_enhancement_ratio())
         return plan
 
     def start_field(self, problem: "_Problem") -> torch.Tensor:
@@ -713,6 +734,8 @@ class _Parametrisation(torch.nn.Module):
             prior = prior + ((self.log_rt_scale - self.log_rt_scale0) / decade).pow(2)
         if self.log_clearance.requires_grad:
             prior = prior + ((self.log_clearance - self.log_clearance0) / decade).pow(2)
+        if self.oer_logit.requires_grad:
+            prior = prior + 0.25 * (self.oer_logit - self.oer_logit0).pow(2)
         total = self.settings.prior_weight * prior
         if self.field is not None:
             rough = sum(face_difference(self.field.unsqueeze(0).unsqueeze(0), 2 + a).pow(2).sum()
@@ -848,6 +871,7 @@ class Calibration:
             was added to it (``plan`` holds the result).
         clearance_fitted: the clearance half-life of ``plan``'s delayed death was fitted
             (``settings.fit_clearance``); the delay is the plan's or the assumed one.
+        hypoxia_fitted: the OER of ``plan``'s hypoxia was fitted (``settings.fit_hypoxia``).
         fits: per later scan, the fit quality.
         loss_history: per iteration, the loss and its terms.
         iterations, stop_reason, seconds: how the run ended.
@@ -874,6 +898,7 @@ class Calibration:
     delayed_death_assumed: bool = False
     hypoxia_assumed: bool = False
     clearance_fitted: bool = False
+    hypoxia_fitted: bool = False
 
     @property
     def reference(self) -> HistoryScan:
@@ -906,7 +931,8 @@ class Calibration:
         if rt is None or rt.hypoxia is None:
             return None
         return {**rt.hypoxia.to_dict(),
-                "source": "assumed (settings.assumed_hypoxia)" if self.hypoxia_assumed else "the plan"}
+                "source": "assumed (settings.assumed_hypoxia)" if self.hypoxia_assumed else "the plan",
+                "oxygen_enhancement_ratio_fitted": self.hypoxia_fitted}
 
     def _delayed_death_summary(self) -> dict | None:
         rt = self.plan.radiotherapy
@@ -976,6 +1002,15 @@ def with_clearance_rate(plan: TreatmentPlan, rate_per_day) -> TreatmentPlan:
         return plan
     return replace(plan, radiotherapy=replace(rt, delayed_death=replace(rt.delayed_death,
                                                                         clearance_rate_per_day=rate_per_day)))
+
+
+def with_oxygen_enhancement_ratio(plan: TreatmentPlan, ratio) -> TreatmentPlan:
+    """The plan with its hypoxia's OER set to ``ratio`` (a float or a 0-d tensor), the tumour shares
+    unchanged; unchanged without radiotherapy or hypoxia."""
+    rt = plan.radiotherapy
+    if rt is None or rt.hypoxia is None:
+        return plan
+    return replace(plan, radiotherapy=replace(rt, hypoxia=replace(rt.hypoxia, oxygen_enhancement_ratio=ratio)))
 
 
 def clearance_is_fitted(setting: str, plan: TreatmentPlan, later_days: Sequence[float]) -> bool:
@@ -1330,8 +1365,11 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     span = problem.days[-1]
     dt = settings.dt_days if settings.dt_days is not None else max(float(initial.dt_days), span / settings.max_steps)
     fit_clearance = clearance_is_fitted(settings.fit_clearance, problem.plan, problem.days)
+    rt_fit = problem.plan.radiotherapy
+    fit_oer = settings.fit_hypoxia and rt_fit is not None and rt_fit.hypoxia is not None and bool(rt_fit.fraction_days)
     params = _Parametrisation(initial, settings, len(shape), dtype, clearance_rate=(
-        problem.plan.radiotherapy.delayed_death.clearance_rate_per_day if fit_clearance else None))
+        rt_fit.delayed_death.clearance_rate_per_day if fit_clearance else None), oxygen_enhancement_ratio=(
+        rt_fit.hypoxia.oxygen_enhancement_ratio if fit_oer else None))
     threshold = settings.observation == "threshold"
     initial_model = CalibratedPDEModel(
         parameters=replace(initial, dt_days=dt),
@@ -1411,13 +1449,17 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     if fit_clearance:  # the forecast and the fit report use the fitted half-life
         treatment = with_clearance_rate(treatment, params.clearance_rate())
         problem.plan = with_clearance_rate(problem.plan, params.clearance_rate())
+    if fit_oer:
+        treatment = with_oxygen_enhancement_ratio(treatment, params.fitted_oxygen_enhancement_ratio())
+        problem.plan = with_oxygen_enhancement_ratio(problem.plan, params.fitted_oxygen_enhancement_ratio())
     result = Calibration(calibrated, initial, scans, treatment, [(s.start, s.stop) for s in box], control, width,
                          rt_scale, [],
                          history_records, len(history_records), stop_reason, 0.0, settings,
                          visibility_threshold=settings.visibility_threshold if threshold else None,
                          infiltration_length_mm=params.infiltration_length(),
                          delayed_death_assumed=with_death is not given,
-                         hypoxia_assumed=assumed_clearance is not with_death, clearance_fitted=fit_clearance)
+                         hypoxia_assumed=assumed_clearance is not with_death, clearance_fitted=fit_clearance,
+                         hypoxia_fitted=fit_oer)
     quality, dying, density = _fit_quality(result.model(), problem, scans, box, rt_scale)
     if settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0:
         result.carried = CarriedDying.from_rollout(density, dying, box, shape,

@@ -1511,6 +1511,8 @@ def _calibrated_parameter_rows(calibration) -> list[list]:
         hypoxia = calibration.plan.radiotherapy.hypoxia
         if hypoxia is not None:
             source = "assumed (the plan has none)" if calibration.hypoxia_assumed else "the plan's"
+            if calibration.hypoxia_fitted:
+                source = f"fitted to the history (started from the {source.split(' ')[0]} one)"
             rows.append(["oxygen enhancement ratio of dense tumour", hypoxia.oxygen_enhancement_ratio, "",
                          f"{source}: each fraction's dose is divided by up to this where tumour fills "
                          f"{100 * hypoxia.dense_from:.0f}-{100 * hypoxia.dense_to:.0f} % of a voxel"])

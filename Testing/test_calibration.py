@@ -354,6 +354,23 @@ def test_fitted_clearance_half_life_recovers_a_fast_clearance():
     assert notes["clearance half-life"].startswith("fitted to the history")
 
 
+def test_fitted_oxygen_enhancement_ratio_moves_stays_in_range_and_is_recorded(irradiated_fit):
+    """fit_hypoxia fits the (assumed) OER with the radiosensitivity: it gets a gradient (it leaves
+    its start), stays within 1..4 and is what the forecast's plan holds. The slice cannot identify
+    it (measured: for a truth of OER 3, starts of 1.5 and 3.5 end at 1.33 and 3.26, the history
+    fitted perfectly both ways); that is why it is off by default."""
+    scans, _ = irradiated_fit
+    plan = load_plan(_irradiated_plan(), schema=BRAIN_SCHEMA)
+    fit = C.calibrate(scans[:3], plan, settings=C.CalibrationSettings(iterations=4, assumed_hypoxia=2.5,
+                                                                      fit_hypoxia=True))
+    oer = fit.plan.radiotherapy.hypoxia.oxygen_enhancement_ratio
+    assert fit.hypoxia_fitted and isinstance(oer, float) and 1.0 < oer < 4.0 and abs(oer - 2.5) > 1e-3
+    summary = fit.to_dict()["radiotherapy"]["hypoxia"]
+    assert summary["oxygen_enhancement_ratio_fitted"] is True and summary["oxygen_enhancement_ratio"] == oer
+    without = C.calibrate(scans[:3], plan, settings=C.CalibrationSettings(iterations=1, fit_hypoxia=True))
+    assert not without.hypoxia_fitted and without.plan.radiotherapy.hypoxia is None  # nothing to fit
+
+
 def test_calibration_is_deterministic_reports_progress_and_can_be_cancelled(slice_patient):
     settings = C.CalibrationSettings(iterations=3)
     fractions = []
@@ -588,7 +605,8 @@ def test_an_assumed_hypoxia_reaches_the_record_and_the_console(volume_files, tmp
     record = json.loads((out / "calibration.json").read_text())
     assert record["calibration"]["radiotherapy"]["hypoxia"] == {"oxygen_enhancement_ratio": 2.25,
                                                                 "dense_from": 0.6, "dense_to": 0.95,
-                                                                "source": "assumed (settings.assumed_hypoxia)"}
+                                                                "source": "assumed (settings.assumed_hypoxia)",
+                                                                "oxygen_enhancement_ratio_fitted": False}
 
 
 @pytest.mark.parametrize("history, plan, days, phrase", [

@@ -208,6 +208,8 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
         dying = calibration.plan.radiotherapy.delayed_death if calibration.plan.radiotherapy is not None else None
         row["clearance_half_life_days"] = math.nan if dying is None else dying.clearance_half_life_days
         row["clearance_fitted"] = calibration.clearance_fitted
+        hypoxia = calibration.plan.radiotherapy.hypoxia if calibration.plan.radiotherapy is not None else None
+        row["oer"] = math.nan if hypoxia is None else float(hypoxia.oxygen_enhancement_ratio)
         t1 = time.perf_counter()
         result = forecast(calibration, [target.day])
         row["forecast_s"] = time.perf_counter() - t1
@@ -384,6 +386,8 @@ def main(argv=None) -> int:
                              "phantom's own (a diagnostic)")
     parser.add_argument("--fit-clearance", choices=("auto", "always", "never"), default="never",
                         help="fit the clearance half-life of irradiated cells (CalibrationSettings.fit_clearance)")
+    parser.add_argument("--fit-hypoxia", action="store_true",
+                        help="fit the OER of the (assumed) hypoxia with the radiosensitivity (CalibrationSettings.fit_hypoxia)")
     parser.add_argument("--no-carry-dying", action="store_true",
                         help="restart the forecast from the last scan with every tumour cell alive (the "
                              "behaviour before the dying compartment was carried over)")
@@ -430,7 +434,7 @@ def main(argv=None) -> int:
                                    assumed_delayed_death=None if oracle_clearance else delayed_death,
                                    assumed_hypoxia=None if oracle_oer else hypoxia,
                                    carry_dying=not args.no_carry_dying, carry_density=args.carry_density,
-                                   fit_clearance=args.fit_clearance,
+                                   fit_clearance=args.fit_clearance, fit_hypoxia=args.fit_hypoxia,
                                    radiosensitivity_start=args.radiosensitivity_start)
     rows, skipped, passed = [], [], 0
     for patient in load_cohort(cohort):
@@ -455,7 +459,7 @@ def main(argv=None) -> int:
             "settings_summary": ("not calibrated (--population-only)" if args.population_only else (
                 f"{args.observation} observation, alpha {args.alpha}, <= {args.iterations} iterations, "
                 f"<= {args.max_seconds:g} s each, delayed death {args.delayed_death}, hypoxia (OER) {args.hypoxia}, "
-                f"fit clearance {args.fit_clearance}, "
+                f"fit clearance {args.fit_clearance}, {'fitted' if args.fit_hypoxia else 'fixed'} OER, "
                 f"{'no ' if args.no_carry_dying else ''}carried dying compartment"
                 f"{' with its density' if args.carry_density and not args.no_carry_dying else ''}")
             ) + f"; history: scans 0-{args.history_scans - 1}, forecast of scan {args.history_scans}",

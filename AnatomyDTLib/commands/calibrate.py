@@ -3,7 +3,7 @@
     anatomydt calibrate --history A.seg.nrrd@0 B.seg.nrrd@60 [C.seg.nrrd@120 ...] --plan PLAN.json|none
                         --days 90[,120] --out DIR [--alpha scalar|field] [--iterations N]
                         [--delayed-death DELAY,HALF_LIFE|none] [--fit-clearance auto|always|never]
-                        [--hypoxia OER|none] [--classes MAP] [--force]
+                        [--hypoxia OER|none] [--fit-hypoxia] [--classes MAP] [--force]
 
 Days (``@DAY`` and ``--days``) count on the treatment plan's day axis: day 0 is the plan's
 baseline (for most plans the first scan). ``--plan none`` states that the patient had no
@@ -83,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fit the clearance half-life of irradiated cells (the delay stays): 'auto' when two "
                              "later scans follow the first fraction and the last one its delay, 'always', or "
                              "'never' (default: %(default)s; docs/calibration.md)")
+    parser.add_argument("--fit-hypoxia", action="store_true",
+                        help="fit the oxygen enhancement ratio of the plan's or --hypoxia's hypoxia together with the "
+                             "radiosensitivity (off by default; docs/calibration.md)")
     parser.add_argument("--hypoxia", default="none", metavar="OER|none",
                         help="when the plan's radiotherapy gives no hypoxia: assume densely packed tumour (60-95 %% "
                              "of a voxel) is hypoxic and needs OER times the dose (oxygen enhancement ratio, 1..4, "
@@ -238,7 +241,7 @@ def run(args) -> int:
     settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, observation=args.observation,
                                    visibility_threshold=args.visibility_threshold,
                                    assumed_delayed_death=assumed_delayed_death, assumed_hypoxia=assumed_hypoxia,
-                                   fit_clearance=args.fit_clearance)
+                                   fit_clearance=args.fit_clearance, fit_hypoxia=args.fit_hypoxia)
     settings.check()
     with progress_bar_count(max(args.iterations, 1), "iteration") as bar:
         calibration = calibrate(common, plan, settings=settings,
@@ -250,8 +253,9 @@ def run(args) -> int:
     print(delayed_death_line(calibration))
     hypoxia = None if calibration.plan.radiotherapy is None else calibration.plan.radiotherapy.hypoxia
     if hypoxia is not None:
-        print(f"hypoxia: dose divided by up to {hypoxia.oxygen_enhancement_ratio:g} where tumour fills "
-              f"{100 * hypoxia.dense_from:.0f}-{100 * hypoxia.dense_to:.0f} % of a voxel")
+        print(f"hypoxia: dose divided by up to {hypoxia.oxygen_enhancement_ratio:.3g} where tumour fills "
+              f"{100 * hypoxia.dense_from:.0f}-{100 * hypoxia.dense_to:.0f} % of a voxel"
+              + (" (ratio fitted)" if calibration.hypoxia_fitted else ""))
     result = forecast(calibration, days)
 
     try:
