@@ -687,14 +687,14 @@ class _Parametrisation(torch.nn.Module):
         """The fitted OER, or None when it is not fitted."""
         return float(self.oxygen_enhancement_ratio().detach()) if self.oer_logit.requires_grad else None
 
-    def clearance_rate(self) -> float | None:
+    def fitted_clearance_rate(self) -> float | None:
         """The fitted clearance rate of dying cells (1/day), or None when it is not fitted."""
         return float(torch.exp(self.log_clearance.detach())) if self.log_clearance.requires_grad else None
 
     def treated_plan(self, plan: TreatmentPlan) -> TreatmentPlan:
-        """The plan with the fitted radiosensitivity (and clearance rate). They become 0-d tensors:
-        the solver passes them straight to torch (treatments.radiation_fraction, clear_dying), so
-        the loss has their gradient."""
+        """The plan with the fitted radiosensitivity (and clearance rate and OER, when fitted). They
+        become 0-d tensors: the solver passes them straight to torch (treatments.radiation_fraction,
+        effective_dose, clear_dying), so the loss has their gradient."""
         if plan.radiotherapy is None:
             return plan
         if self.log_rt_scale.requires_grad:
@@ -1356,6 +1356,7 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     given = load_plan_on_grid(plan, reference.geometry, shape)
     with_death = with_delayed_death(given, settings.assumed_delayed_death)
     treatment = with_hypoxia(with_death, settings.assumed_hypoxia)
+    hypoxia_assumed = treatment is not with_death
     box = _tumour_box(scans, settings.margin_mm)
     dtype = _FIT_DTYPE
     problem = _build_problem(scans, treatment, box, dtype)
@@ -1445,10 +1446,9 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     width = params.edge_width()
     width = None if width is None else float(width.detach())
     rt_scale = float(params.radiosensitivity_scale().detach()) if problem.plan.radiotherapy is not None else 1.0
-    assumed_clearance = treatment
     if fit_clearance:  # the forecast and the fit report use the fitted half-life
-        treatment = with_clearance_rate(treatment, params.clearance_rate())
-        problem.plan = with_clearance_rate(problem.plan, params.clearance_rate())
+        treatment = with_clearance_rate(treatment, params.fitted_clearance_rate())
+        problem.plan = with_clearance_rate(problem.plan, params.fitted_clearance_rate())
     if fit_oer:
         treatment = with_oxygen_enhancement_ratio(treatment, params.fitted_oxygen_enhancement_ratio())
         problem.plan = with_oxygen_enhancement_ratio(problem.plan, params.fitted_oxygen_enhancement_ratio())
@@ -1458,7 +1458,7 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
                          visibility_threshold=settings.visibility_threshold if threshold else None,
                          infiltration_length_mm=params.infiltration_length(),
                          delayed_death_assumed=with_death is not given,
-                         hypoxia_assumed=assumed_clearance is not with_death, clearance_fitted=fit_clearance,
+                         hypoxia_assumed=hypoxia_assumed, clearance_fitted=fit_clearance,
                          hypoxia_fitted=fit_oer)
     quality, dying, density = _fit_quality(result.model(), problem, scans, box, rt_scale)
     if settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0:

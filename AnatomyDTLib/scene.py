@@ -1501,10 +1501,10 @@ def _calibrated_parameter_rows(calibration) -> list[list]:
             source = "assumed (the plan has none)" if calibration.delayed_death_assumed else "the plan's"
             rows.append(["death delay of irradiated cells", dying["delay_days"], "day",
                          f"{source}: killed cells stay visible this long"])
+            start = "assumed" if calibration.delayed_death_assumed else "plan's"
             rows.append(["clearance half-life", dying["clearance_half_life_days"], "day",
-                         "fitted to the history (started from the " + ("assumed" if calibration.delayed_death_assumed
-                                                                       else "plan's") + " half-life)"
-                         if calibration.clearance_fitted else f"{source}: then they clear with this half-life"])
+                         f"fitted to the history (started from the {start} half-life)" if calibration.clearance_fitted
+                         else f"{source}: then they clear with this half-life"])
             if dying["carried_into_forecast"]:
                 rows.append(["dying share of the last scan's tumour", dying["dying_share_of_last_scan_tumour"], "",
                              "from the fitted history: lethally hit at the last scan; the forecast lets it clear"])
@@ -1512,7 +1512,8 @@ def _calibrated_parameter_rows(calibration) -> list[list]:
         if hypoxia is not None:
             source = "assumed (the plan has none)" if calibration.hypoxia_assumed else "the plan's"
             if calibration.hypoxia_fitted:
-                source = f"fitted to the history (started from the {source.split(' ')[0]} one)"
+                start = "assumed" if calibration.hypoxia_assumed else "plan's"
+                source = f"fitted to the history (started from the {start} ratio)"
             rows.append(["oxygen enhancement ratio of dense tumour", hypoxia.oxygen_enhancement_ratio, "",
                          f"{source}: each fraction's dose is divided by up to this where tumour fills "
                          f"{100 * hypoxia.dense_from:.0f}-{100 * hypoxia.dense_to:.0f} % of a voxel"])

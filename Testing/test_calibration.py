@@ -326,6 +326,14 @@ def test_clearance_is_fitted_only_when_the_history_shows_it():
     assert C.clearance_is_fitted("always", plan, [30.0]) and not C.clearance_is_fitted("never", plan, [30.0, 50.0])
     untreated = load_plan(None, schema=BRAIN_SCHEMA)
     assert not C.clearance_is_fitted("always", untreated, [30.0, 50.0])
+    import argparse
+
+    from AnatomyDTLib.commands.calibrate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    choices = next(a.choices for a in parser._actions if a.dest == "fit_clearance")
+    assert tuple(choices) == C.CLEARANCE_FITS  # the command line offers exactly the settings' values
     with pytest.raises(ParameterError, match="fit_clearance must be one of"):
         C.CalibrationSettings(fit_clearance="yes").check()
 
@@ -351,7 +359,7 @@ def test_fitted_clearance_half_life_recovers_a_fast_clearance():
     from AnatomyDTLib.scene import _calibrated_parameter_rows
 
     notes = {name: note for name, _, _, note in _calibrated_parameter_rows(fitted)}
-    assert notes["clearance half-life"].startswith("fitted to the history")
+    assert notes["clearance half-life"] == "fitted to the history (started from the plan's half-life)"
 
 
 def test_fitted_oxygen_enhancement_ratio_moves_stays_in_range_and_is_recorded(irradiated_fit):
@@ -367,6 +375,11 @@ def test_fitted_oxygen_enhancement_ratio_moves_stays_in_range_and_is_recorded(ir
     assert fit.hypoxia_fitted and isinstance(oer, float) and 1.0 < oer < 4.0 and abs(oer - 2.5) > 1e-3
     summary = fit.to_dict()["radiotherapy"]["hypoxia"]
     assert summary["oxygen_enhancement_ratio_fitted"] is True and summary["oxygen_enhancement_ratio"] == oer
+    from AnatomyDTLib.scene import _calibrated_parameter_rows
+
+    notes = {name: note for name, _, _, note in _calibrated_parameter_rows(fit)}
+    assert notes["oxygen enhancement ratio of dense tumour"].startswith(
+        "fitted to the history (started from the assumed ratio)")
     without = C.calibrate(scans[:3], plan, settings=C.CalibrationSettings(iterations=1, fit_hypoxia=True))
     assert not without.hypoxia_fitted and without.plan.radiotherapy.hypoxia is None  # nothing to fit
 

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from AnatomyDTLib.brain.cohort import load_cohort, make_brain_cohort
-from AnatomyDTLib.calibration import (CalibrationSettings, HistoryScan, calibrate, forecast, load_plan_on_grid,
-                                      shift_plan)
+from AnatomyDTLib.calibration import (CLEARANCE_FITS, CalibrationSettings, HistoryScan, calibrate, forecast,
+                                      load_plan_on_grid, shift_plan)
 from AnatomyDTLib.errors import InputError
 from AnatomyDTLib.io import read_labelmap
 from AnatomyDTLib.metrics import dice, hd95, image_diagonal_mm
@@ -188,8 +188,9 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
     if settings is None:  # --population-only: the baselines without a fit
         for key in ("calibration_s", "iterations", "fit_dice_scan1", "fit_volume_error_ml", "start_fit_dice_scan1",
                     "alpha_per_day", "d_white_mm2_per_day", "edge_width_mm", "rt_scale", "dying_share_scan1",
-                    "clearance_half_life_days", "forecast_s"):
+                    "clearance_half_life_days", "oer", "forecast_s"):
             row[key] = math.nan
+        row["clearance_fitted"] = False
         row["stop_reason"] = "not calibrated"
     else:
         t0 = time.perf_counter()
@@ -384,7 +385,7 @@ def main(argv=None) -> int:
                         help="hypoxic radioresistance assumed when a plan has none: the oxygen enhancement ratio of "
                              "dense tumour (CalibrationSettings.assumed_hypoxia; default none); 'truth' = each "
                              "phantom's own (a diagnostic)")
-    parser.add_argument("--fit-clearance", choices=("auto", "always", "never"), default="never",
+    parser.add_argument("--fit-clearance", choices=CLEARANCE_FITS, default="never",
                         help="fit the clearance half-life of irradiated cells (CalibrationSettings.fit_clearance)")
     parser.add_argument("--fit-hypoxia", action="store_true",
                         help="fit the OER of the (assumed) hypoxia with the radiosensitivity (CalibrationSettings.fit_hypoxia)")

@@ -79,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "visible DELAY days, then clear with HALF_LIFE days; the forecast then starts with "
                              "the fitted share of the last scan's tumour that is already dying. 'none': killed "
                              "cells vanish at once (default: %(default)s)")
+    # calibration.CLEARANCE_FITS, written out: importing calibration here would add ~2 s to every command's start.
     parser.add_argument("--fit-clearance", choices=("auto", "always", "never"), default="never",
                         help="fit the clearance half-life of irradiated cells (the delay stays): 'auto' when two "
                              "later scans follow the first fraction and the last one its delay, 'always', or "
