@@ -622,6 +622,28 @@ def test_an_assumed_hypoxia_reaches_the_record_and_the_console(volume_files, tmp
                                                                 "oxygen_enhancement_ratio_fitted": False}
 
 
+def test_fitted_clearance_and_oxygen_enhancement_reach_the_record_and_the_console(volume_files, tmp_path, capsys):
+    """--fit-clearance always and --fit-hypoxia on real files, with radiotherapy between the scans."""
+    a, b = volume_files["a"], volume_files["b"]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "radiotherapy": {"start_day": 5, "fractions": 10, "total_dose_gy": 20}}))
+    before = {p: p.read_bytes() for p in (a, b, plan)}
+    out = tmp_path / "out"
+    assert run("--history", f"{a}@0", f"{b}@30", "--plan", plan, "--days", "45", "--iterations", 2,
+               "--fit-clearance", "always", "--hypoxia", "2.25", "--fit-hypoxia", "--out", out) == 0
+    console = capsys.readouterr().out
+    assert "half-life fitted" in console and "(ratio fitted)" in console
+    rt = json.loads((out / "calibration.json").read_text())["calibration"]["radiotherapy"]
+    assert rt["delayed_death"]["clearance_half_life_fitted"] is True
+    assert rt["hypoxia"]["oxygen_enhancement_ratio_fitted"] is True
+    assert 1.0 < rt["hypoxia"]["oxygen_enhancement_ratio"] < 4.0
+    assert {p: p.read_bytes() for p in (a, b, plan)} == before
+    with pytest.raises(SystemExit) as refused:  # argparse refuses an unknown choice
+        run("--history", f"{a}@0", f"{b}@30", "--plan", plan, "--days", "45", "--fit-clearance", "sometimes",
+            "--out", tmp_path / "bad")
+    assert refused.value.code == 2 and "invalid choice: 'sometimes'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("history, plan, days, phrase", [
     (["{a}@0"], "{plan}", "45", "at least 2"),
     (["{b}@30", "{a}@0"], "{plan}", "45", "increase in the order given"),
