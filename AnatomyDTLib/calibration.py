@@ -81,9 +81,11 @@ growing tumour or a dying one. Fit and forecast therefore model delayed death: t
 carries the fitted rollout's dying compartment into it (:class:`CarriedDying`: which share of the
 last scan's tumour is already lethally hit, and when each pending cohort starts to clear), so
 that those cells clear instead of regrowing (``settings.carry_dying``). Optionally, with the
-threshold observation, it also takes the rollout's tumour density inside the visible lesion
-(``settings.carry_density``, off by default): the labels' coding assumes a dense core, which
-radiotherapy has thinned.
+threshold observation, the restart arranges the coded densities inside the visible lesion in the
+order of the rollout's tumour density (``settings.order_density``, the default): the densest part
+of the restart is then where the lesion is oldest, where radiotherapy's survivors are. Optionally
+it takes the rollout's density values themselves (``settings.carry_density``, off by default):
+the labels' coding assumes a dense core, which radiotherapy has thinned.
 
 Known limits: the delay and half-life are assumed, not fitted (two scans inside the delay cannot
 tell them apart); the chemotherapy kill rate is the plan's. The calibrated edge width,
@@ -239,6 +241,13 @@ class CalibrationSettings:
             instead of the coded profile, which assumes a dense core. Off by default: on the
             held-out phantoms it helped 18 of 28 changed forecasts but lost one stable lesion
             entirely (restarted just above the visibility threshold, it faded; docs/calibration.md).
+        order_density: with ``carry_dying`` and the threshold observation, restart with the coded
+            profile's densities inside the visible lesion (the same values: the same tumour mass
+            and labels), rearranged so that the densest go where the fitted rollout is densest.
+            The rollout started from the first scan, so its density is highest where the lesion
+            is oldest, and that is where the survivors of radiotherapy are on the phantoms
+            (docs/calibration.md, "information ceiling"). On by default; ``carry_density`` (the
+            rollout's values, not only their order) takes precedence over it.
         density_trust: ``carry_density`` takes the rollout's density where it is at least this
             multiple of the visibility threshold τ, the coded profile elsewhere (0 = everywhere;
             default :data:`TRUSTED_DENSITY`).
@@ -280,6 +289,7 @@ class CalibrationSettings:
     assumed_hypoxia: float | None = None
     carry_dying: bool = True
     carry_density: bool = False
+    order_density: bool = True
     density_trust: float = TRUSTED_DENSITY
     brain_mask: bool = True
     threads: int | None = 1
@@ -1065,6 +1075,10 @@ class CarriedDying:
             ``trusted_density``: radiotherapy has thinned the lesion, which its labels cannot show.
         trusted_density: absolute density (same units as τ) below which the restart ignores
             ``tumour_density`` and keeps the coded profile.
+        order_only: use ``tumour_density`` only for its *order*: the restart keeps the coded
+            profile's densities inside the lesion and rearranges them so that the densest go
+            where the rollout is densest (:func:`~AnatomyDTLib.models.visibility.rearranged_by`;
+            ``settings.order_density``). ``trusted_density`` is then not used.
     """
 
     dying_share: np.ndarray
@@ -1073,11 +1087,12 @@ class CarriedDying:
     mean_dying_share: float
     tumour_density: np.ndarray | None = None
     trusted_density: float = 0.0
+    order_only: bool = False
 
     @classmethod
     def from_rollout(cls, visible_tumour: torch.Tensor, compartment: DyingCompartment, box: tuple[slice, ...],
                      shape: tuple[int, ...], floor: float = 1e-3, keep_density: bool = True,
-                     trusted_density: float = 0.0) -> "CarriedDying":
+                     trusted_density: float = 0.0, order_only: bool = False) -> "CarriedDying":
         """Shares from a rollout on the crop ``box`` of a grid of ``shape``: ``visible_tumour`` (*S)
         and ``compartment`` (dying (1, *S), pending masses (1, *S)) at the last scan's day;
         ``keep_density`` also keeps the rollout's tumour density (``tumour_density``), which the
@@ -1099,16 +1114,25 @@ class CarriedDying:
         if keep_density:
             density = np.full(shape, np.nan, dtype=np.float32)
             density[box] = total.numpy().astype(np.float32)
-        return cls(dying, pending, float(compartment.clearance_rate_per_day), mean, density, float(trusted_density))
+        return cls(dying, pending, float(compartment.clearance_rate_per_day), mean, density, float(trusted_density),
+                   bool(order_only))
 
     def density_for(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The restart's core density, (1, *S): ``tumour_density`` where it is trusted, NaN (= the
         coded profile) elsewhere, for a restart on a grid of ``shape``."""
+        density = self._density_on(shape)
+        return torch.where(density >= self.trusted_density, density, torch.full_like(density, math.nan))[None]
+
+    def order_for(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The key that orders the restart's coded densities, (1, *S): the rollout's tumour
+        density (NaN outside the fit's crop: those voxels keep the coded order)."""
+        return self._density_on(shape)[None]
+
+    def _density_on(self, shape: tuple[int, ...]) -> torch.Tensor:
         if tuple(shape) != tuple(self.tumour_density.shape):
             raise InputError(f"The carried tumour density is on a grid of shape {self.tumour_density.shape} but the "
                              f"baseline is {tuple(shape)}; forecast from the calibration's last scan.")
-        density = torch.as_tensor(self.tumour_density)
-        return torch.where(density >= self.trusted_density, density, torch.full_like(density, math.nan))[None]
+        return torch.as_tensor(self.tumour_density)
 
     def compartment_for(self, visible_tumour: torch.Tensor) -> DyingCompartment:
         """The dying compartment of a restart whose tumour density is ``visible_tumour`` (*S)."""
@@ -1151,11 +1175,14 @@ class CalibratedPDEModel(PDEOnlyModel):
         coding = None
         if self.visibility_threshold is not None:
             coding = visibility_coding(self.visibility_threshold, self.infiltration_length_mm or 2.0)
-            core = None
+            core = order = None
             if self.carried is not None and self.carried.tumour_density is not None:
-                core = self.carried.density_for(tuple(work.shape[1:]))
+                if self.carried.order_only:
+                    order = self.carried.order_for(tuple(work.shape[1:]))
+                else:
+                    core = self.carried.density_for(tuple(work.shape[1:]))
             with torch.no_grad():
-                work = coding.encode(work[None], spacing, core_density=core)[0]
+                work = coding.encode(work[None], spacing, core_density=core, core_order=order)[0]
         elif self.edge_width_mm:
             labels = work.argmax(0).cpu().numpy()
             work = soft_start(edge_profile(labels, spacing), self.edge_width_mm).to(work.device)
@@ -1463,8 +1490,10 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     quality, dying, density = _fit_quality(result.model(), problem, scans, box, rt_scale)
     if settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0:
         result.carried = CarriedDying.from_rollout(density, dying, box, shape,
-                                                   keep_density=settings.carry_density and threshold,
-                                                   trusted_density=settings.density_trust * settings.visibility_threshold)
+                                                   keep_density=(settings.carry_density or settings.order_density)
+                                                   and threshold,
+                                                   trusted_density=settings.density_trust * settings.visibility_threshold,
+                                                   order_only=settings.order_density and not settings.carry_density)
     for scan, observed, (ml, d), (ml0, d0) in zip(scans[1:], problem.observed_ml.tolist(), quality, initial_quality):
         result.fits.append(ScanFit(scan.name, scan.day, float(observed), ml, d, ml0, d0))
     result.seconds = time.perf_counter() - started

@@ -237,7 +237,7 @@ def test_forecast_after_radiotherapy_carries_the_dying_compartment(irradiated_fi
     assert sorted(d for d, _ in carried.pending) == pytest.approx([f + 14 - 50 for f in fractions if f + 14 > 50])
     with_density = C.forecast(calibration, [80.0]).labels(0) == TUMOUR
     with_dying = C.forecast(replace(calibration, carried=replace(carried, tumour_density=None)), [80.0])
-    with_dying = with_dying.labels(0) == TUMOUR  # what the default settings forecast
+    with_dying = with_dying.labels(0) == TUMOUR  # the coded restart (order_density=False)
     all_alive = C.forecast(replace(calibration, carried=None), [80.0]).labels(0) == TUMOUR
     last = scans[2].labels == TUMOUR
     volume = {name: int(mask.sum()) for name, mask in
@@ -269,6 +269,39 @@ def test_forecast_after_radiotherapy_carries_the_dying_compartment(irradiated_fi
     assert rows["dying share of the last scan's tumour"][0] == pytest.approx(carried.mean_dying_share, abs=1e-4)
 
 
+def test_order_density_restarts_with_the_coded_values_in_the_rollouts_order(irradiated_fit):
+    """``order_density`` (the default): the forecast's restart keeps the coded densities of the last
+    lesion (the tumour mass of the coded restart) but puts the densest where the fitted rollout is
+    densest; ``order_density=False`` restarts with the coded profile as it is."""
+    scans, calibration = irradiated_fit
+    carried = replace(calibration.carried, order_only=True)
+    ordered = replace(calibration, carried=carried)
+    default = replace(calibration, carried=replace(carried, tumour_density=None))
+    inside = scans[2].labels == TUMOUR
+    key = carried.order_for(inside.shape)[0].numpy()
+    assert np.isfinite(key[inside]).all()
+    model, base = ordered.model(), default.model()
+    p0 = labels_to_field(scans[2].labels, 5)
+    spacing = scans[2].geometry.spacing_array_order
+    coding = C.visibility_coding(model.visibility_threshold, model.infiltration_length_mm)
+    with torch.no_grad():
+        start_default = coding.encode(p0[None], spacing)[0, TUMOUR].numpy()
+        start_ordered = coding.encode(p0[None], spacing, core_order=carried.order_for(inside.shape))[0, TUMOUR].numpy()
+    np.testing.assert_allclose(np.sort(start_ordered[inside]), np.sort(start_default[inside]), rtol=0, atol=0)
+    by_key = np.argsort(key[inside], kind="stable")
+    assert np.all(np.diff(start_ordered[inside][by_key]) >= 0)  # denser wherever the rollout is denser
+    truth = scans[3].labels == TUMOUR
+    forecast_ordered = C.forecast(ordered, [80.0]).labels(0) == TUMOUR
+    assert forecast_ordered.any() and dice(forecast_ordered, truth) > 0.5
+    assert model.carried.order_only and base.carried.tumour_density is None
+    assert C.CalibrationSettings().order_density  # the default
+    fit = C.calibrate(scans[:2], _irradiated_plan(), settings=C.CalibrationSettings(iterations=1))
+    assert fit.carried.order_only and fit.carried.tumour_density is not None
+    assert fit.to_dict()["settings"]["order_density"] is True
+    coded = C.calibrate(scans[:2], _irradiated_plan(), settings=C.CalibrationSettings(iterations=1, order_density=False))
+    assert coded.carried.tumour_density is None and not coded.carried.order_only
+
+
 def test_delayed_death_is_assumed_when_the_plan_has_none(irradiated_fit):
     scans, _ = irradiated_fit
     plan = _irradiated_plan()
@@ -287,7 +320,7 @@ def test_delayed_death_is_assumed_when_the_plan_has_none(irradiated_fit):
             C.CalibrationSettings(density_trust=bad).check()
     fit = C.calibrate(scans[:2], plan, settings=C.CalibrationSettings(iterations=1))
     assert fit.delayed_death_assumed and fit.carried is not None
-    assert fit.carried.tumour_density is None  # carry_density is off by default
+    assert fit.carried.tumour_density is not None and fit.carried.order_only  # its order only, by default
     assert fit.to_dict()["radiotherapy"]["delayed_death"]["source"].startswith("assumed")
     off = C.calibrate(scans[:2], plan, settings=C.CalibrationSettings(iterations=1, assumed_delayed_death=None))
     assert off.carried is None and off.to_dict()["radiotherapy"]["delayed_death"] is None
@@ -334,6 +367,8 @@ def test_clearance_is_fitted_only_when_the_history_shows_it():
     add_arguments(parser)
     choices = next(a.choices for a in parser._actions if a.dest == "fit_clearance")
     assert tuple(choices) == C.CLEARANCE_FITS  # the command line offers exactly the settings' values
+    restart = next(a for a in parser._actions if a.dest == "restart_density")
+    assert (restart.default == "ordered") == C.CalibrationSettings().order_density  # the same default
     with pytest.raises(ParameterError, match="fit_clearance must be one of"):
         C.CalibrationSettings(fit_clearance="yes").check()
 
@@ -642,6 +677,19 @@ def test_fitted_clearance_and_oxygen_enhancement_reach_the_record_and_the_consol
         run("--history", f"{a}@0", f"{b}@30", "--plan", plan, "--days", "45", "--fit-clearance", "sometimes",
             "--out", tmp_path / "bad")
     assert refused.value.code == 2 and "invalid choice: 'sometimes'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_restart_density_choice_reaches_the_record(volume_files, tmp_path):
+    """--restart-density: 'ordered' by default, 'coded' on request; calibration.json says which."""
+    a, b = volume_files["a"], volume_files["b"]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "radiotherapy": {"start_day": 5, "fractions": 10, "total_dose_gy": 20}}))
+    for extra, expected in (((), True), (("--restart-density", "coded"), False)):
+        out = tmp_path / f"out_{expected}"
+        assert run("--history", f"{a}@0", f"{b}@30", "--plan", plan, "--days", "45", "--iterations", 1,
+                   *extra, "--out", out) == 0
+        settings = json.loads((out / "calibration.json").read_text())["calibration"]["settings"]
+        assert settings["order_density"] is expected
 
 
 @pytest.mark.parametrize("history, plan, days, phrase", [

@@ -88,6 +88,38 @@ def test_a_given_core_density_replaces_the_coded_profile_and_keeps_the_labels():
     assert torch.allclose(density.sum(1), torch.ones(1, *labels.shape), atol=1e-6)
 
 
+def test_a_core_order_rearranges_the_coded_densities_and_keeps_mass_and_labels():
+    """``core_order`` keeps the coded densities inside the lesion (same values, same sum) but puts
+    the densest where the key is highest; a constant or NaN key gives the coded field back."""
+    labels = brain_like_labels()
+    p0 = labels_to_field(labels, K)[None]
+    vis = coding(length_mm=1.0)
+    inside = torch.as_tensor(labels == TUMOUR)
+    zz = torch.arange(labels.shape[0], dtype=torch.float32).reshape(-1, 1, 1).expand(labels.shape)
+    key = zz.clone()[None]   # "older" towards high z: the densest values must go there
+    with torch.no_grad():
+        coded = vis.encode(p0, (1.0, 1.0, 1.0))
+        ordered = vis.encode(p0, (1.0, 1.0, 1.0), core_order=key)
+        constant = vis.encode(p0, (1.0, 1.0, 1.0), core_order=torch.ones_like(key))
+        unknown = vis.encode(p0, (1.0, 1.0, 1.0), core_order=torch.full_like(key, float("nan")))
+        back = vis.decode(ordered)
+    a, b = coded[0, TUMOUR][inside], ordered[0, TUMOUR][inside]
+    assert not torch.equal(a, b)                                   # something moved
+    assert torch.equal(torch.sort(a).values, torch.sort(b).values)  # ... the same values
+    # ordered by the key: every density of a z plane of the lesion is at most every one of the next
+    z_inside = zz[inside]
+    planes = sorted(set(z_inside.tolist()))
+    lowest = [float(b[z_inside == z].min()) for z in planes]
+    highest = [float(b[z_inside == z].max()) for z in planes]
+    assert all(hi <= lo for hi, lo in zip(highest, lowest[1:])), (lowest, highest)
+    assert torch.equal(ordered[0][:, ~inside], coded[0][:, ~inside])  # outside the lesion: as coded
+    assert torch.equal(back.argmax(1)[0], torch.as_tensor(labels))
+    assert torch.allclose(ordered.sum(1), torch.ones(1, *labels.shape), atol=1e-6)
+    assert torch.equal(constant, coded) and torch.equal(unknown, coded)
+    with pytest.raises(ValueError, match="not both"):
+        vis.encode(p0, (1.0, 1.0, 1.0), core_density=key, core_order=key)
+
+
 def test_density_is_above_threshold_inside_and_the_tail_stays_in_tissue_in_the_body():
     labels = brain_like_labels()
     body = labels != BACKGROUND

@@ -144,15 +144,18 @@ def oracle_hypoxia(patient) -> float:
 
 def restart_variants(calibration, trust_factors) -> dict:
     """The same calibration with other restart densities (``--compare-density``): ``coded_density``
-    (the coded dense core everywhere: what the default settings forecast) and ``trust_F`` (the
-    rollout's density where it is >= F * tau)."""
+    (the coded profile as it is: the default before 2026-12-04), ``ordered_density`` (the coded
+    densities rearranged in the rollout's order: ``CalibrationSettings.order_density``, the default)
+    and ``trust_F`` (the rollout's density values where they are >= F * tau)."""
     carried = calibration.carried
     if carried is None or carried.tumour_density is None:
         return {}
     tau = calibration.visibility_threshold
-    variants = {"coded_density": replace(calibration, carried=replace(carried, tumour_density=None))}
+    variants = {"coded_density": replace(calibration, carried=replace(carried, tumour_density=None)),
+                "ordered_density": replace(calibration, carried=replace(carried, order_only=True))}
     for factor in trust_factors:
-        variants[f"trust_{factor:g}"] = replace(calibration, carried=replace(carried, trusted_density=factor * tau))
+        variants[f"trust_{factor:g}"] = replace(calibration, carried=replace(carried, trusted_density=factor * tau,
+                                                                              order_only=False))
     return variants
 
 
@@ -232,7 +235,7 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
     if "calibrated" not in predictions:
         row.update(calibrated_dice=math.nan, calibrated_hd95=math.nan, calibrated_volume_error_ml=math.nan)
     if compare_density:  # no carried density: every variant is the same forecast
-        for name in ["coded_density"] + [f"trust_{f:g}" for f in trust_factors]:
+        for name in ["coded_density", "ordered_density"] + [f"trust_{f:g}" for f in trust_factors]:
             if name not in predictions:
                 for key in ("dice", "hd95", "volume_error_ml"):
                     row[f"{name}_{key}"] = row.get(f"calibrated_{key}", math.nan)
@@ -275,7 +278,8 @@ def summarise(rows: list[dict], info: dict) -> tuple[str, dict]:
                              "no_change_dice_mean": _mean([r["no_change_dice"] for r in hard]),
                              "n_calibrated_dice_at_least_target": len(met), "target": TARGET_DICE}
     variants = [k[:-len("_dice")] for k in (rows[0] if rows else {})
-                if k.endswith("_dice") and (k.startswith("trust_") or k == "coded_density_dice")]
+                if k.endswith("_dice") and (k.startswith("trust_") or k in ("coded_density_dice",
+                                                                             "ordered_density_dice"))]
     if variants:
         lines += ["", "Restart densities from the same calibrations (change = against the coded dense core):", "",
                   "| restart | tumour DSC mean | median | |volume error| median (mL) | hard cases: mean, >= "
@@ -395,9 +399,14 @@ def main(argv=None) -> int:
     parser.add_argument("--carry-density", action="store_true",
                         help="also restart with the fitted rollout's tumour density inside the lesion "
                              "(CalibrationSettings.carry_density, off by default)")
+    parser.add_argument("--coded-density", action="store_true",
+                        help="restart with the coded density profile as it is, not rearranged in the fitted "
+                             "rollout's order (CalibrationSettings.order_density=False; the default before "
+                             "2026-12-04)")
     parser.add_argument("--compare-density", action="store_true",
-                        help="with --carry-density: also forecast each calibration with the coded density inside "
-                             "the lesion (columns coded_density_*), the effect of carry_density on the same fits")
+                        help="also forecast each calibration with the coded "
+                             "density inside the lesion (columns coded_density_*) and with it rearranged in the "
+                             "rollout's order (ordered_density_*), from the same fits")
     parser.add_argument("--density-trust", type=float, nargs="+", default=[], metavar="F",
                         help="with --compare-density: also forecast with the rollout's density trusted where it is "
                              ">= F * tau (0 = everywhere), from the same calibration")
@@ -435,6 +444,7 @@ def main(argv=None) -> int:
                                    assumed_delayed_death=None if oracle_clearance else delayed_death,
                                    assumed_hypoxia=None if oracle_oer else hypoxia,
                                    carry_dying=not args.no_carry_dying, carry_density=args.carry_density,
+                                   order_density=not args.coded_density,
                                    fit_clearance=args.fit_clearance, fit_hypoxia=args.fit_hypoxia,
                                    radiosensitivity_start=args.radiosensitivity_start)
     rows, skipped, passed = [], [], 0
@@ -462,7 +472,8 @@ def main(argv=None) -> int:
                 f"<= {args.max_seconds:g} s each, delayed death {args.delayed_death}, hypoxia (OER) {args.hypoxia}, "
                 f"fit clearance {args.fit_clearance}, {'fitted' if args.fit_hypoxia else 'fixed'} OER, "
                 f"{'no ' if args.no_carry_dying else ''}carried dying compartment"
-                f"{' with its density' if args.carry_density and not args.no_carry_dying else ''}")
+                f"{' with its density' if args.carry_density and not args.no_carry_dying else ''}"
+                f"{' in the density order of the rollout' if not args.coded_density and not args.carry_density and not args.no_carry_dying else ''}")
             ) + f"; history: scans 0-{args.history_scans - 1}, forecast of scan {args.history_scans}",
             "threads": args.threads, "machine": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "command": " ".join(sys.argv),

@@ -91,6 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="when the plan's radiotherapy gives no hypoxia: assume densely packed tumour (60-95 %% "
                              "of a voxel) is hypoxic and needs OER times the dose (oxygen enhancement ratio, 1..4, "
                              "e.g. 2.25; docs/plan.md). 'none': every cell responds alike (default: %(default)s)")
+    parser.add_argument("--restart-density", choices=("ordered", "coded"), default="ordered",
+                        help="how the forecast codes the last scan's lesion as a density: 'ordered' puts the coded "
+                             "densities where the fitted rollout is densest (where the lesion is oldest), 'coded' "
+                             "makes them rise with the depth in the last lesion only (default: %(default)s; "
+                             "docs/calibration.md)")
     add_class_map_argument(parser)
     add_force_argument(parser)
 
@@ -242,7 +247,8 @@ def run(args) -> int:
     settings = CalibrationSettings(alpha=args.alpha, iterations=args.iterations, observation=args.observation,
                                    visibility_threshold=args.visibility_threshold,
                                    assumed_delayed_death=assumed_delayed_death, assumed_hypoxia=assumed_hypoxia,
-                                   fit_clearance=args.fit_clearance, fit_hypoxia=args.fit_hypoxia)
+                                   fit_clearance=args.fit_clearance, fit_hypoxia=args.fit_hypoxia,
+                                   order_density=args.restart_density == "ordered")
     settings.check()
     with progress_bar_count(max(args.iterations, 1), "iteration") as bar:
         calibration = calibrate(common, plan, settings=settings,

@@ -108,13 +108,21 @@ class VisibilityCoding(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def encode(self, p0: torch.Tensor, spacing: Sequence[float], mask: torch.Tensor | None = None,
-               core_density: torch.Tensor | None = None) -> torch.Tensor:
+               core_density: torch.Tensor | None = None, core_order: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K, *S) baseline field (its argmax = the labels) → density field on the simplex.
 
         ``core_density`` (B|1, *S), optional: a tumour density to use inside the visible lesion
         instead of the coded profile τ·exp(d_in/λ), where it is finite — e.g. what a model fitted
         to earlier scans says the lesion holds (calibration). It is kept in [1.05·τ, 1] so the
-        lesion stays visible: the field's labels are still the baseline's."""
+        lesion stays visible: the field's labels are still the baseline's.
+
+        ``core_order`` (B|1, *S), optional (not with ``core_density``): keep the coded profile's
+        density *values* inside the lesion (so its tumour mass and labels), but rearrange them
+        so that the densest go where ``core_order`` is highest — e.g. where a model fitted to the
+        history says the lesion is oldest. Ties and non-finite values keep the coded order
+        (:func:`rearranged_by`)."""
+        if core_density is not None and core_order is not None:
+            raise ValueError("give core_density or core_order, not both")
         labels = p0.detach().argmax(1).cpu().numpy()
         body = None if mask is None else (mask.detach().reshape(labels.shape) > 0.5).cpu().numpy()
         geometry = [_tumour_geometry(labels[b], spacing, self.tumour_index, self.infiltrated,
@@ -133,6 +141,9 @@ class VisibilityCoding(nn.Module):
                 given = core_density[min(b, core_density.shape[0] - 1)].to(core)
                 core = torch.where(torch.isfinite(given), torch.clamp(given, min=VISIBLE_MARGIN * float(tau), max=1.0),
                                    core)
+            if core_order is not None:
+                key = core_order[min(b, core_order.shape[0] - 1)].to(core)
+                core = torch.where(inside, rearranged_by(core, key, inside), core)
             tail = tau * torch.exp(-d_out.to(p0.dtype) / lam) * tail_ok.to(p0.dtype)
             tail = torch.where(tail < TAIL_CUTOFF, torch.zeros_like(tail), tail)
             e_tumour = F.one_hot(torch.full_like(hidden, self.tumour_index), self.num_classes)
@@ -163,6 +174,28 @@ class VisibilityCoding(nn.Module):
     def decode_trajectory(self, traj: torch.Tensor) -> torch.Tensor:
         """(T, B, K, *S) density trajectory → visible compositions of the same shape."""
         return self.decode(traj.flatten(0, 1)).reshape(traj.shape)
+
+
+def rearranged_by(values: torch.Tensor, key: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``values`` with its entries inside ``where`` permuted so that their order follows ``key``.
+
+    The multiset of values inside ``where`` is unchanged (so their sum); the largest goes to the
+    voxel with the largest key. Voxels whose key is not finite rank below every finite key, and
+    ties of the key (and those voxels) are broken by the values' own order, so an uninformative
+    key (constant, or all NaN) gives ``values`` back. Outside ``where`` nothing changes.
+    """
+    flat_where = where.reshape(-1).cpu().numpy()
+    inside_values = values.reshape(-1)[torch.as_tensor(flat_where, device=values.device)]
+    v = inside_values.detach().cpu().numpy()
+    k = key.reshape(-1)[torch.as_tensor(flat_where, device=key.device)].detach().cpu().numpy().astype(np.float64)
+    finite = np.isfinite(k)
+    k = np.where(finite, k, -np.inf)
+    rank = np.lexsort((v, k, finite))       # ascending: non-finite keys first, then by key, then by value
+    arranged = np.empty_like(v)
+    arranged[rank] = np.sort(v)
+    out = values.clone().reshape(-1)
+    out[torch.as_tensor(flat_where, device=values.device)] = torch.as_tensor(arranged, device=values.device)
+    return out.reshape(values.shape)
 
 
 def _tumour_geometry(labels: np.ndarray, spacing: Sequence[float], tumour: int, infiltrated: Sequence[int],
