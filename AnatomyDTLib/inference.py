@@ -81,6 +81,11 @@ class InferenceStepper:
         # Every support this stepper looks for lies inside ``window``; it grows by at most
         # m + 1 voxels per step (m Jacobi sweeps, one upwind face), so each step searches only there.
         self.window = self.full_box
+        # Delayed death: the dying channel is watched, so it is non-zero only inside the search
+        # window and changes only there; the integrator keeps its cohorts' bookkeeping to that box
+        # (``dying_box``, set before each step; None = the whole grid).
+        self.dying_box = None
+        self.dying_before_projection = None
         # Start exactly on the simplex: p0 is accepted within a small tolerance, and later steps only
         # re-project the voxels they change.
         self._project_off_simplex_(state, self.full_box)
@@ -125,7 +130,7 @@ class InferenceStepper:
         pr = self.pr
         spatial = self.shape[2:]
         m = pr.jacobi_iters
-        window = _dilate(self.window, m + 2, spatial)
+        window = self.search_window()
         support = self._floored_supports_(p, window)  # class -> box of its non-zero voxels (or None)
         if self.fused.applies(dt):
             return self._fused_step_(p, support, dt, chemo_rate, clearable)
@@ -165,7 +170,7 @@ class InferenceStepper:
                 changed = _union(changed, box)
         self.window = changed if changed is not None else self.window
         if pr.dying is not None:  # the integrator keeps delayed-death cohorts consistent with the projection
-            self.dying_before_projection = p[:, pr.dying:pr.dying + 1].clone()
+            self._keep_dying_before_projection(p, changed)
         if changed is not None:
             self._project_off_simplex_(p, changed)
         return p
@@ -185,12 +190,32 @@ class InferenceStepper:
                                             spatial)
             changed = _union(changed, diffusion_box)
         if pr.dying is not None:
-            self.dying_before_projection = p[:, pr.dying:pr.dying + 1].clone()
+            self._keep_dying_before_projection(p, changed)
         if changed is not None:
             self.fused.step_(p, changed, dt, chemo_rate, clearable,
                              self.dying_before_projection if pr.dying is not None else None)
             self.window = changed
         return p
+
+    def search_window(self) -> tuple[slice, ...]:
+        """The box the next step searches for supports: it holds every non-zero value of the watched
+        classes (tumour, dying, diffused, χ columns), and the next step changes nothing outside it."""
+        return _dilate(self.window, self.pr.jacobi_iters + 2, self.shape[2:])
+
+    def _keep_dying_before_projection(self, p: torch.Tensor, changed) -> None:
+        """``dying_before_projection``: the dying channel as it is now (before the projection), for
+        the integrator's cohort rescaling. With a ``dying_box`` only that box and the step's
+        ``changed`` box are copied, into a buffer kept across steps: the integrator reads only
+        there (the fused kernel then writes the changed box's pre-projection values itself)."""
+        dying = p[:, self.pr.dying:self.pr.dying + 1]
+        if self.dying_box is None:
+            self.dying_before_projection = dying.clone()
+            return
+        if self.dying_before_projection is None or self.dying_before_projection.shape != dying.shape:
+            self.dying_before_projection = torch.zeros_like(dying)
+        for box in (self.dying_box, changed):
+            if box is not None:
+                _crop(self.dying_before_projection, box).copy_(_crop(dying, box))
 
     def _diffused_support(self, support, cross_box, tumour_box):
         """A box containing every non-zero voxel of the diffused classes after the explicit part.

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from . import treatments as tx
 from .errors import InputError, ParameterError
+from .inference import _crop, _union  # box views and unions of the no-grad path's boxes
 from .operators import CrossDiffusionOperator, DiffusionOperator, cross_diffusion_stability, jacobi_solve
 from .plan import TreatmentPlan, load_plan
 from .schema import ClassSchema, schema_for
@@ -531,6 +532,11 @@ class _Integrator:
         self.cohorts: list[_Cohort] = list(cohorts)  # carried-in cohorts first, then one per fraction
         self.final_state: torch.Tensor | None = None  # every channel (dying included) at the horizon
         self.stepper = None  # the buffer-reusing no-grad path, set up in run() when gradients are off
+        # No-grad path: the box that holds every non-zero value of the dying channel and of the
+        # cohorts this step (the stepper's search window); None = the whole grid (with gradients).
+        self.cohort_box = None
+        self._clearable_buffer = None  # zero outside ``_clearable_box``, reused across steps
+        self._clearable_box = None
 
     # -- events ---------------------------------------------------------------------------
     def _apply_events(self, p: torch.Tensor, day: float) -> torch.Tensor:
@@ -579,16 +585,24 @@ class _Integrator:
             self.cohorts.append(_Cohort(day + delay, killed))
         return p
 
-    def _rescale_cohorts(self, before: torch.Tensor, after: torch.Tensor) -> None:
-        """Keep pending cohorts a consistent part of the dying channel after it was rescaled."""
+    def _rescale_cohorts(self, before: torch.Tensor, after: torch.Tensor, box=None) -> None:
+        """Keep pending cohorts a consistent part of the dying channel after it was rescaled.
+
+        ``box`` (no-grad path): the dying channel changed only inside it, so only there are the
+        cohorts rescaled, in place (the integrator owns their masses)."""
         if not self.cohorts:
             return
+        if box is not None:
+            before, after = _crop(before, box), _crop(after, box)
         # Below _COHORT_FLOOR the cohorts are negligible and the ratio is set to 0: dividing by a
         # tiny (denormal) value would make the backward pass's 1/before² overflow to NaN.
         live = before > _COHORT_FLOOR
         ratio = torch.where(live, after / torch.where(live, before, torch.ones_like(before)), torch.zeros_like(before))
         for cohort in self.cohorts:
-            cohort.mass = cohort.mass * ratio
+            if box is None:
+                cohort.mass = cohort.mass * ratio
+            else:
+                _crop(cohort.mass, box).mul_(ratio)
 
     def _clearable(self, p: torch.Tensor, day: float) -> torch.Tensor | None:
         """The part of the dying channel whose delay has passed by ``day``."""
@@ -596,18 +610,37 @@ class _Integrator:
         if pr.dying is None:
             return None
         self.cohorts = [c for c in self.cohorts if c.expiry_day > day + _EVENT_TIME_TOLERANCE]
+        if self.cohort_box is not None:
+            return self._clearable_in_box(p, self.cohort_box)
         pending = sum((c.mass for c in self.cohorts), torch.zeros_like(p[:, :1]))
         return torch.clamp(p[:, pr.dying:pr.dying + 1] - pending, min=0.0)
+
+    def _clearable_in_box(self, p: torch.Tensor, box) -> torch.Tensor:
+        """:meth:`_clearable` computed inside ``box`` only (the dying channel is zero elsewhere, so
+        is the result), in a full-grid buffer kept across steps; same operations in the same order."""
+        dying = p[:, self.problem.dying:self.problem.dying + 1]
+        if self._clearable_buffer is None:
+            self._clearable_buffer = torch.zeros_like(dying)
+        elif self._clearable_box is not None:
+            _crop(self._clearable_buffer, self._clearable_box).zero_()  # the last step's values
+        region = _crop(self._clearable_buffer, box)
+        pending = sum((_crop(c.mass, box) for c in self.cohorts), torch.zeros_like(region))
+        torch.clamp(_crop(dying, box) - pending, min=0.0, out=region)
+        self._clearable_box = box
+        return self._clearable_buffer
 
     # -- stepping -------------------------------------------------------------------------
     def _step(self, p: torch.Tensor, t: float, dt: float) -> torch.Tensor:
         pr = self.problem
         chemo = pr.plan.chemo_kill_rate(t, t + dt) if pr.plan.chemotherapy else 0.0
+        if self.stepper is not None and pr.dying is not None:
+            self.cohort_box = self.stepper.dying_box = self.stepper.search_window()
         clearable = self._clearable(p, t)
         if self.stepper is not None:
             p = self.stepper.step(p, t, dt, chemo, clearable)
-            if pr.dying is not None:
-                self._rescale_cohorts(self.stepper.dying_before_projection, p[:, pr.dying:pr.dying + 1])
+            if pr.dying is not None:  # the dying channel changed inside the search window and the step's box
+                box = _union(self.cohort_box, self.stepper.window)
+                self._rescale_cohorts(self.stepper.dying_before_projection, p[:, pr.dying:pr.dying + 1], box)
             return p
         explicit = _explicit_reaction(pr, p, t, dt, chemo, clearable)
         # Transport leaves the immobile dying channel unchanged; only the projection rescales it.

@@ -97,3 +97,38 @@ def test_support_boxes_are_exact_and_respect_the_search_window():
     p2 = torch.zeros(1, 1, 5, 5)
     p2[0, 0, 0, 4] = 1.0
     assert support_box(p2, margin=3) == (slice(0, 4), slice(1, 5))
+
+
+def test_delayed_death_bookkeeping_on_the_tumours_box_matches_the_reference():
+    """The no-grad path computes the clearable part and the cohort rescaling only inside the
+    stepper's search window (a small tumour in a larger grid): the trajectory, the dying channel
+    and every pending cohort it returns agree with the reference path's full-grid bookkeeping, and
+    a carried compartment given as input is not modified (its masses are rescaled in place only as
+    the solver's own copies)."""
+    p0 = _compact_tumour_field()
+    plan = {"radiotherapy": {"fraction_days": [0, 1, 2, 3, 4, 7, 8, 9], "dose_per_fraction_gy": 2.0,
+                             "delayed_death": {"delay_days": 5, "clearance_half_life_days": 4}},
+            "chemotherapy": [{"agent": "tmz", "kill_rate_per_day": 0.05, "windows": [[0.0, 12.0]]}]}
+    kwargs = dict(spacing=(1.0, 1.0, 2.0), dt=0.5, diffusion=[0, 0.3, 0, 0, 0], growth_rate=0.3,
+                  cross_diffusion=_chi("mass_effect"))
+    with torch.no_grad():
+        start, carried = simulate(p0, days=6.0, plan=plan, return_dying=True, **kwargs)
+    assert len(carried.pending) >= 2 and float(carried.dying.sum()) > 0
+    given = [m.clone() for _, m in carried.pending] + [carried.dying.clone()]
+    later = {"radiotherapy": {**plan["radiotherapy"], "fraction_days": [1, 2, 3]},
+             "chemotherapy": [{"agent": "tmz", "kill_rate_per_day": 0.05, "windows": [[0.0, 6.0]]}]}
+    runs = {}
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            runs[grad] = simulate(start, days=[2.0, 4.0, 7.5], plan=later, dying=carried, return_trajectory=True,
+                                  return_dying=True, **kwargs)
+    (reference, ref_dying), (fast, fast_dying) = runs[True], runs[False]
+    assert float((reference - fast).abs().max()) < 1e-7
+    assert float((ref_dying.dying - fast_dying.dying).abs().max()) < 1e-7
+    assert [round(d, 9) for d, _ in ref_dying.pending] == [round(d, 9) for d, _ in fast_dying.pending]
+    assert len(fast_dying.pending) >= 1
+    for (_, a), (_, b) in zip(ref_dying.pending, fast_dying.pending):
+        assert float((a - b).abs().max()) < 1e-7
+    assert float(fast_dying.dying.sum()) > 0   # something is still dying at the horizon
+    for before, after in zip(given, [m for _, m in carried.pending] + [carried.dying]):
+        assert torch.equal(before, after)
