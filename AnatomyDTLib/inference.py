@@ -211,7 +211,7 @@ class InferenceStepper:
         if self.dying_box is None:
             self.dying_before_projection = dying.clone()
             return
-        if self.dying_before_projection is None or self.dying_before_projection.shape != dying.shape:
+        if self.dying_before_projection is None:  # one buffer per solve (a stepper is built per solve)
             self.dying_before_projection = torch.zeros_like(dying)
         for box in (self.dying_box, changed):
             if box is not None:
@@ -263,7 +263,7 @@ class InferenceStepper:
         """
         pr = self.pr
         spatial = self.shape[2:]
-        box = support_box_within(p.narrow(1, pr.tumour, 1), _dilate(self.window, pr.jacobi_iters + 2, spatial), 0,
+        box = support_box_within(p.narrow(1, pr.tumour, 1), self.search_window(), 0,
                                  spatial)
         keep_killed = pr.dying is not None and target == pr.dying
         killed_full = torch.zeros_like(p[:, :1]) if keep_killed else None

@@ -143,7 +143,7 @@ class VisibilityCoding(nn.Module):
                                    core)
             if core_order is not None:
                 key = core_order[min(b, core_order.shape[0] - 1)].to(core)
-                core = torch.where(inside, rearranged_by(core, key, inside), core)
+                core = rearranged_by(core, key, inside)
             tail = tau * torch.exp(-d_out.to(p0.dtype) / lam) * tail_ok.to(p0.dtype)
             tail = torch.where(tail < TAIL_CUTOFF, torch.zeros_like(tail), tail)
             e_tumour = F.one_hot(torch.full_like(hidden, self.tumour_index), self.num_classes)
@@ -184,17 +184,16 @@ def rearranged_by(values: torch.Tensor, key: torch.Tensor, where: torch.Tensor) 
     ties of the key (and those voxels) are broken by the values' own order, so an uninformative
     key (constant, or all NaN) gives ``values`` back. Outside ``where`` nothing changes.
     """
-    flat_where = where.reshape(-1).cpu().numpy()
-    inside_values = values.reshape(-1)[torch.as_tensor(flat_where, device=values.device)]
-    v = inside_values.detach().cpu().numpy()
-    k = key.reshape(-1)[torch.as_tensor(flat_where, device=key.device)].detach().cpu().numpy().astype(np.float64)
+    index = where.reshape(-1)
+    v = values.reshape(-1)[index].detach().cpu().numpy()
+    k = key.reshape(-1)[index].detach().cpu().numpy().astype(np.float64)
     finite = np.isfinite(k)
     k = np.where(finite, k, -np.inf)
     rank = np.lexsort((v, k, finite))       # ascending: non-finite keys first, then by key, then by value
     arranged = np.empty_like(v)
     arranged[rank] = np.sort(v)
     out = values.clone().reshape(-1)
-    out[torch.as_tensor(flat_where, device=values.device)] = torch.as_tensor(arranged, device=values.device)
+    out[index] = torch.as_tensor(arranged, device=values.device)
     return out.reshape(values.shape)
 
 
