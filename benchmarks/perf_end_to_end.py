@@ -95,11 +95,15 @@ def main() -> None:
     args = parser.parse_args()
     delayed = None
     if args.delayed_death:
+        from AnatomyDTLib.commands.calibrate import parse_delayed_death
+        from AnatomyDTLib.errors import InputError
+
         try:
-            delayed = tuple(float(v) for v in args.delayed_death.split(","))
-            assert len(delayed) == 2 and delayed[0] >= 0 and delayed[1] > 0
-        except (ValueError, AssertionError):
-            parser.error(f"--delayed-death must be DELAY,HALF_LIFE in days (e.g. 14,21), got {args.delayed_death!r}")
+            delayed = parse_delayed_death(args.delayed_death)  # the calibrate command's own parser
+        except InputError as exc:
+            parser.error(str(exc))
+        if delayed is None:
+            parser.error("--delayed-death none: leave the option out to run the plan without delayed death")
     models = args.model or ["default", "pde-only"]
     shape = tuple(int(n) for n in args.grid.split("x"))
     print(f"machine: {pc.machine_text()}; {pc.load_text()}")
