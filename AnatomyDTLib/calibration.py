@@ -142,7 +142,7 @@ _FIT_DTYPE = torch.float32  # float64 gives the same losses to 1e-6 here, ~1.7x 
 __all__ = ["HistoryScan", "CalibrationSettings", "ScanFit", "Calibration", "Forecast", "CalibratedPDEModel",
            "EdgeProfile", "calibrate", "forecast", "calibrate_and_forecast", "prepare_history", "load_plan_on_grid",
            "shift_plan", "crop_plan", "scale_radiosensitivity", "edge_profile", "soft_start", "tumour_indicator",
-           "CarriedDying", "with_delayed_death"]
+           "CarriedDying", "with_delayed_death", "with_assumed_delayed_death"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1299,6 +1299,63 @@ def _rollout(params: _Parametrisation, problem: _Problem, dt: float, progress) -
                     omega=params.start.omega, return_trajectory=True, schema=SCHEMA, progress=progress)
 
 
+def _fit_problem(scans: list[HistoryScan], plan: TreatmentPlan, box: tuple[slice, ...],
+                 settings: CalibrationSettings) -> _Problem:
+    """The fit's data on the crop ``box``, with the brain mask of the first scan when the settings ask for it."""
+    problem = _build_problem(scans, plan, box, _FIT_DTYPE)
+    if settings.brain_mask:
+        mask = torch.as_tensor(np.asarray(scans[0].labels)[box] != BACKGROUND, dtype=_FIT_DTYPE)
+        problem.mask = mask if bool(mask.any()) else None
+    return problem
+
+
+def _carried_dying(settings: CalibrationSettings, density: torch.Tensor, dying: DyingCompartment | None,
+                   box: tuple[slice, ...], shape: tuple[int, ...]) -> CarriedDying | None:
+    """What the forecast carries from the fitted rollout's last-scan state (None when nothing is dying)."""
+    if not (settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0):
+        return None
+    threshold = settings.observation == "threshold"
+    return CarriedDying.from_rollout(density, dying, box, shape,
+                                     keep_density=(settings.carry_density or settings.order_density) and threshold,
+                                     trusted_density=settings.density_trust * settings.visibility_threshold,
+                                     order_only=settings.order_density and not settings.carry_density)
+
+
+def with_assumed_delayed_death(calibration: "Calibration", delay_days: float,
+                               half_life_days: float) -> "Calibration":
+    """The calibration under another delayed-death assumption, its fitted parameters unchanged.
+
+    Why: two scans cannot tell how long irradiated cells stay visible (the delay, days) or how
+    fast they then clear (the half-life, days); the fit assumed values for them. This gives the
+    forecast model that the same fitted parameters make under other values: the plan's delayed
+    death is replaced, and the history is replayed from the first scan under it (no-grad
+    rollout, as for the fit report), which gives the dying compartment the forecast starts with
+    and the fit quality of this assumption (``fits``; the "initial" columns are copied).
+
+    Raises:
+        ParameterError: the calibration's plan has no radiotherapy with delayed death, or the
+            values are not a delay >= 0 days and a half-life > 0 days.
+    """
+    rt = calibration.plan.radiotherapy
+    if rt is None or rt.delayed_death is None:
+        raise ParameterError("This calibration has no delayed death of irradiated cells (no radiotherapy, or "
+                             "--delayed-death none), so there is no delay or half-life to vary.")
+    delay, half_life = float(delay_days), float(half_life_days)
+    if not (math.isfinite(delay) and delay >= 0 and math.isfinite(half_life) and half_life > 0):
+        raise ParameterError(f"A delayed-death assumption needs a delay >= 0 days and a half-life > 0 days; got "
+                             f"{delay_days!r} and {half_life_days!r}.")
+    plan = replace(calibration.plan, radiotherapy=replace(rt, delayed_death=DelayedDeath(
+        delay, math.log(2.0) / half_life)))
+    scans, box = calibration.scans, calibration.crop_box
+    problem = _fit_problem(scans, plan, box, calibration.settings)
+    replay = replace(calibration, carried=None).model()  # the history starts from the first scan: nothing carried
+    quality, dying, density = _fit_quality(replay, problem, scans, box, calibration.radiosensitivity_scale)
+    shape = tuple(np.asarray(calibration.reference.labels).shape)
+    fits = [replace(old, fitted_tumour_ml=ml, tumour_dice=d) for old, (ml, d) in zip(calibration.fits, quality)]
+    return replace(calibration, plan=plan, fits=fits,
+                   carried=_carried_dying(calibration.settings, density, dying, box, shape))
+
+
 def _fit_quality(model: CalibratedPDEModel, problem: _Problem, scans: list[HistoryScan], crop_box,
                  rt_scale: float = 1.0) -> tuple[list[tuple[float, float]], DyingCompartment | None, torch.Tensor]:
     """(tumour mL, tumour Dice) per later scan of a no-grad rollout with the solver's own
@@ -1386,10 +1443,7 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
     hypoxia_assumed = treatment is not with_death
     box = _tumour_box(scans, settings.margin_mm)
     dtype = _FIT_DTYPE
-    problem = _build_problem(scans, treatment, box, dtype)
-    if settings.brain_mask:
-        mask = torch.as_tensor(np.asarray(scans[0].labels)[box] != BACKGROUND, dtype=dtype)
-        problem.mask = mask if bool(mask.any()) else None
+    problem = _fit_problem(scans, treatment, box, settings)
     span = problem.days[-1]
     dt = settings.dt_days if settings.dt_days is not None else max(float(initial.dt_days), span / settings.max_steps)
     fit_clearance = clearance_is_fitted(settings.fit_clearance, problem.plan, problem.days)
@@ -1488,12 +1542,7 @@ def _calibrate(history, plan, settings: CalibrationSettings, initial, progress, 
                          hypoxia_assumed=hypoxia_assumed, clearance_fitted=fit_clearance,
                          hypoxia_fitted=fit_oer)
     quality, dying, density = _fit_quality(result.model(), problem, scans, box, rt_scale)
-    if settings.carry_dying and dying is not None and float(dying.dying.sum()) > 0:
-        result.carried = CarriedDying.from_rollout(density, dying, box, shape,
-                                                   keep_density=(settings.carry_density or settings.order_density)
-                                                   and threshold,
-                                                   trusted_density=settings.density_trust * settings.visibility_threshold,
-                                                   order_only=settings.order_density and not settings.carry_density)
+    result.carried = _carried_dying(settings, density, dying, box, shape)
     for scan, observed, (ml, d), (ml0, d0) in zip(scans[1:], problem.observed_ml.tolist(), quality, initial_quality):
         result.fits.append(ScanFit(scan.name, scan.day, float(observed), ml, d, ml0, d0))
     result.seconds = time.perf_counter() - started

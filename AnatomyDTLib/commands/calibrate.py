@@ -3,7 +3,8 @@
     anatomydt calibrate --history A.seg.nrrd@0 B.seg.nrrd@60 [C.seg.nrrd@120 ...] --plan PLAN.json|none
                         --days 90[,120] --out DIR [--alpha scalar|field] [--iterations N]
                         [--delayed-death DELAY,HALF_LIFE|none] [--fit-clearance auto|always|never]
-                        [--hypoxia OER|none] [--fit-hypoxia] [--classes MAP] [--force]
+                        [--hypoxia OER|none] [--fit-hypoxia] [--ensemble N [--ensemble-seed S]]
+                        [--classes MAP] [--force]
 
 Days (``@DAY`` and ``--days``) count on the treatment plan's day axis: day 0 is the plan's
 baseline (for most plans the first scan). ``--plan none`` states that the patient had no
@@ -19,6 +20,10 @@ Writes into DIR:
 * ``loss_curve.csv`` — loss and its terms per iteration;
 * ``forecast_day{D}.seg.nrrd`` — the forecast segmentation per requested day D (on the last scan's grid);
 * ``volumes.csv`` — class volumes in mL: the last scan, then every forecast day;
+* with ``--ensemble N`` (how sure the forecast is, :mod:`AnatomyDTLib.calibration_ensemble`):
+  ``forecast_day{D}_tumour_probability.nii.gz`` — per day, the fraction of the N forecasts over
+  the delayed-death priors in which each voxel is tumour (0..1), and ``volume_band.csv`` — per
+  day, the point forecast's tumour volume and the members' median, 5-95 % band, min and max (mL);
 * ``calibration.json`` — everything above plus inputs, settings and software versions; written
   last, so its presence means the run completed.
 
@@ -54,6 +59,8 @@ DESCRIPTION = (
 RUN_FILES = ("calibrated_parameters.json", "fit_report.csv", "loss_curve.csv", "volumes.csv", "calibration.json")
 FIELD_FILE = "growth_rate_map.nii.gz"
 FORECAST_FILE = "forecast_day{day}.seg.nrrd"
+PROBABILITY_FILE = "forecast_day{day}_tumour_probability.nii.gz"
+BAND_FILE = "volume_band.csv"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "densities where the fitted rollout is densest (where the lesion is oldest), 'coded' "
                              "makes them rise with the depth in the last lesion only (default: %(default)s; "
                              "docs/calibration.md)")
+    parser.add_argument("--ensemble", type=int, default=0, metavar="N",
+                        help="also say how sure the forecast is: N more forecasts (2..256, e.g. 16), each with a "
+                             "death delay and clearance half-life of irradiated cells drawn from their priors (the "
+                             "values two scans cannot fit); writes a tumour probability map per day and a volume "
+                             "band (default: %(default)s = off; docs/calibration.md)")
+    parser.add_argument("--ensemble-seed", type=int, default=0, metavar="S",
+                        help="seed of the ensemble's draws (default: %(default)s)")
     add_class_map_argument(parser)
     add_force_argument(parser)
 
@@ -146,8 +160,10 @@ def parse_history_item(text: str) -> tuple[str, float]:
     return path, day
 
 
-def output_paths(out: Path, days: list[float], alpha: str) -> list[Path]:
+def output_paths(out: Path, days: list[float], alpha: str, ensemble: bool = False) -> list[Path]:
     paths = [out / FORECAST_FILE.format(day=day_tag(d)) for d in days] + [out / n for n in RUN_FILES]
+    if ensemble:
+        paths += [out / PROBABILITY_FILE.format(day=day_tag(d)) for d in days] + [out / BAND_FILE]
     return paths + ([out / FIELD_FILE] if alpha == "field" else [])
 
 
@@ -161,7 +177,8 @@ def _check_outputs(out: Path, paths: list[Path], inputs: list[str], force: bool)
                              "(inputs are never modified).")
     existing = [p for p in paths if p.exists()]
     if out.is_dir():
-        existing += [p for p in out.glob(FORECAST_FILE.format(day="*")) if p not in existing]
+        existing += [p for pattern in (FORECAST_FILE, PROBABILITY_FILE) for p in out.glob(pattern.format(day="*"))
+                     if p not in existing]
     if existing and not force:
         more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
         shown = ", ".join(p.name for p in existing[:3]) + more
@@ -203,8 +220,31 @@ def delayed_death_line(calibration) -> str:
     return text
 
 
+def ensemble_line(ensemble) -> str:
+    """One line per forecast day: the members' median tumour volume and 90 % band."""
+    drawn = " and ".join("death delay" if n == "death_delay_days" else "clearance half-life" for n in ensemble.drawn)
+    parts = [f"day {row['day']:g}: {row['median_ml']:.2f} mL ({row['p5_ml']:.2f}-{row['p95_ml']:.2f})"
+             for row in ensemble.volume_band()]
+    return (f"ensemble of {ensemble.members} over the {drawn} priors (seed {ensemble.seed}), tumour median "
+            f"(5-95 %): " + "; ".join(parts))
+
+
+def _write_ensemble(out: Path, ensemble, volumes, geometry, schema, force: bool) -> None:
+    """The probability map of every day and the volume band table."""
+    for i, day in enumerate(ensemble.days):
+        write_image(out / PROBABILITY_FILE.format(day=day_tag(day)), ensemble.tumour_probability[i], geometry,
+                    force=force)
+    point = {d: v[schema.names[schema.tumour_index]] for d, v in volumes[1:]}
+    rows = [[f"{row['day']:g}", f"{point[row['day']]:.3f}", f"{row['median_ml']:.3f}", f"{row['p5_ml']:.3f}",
+             f"{row['p95_ml']:.3f}", f"{row['min_ml']:.3f}", f"{row['max_ml']:.3f}", ensemble.members]
+            for row in ensemble.volume_band()]
+    _write_csv(out / BAND_FILE, ["day", "point_forecast_tumour_ml", "median_tumour_ml", "p5_tumour_ml",
+                                 "p95_tumour_ml", "min_tumour_ml", "max_tumour_ml", "members"], rows, force)
+
+
 def run(args) -> int:
     from ..calibration import CalibrationSettings, HistoryScan, calibrate, forecast, load_plan_on_grid, prepare_history
+    from ..calibration_ensemble import check_ensemble_possible, check_members, forecast_ensemble
 
     started = time.perf_counter()
     schema = DEFAULT_SCHEMA
@@ -220,9 +260,11 @@ def run(args) -> int:
     if not 0.001 <= args.visibility_threshold <= 0.9:
         raise InputError(f"--visibility-threshold must be a tumour density between 0.001 and 0.9 (a fraction of "
                          f"the carrying capacity; FLAIR-like: 0.1), got {args.visibility_threshold:g}.")
+    if args.ensemble:
+        check_members(args.ensemble)
     out = Path(args.out)
     plan_arg = None if args.plan.strip().lower() == "none" else args.plan
-    paths = output_paths(out, days, args.alpha)
+    paths = output_paths(out, days, args.alpha, bool(args.ensemble))
     _check_outputs(out, paths, [p for p, _ in items] + [plan_arg], args.force)
 
     # Inputs, all checked before the fit runs.
@@ -235,6 +277,8 @@ def run(args) -> int:
     reference = common[-1]
     shape = tuple(reference.labels.shape)
     plan = load_plan_on_grid(plan_arg, reference.geometry, shape)
+    if args.ensemble:
+        check_ensemble_possible(plan, assumed_delayed_death)
     if days[0] <= reference.day:
         raise InputError(f"--days must come after the last history scan (day {reference.day:g}); got "
                          f"{', '.join(f'{d:g}' for d in days)}. Days count on the plan's axis, like the @DAY of "
@@ -264,6 +308,12 @@ def run(args) -> int:
               f"{100 * hypoxia.dense_from:.0f}-{100 * hypoxia.dense_to:.0f} % of a voxel"
               + (" (ratio fitted)" if calibration.hypoxia_fitted else ""))
     result = forecast(calibration, days)
+    ensemble = None
+    if args.ensemble:
+        with progress_bar_count(args.ensemble, "member") as bar:
+            ensemble = forecast_ensemble(calibration, days, members=args.ensemble, seed=args.ensemble_seed,
+                                         progress=lambda f: bar(min(args.ensemble, int(f * args.ensemble)),
+                                                                args.ensemble))
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -289,6 +339,8 @@ def run(args) -> int:
                        force=force, extra_segment_tags=tags)
     volumes = result.volumes_ml()
     write_volumes_csv(out / "volumes.csv", volumes, schema, force=force)
+    if ensemble is not None:
+        _write_ensemble(out, ensemble, volumes, reference.geometry, schema, force)
     record = {
         "anatomydt_run": "calibrate",
         "inputs": {"history": [{"path": str(Path(p).resolve()), "day": d} for p, d in items],
@@ -300,6 +352,7 @@ def run(args) -> int:
         "calibration": calibration.to_dict(),
         "forecast": {"days": result.days, "start_day": result.start_day, "model": result.prediction.model_name,
                      "volumes_ml": [{"day": d, **{k: round(v, 4) for k, v in vols.items()}} for d, vols in volumes]},
+        "ensemble": None if ensemble is None else ensemble.to_dict(),
         "outputs": [p.name for p in paths],
         "software": software_versions(),
         "wall_time_s": round(time.perf_counter() - started, 2),
@@ -307,5 +360,7 @@ def run(args) -> int:
     write_json(out / "calibration.json", record, force=force)
     rows = [(f"last scan (day {volumes[0][0]:g})", volumes[0][1])] + [(f"day {d:g}", v) for d, v in volumes[1:]]
     print(format_volume_table(rows, schema))
+    if ensemble is not None:
+        print(ensemble_line(ensemble))
     print(f"outputs in {out.resolve()} ({time.perf_counter() - started:.1f} s)")
     return 0
