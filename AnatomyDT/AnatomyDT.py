@@ -161,6 +161,9 @@ class AnatomyDTParameterNode:
     # Hypoxic radioresistance of densely packed tumour (oxygen enhancement ratio), assumed when the
     # plan gives none; 1 = none (the default: it made more held-out forecasts worse than better).
     calibrationHypoxiaOER: Annotated[float, WithinRange(1.0, 4.0)] = 1.0
+    # How sure the calibrated forecast is: forecasts over the delayed-death priors (0 = off; 1 is
+    # not an ensemble and is refused by the logic).
+    calibrationEnsembleMembers: Annotated[int, WithinRange(0, 256)] = 0
 
     probabilityMapEnabled: bool = False
     probabilityMembers: Annotated[int, WithinRange(1, 200)] = 20
@@ -292,6 +295,7 @@ class AnatomyDTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.calibrationAlphaComboBox.enabled = p.calibrateEnabled
         self.ui.calibrationDeathDelaySpinBox.enabled = p.calibrateEnabled
         self.ui.calibrationClearanceHalfLifeSpinBox.enabled = p.calibrateEnabled
+        self.ui.calibrationEnsembleMembersSpinBox.enabled = p.calibrateEnabled
         self.ui.modelComboBox.enabled = not p.calibrateEnabled  # calibration fits its own PDE
         self.ui.deviceComboBox.enabled = not p.calibrateEnabled
         self.ui.probabilityMembersSpinBox.enabled = p.probabilityMapEnabled
@@ -763,7 +767,7 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
         return scene.calibrate_into_scene(
             p.referenceVolume.GetScene(), history, p.referenceVolume, days=days, history_days=historyDays,
             plan=self.panelPlan(p), settings=settings, class_map=self.classMap(p), progress=progress,
-            cancel=cancel, replace=p.replaceOutputs)
+            cancel=cancel, replace=p.replaceOutputs, ensemble_members=int(p.calibrationEnsembleMembers))
 
     def runProbabilityMap(self, p, progress=None, cancel=None):
         """Growth-probability map on the last time point from the tumour volumes of the earlier scans and the
@@ -798,6 +802,14 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
             columns = [fit.GetColumnName(c) for c in range(fit.GetNumberOfColumns())]
             dice = [fit.GetValue(r, columns.index("tumour_dice")).ToDouble() for r in range(fit.GetNumberOfRows())]
             text += _(". Calibrated: tumour Dice on the history ") + ", ".join(f"{d:.2f}" for d in dice)
+        band = result.get("volume_band_table")
+        if band is not None:
+            table = band.GetTable()
+            columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+            rows = [[table.GetValue(r, columns.index(n)).ToDouble() for n in ("day", "p5_tumour_ml", "p95_tumour_ml")]
+                    for r in range(table.GetNumberOfRows())]
+            text += _(". Uncertainty (5-95 % of the members): ") + "; ".join(
+                f"day {d:g}: {lo:.1f}-{hi:.1f} mL" for d, lo, hi in rows)
         report = result.get("probability_report")
         if report is not None:
             text += _(". Growth-probability map ") + (report.GetAttribute("AnatomyDT.Summary") or "")

@@ -1537,7 +1537,7 @@ def calibrate_into_scene(scene, history, reference_volume_node, *, days, history
                          plan=None, settings=None, class_map: Mapping[Any, Any] | None = None,
                          progress: ProgressCallback | None = None, cancel: CancelCallback | None = None,
                          replace: bool = False, output_name: str | None = None,
-                         create_surfaces: bool = True) -> dict:
+                         create_surfaces: bool = True, ensemble_members: int = 0, ensemble_seed: int = 0) -> dict:
     """Calibrate the PDE on a patient's earlier scans, forecast from the last one, add the result to ``scene``.
 
     The 3D Slicer counterpart of ``anatomydt calibrate`` (:func:`AnatomyDTLib.calibration.calibrate_and_forecast`,
@@ -1568,6 +1568,11 @@ def calibrate_into_scene(scene, history, reference_volume_node, *, days, history
             ``replace`` removes earlier calibrated runs on the same last scan (or sequence) only.
         output_name: the name the output nodes start with (default ``"<last scan> calibrated"``,
             ``"<sequence> calibrated"`` for a sequence).
+        ensemble_members: 0 (default) or 2..256: also forecast that many members over the priors
+            of the delayed death of irradiated cells, which two scans cannot fit
+            (:func:`AnatomyDTLib.calibration_ensemble.forecast_ensemble`; docs/calibration.md);
+            refused before the fit when the plan has no radiotherapy or states its delayed death.
+        ensemble_seed: the seed of the members' draws.
 
     Returns:
         A dict of the created nodes, as :func:`predict_into_scene` (``"segmentations"`` named
@@ -1577,7 +1582,11 @@ def calibrate_into_scene(scene, history, reference_volume_node, *, days, history
         * ``"fit_table"``: per later scan: ``scan``, ``day``, ``measured_tumour_ml``,
           ``fitted_tumour_ml``, ``volume_error_ml``, ``tumour_dice``, ``tumour_dice_at_start``;
         * ``"parameter_table"``: the fitted parameters: ``name``, ``value``, ``unit``, ``note``;
-        * ``"growth_rate_map"``: with ``settings.alpha == "field"``, α(x) in 1/day as a volume.
+        * ``"growth_rate_map"``: with ``settings.alpha == "field"``, α(x) in 1/day as a volume;
+        * with ``ensemble_members``: ``"ensemble_probability"``, one float volume per day in [0, 1]
+          (the fraction of members in which the voxel is tumour; warm colour map), and
+          ``"volume_band_table"``: per day the point forecast's tumour volume and the members'
+          median, 5-95 % band, min and max (mL).
 
         The segments carry the DICOM AUTOMATIC tags with the model name ``pde-calibrated``. Every node
         has the attributes of :func:`predict_into_scene` plus ``AnatomyDT.RunKind = calibration``; the
@@ -1588,7 +1597,8 @@ def calibrate_into_scene(scene, history, reference_volume_node, *, days, history
             not after the last scan; a scan without tumour; and everything :func:`read_baseline`
             refuses. PlanError, ParameterError (settings). Cancelled. In every case no node is left behind.
     """
-    from .calibration import HistoryScan, calibrate_and_forecast
+    from .calibration import CalibrationSettings, HistoryScan, calibrate_and_forecast
+    from .calibration_ensemble import check_ensemble_possible, check_members, forecast_ensemble
     from .plan import load_plan, plan_summary
 
     schema = DEFAULT_SCHEMA
@@ -1609,6 +1619,8 @@ def calibrate_into_scene(scene, history, reference_volume_node, *, days, history
         raise InputError(f"Forecast days must come after the last scan ({items[-1][2]}), on the same day axis as the "
                          f"scan days; got {', '.join(f'{d:g}' for d in values) or 'none'}.")
     days_list = sorted(set(values))
+    if ensemble_members:
+        check_members(ensemble_members)
 
     _check_progress_and_cancel(progress, cancel, 0.0)
     _ensure_segmentation_converters()
@@ -1626,14 +1638,25 @@ def calibrate_into_scene(scene, history, reference_volume_node, *, days, history
     treatment = load_plan(plan, schema=schema).with_loaded_arrays(_plan_file_loader(geometry, shape), grid_shape=shape)
     notes = treatment.events_after_horizon(days_list[-1])
     summary = plan_summary(treatment)
+    if ensemble_members:
+        check_ensemble_possible(treatment, (settings or CalibrationSettings()).assumed_delayed_death)
     span = _PROGRESS_PREDICT_END - _PROGRESS_READ
+    fit_share = 0.6 if ensemble_members else 1.0  # of the span; the ensemble's members take the rest
 
     def on_progress(fraction: float) -> None:
         if progress is not None:
-            progress(_PROGRESS_READ + span * float(fraction))
+            progress(_PROGRESS_READ + span * fit_share * float(fraction))
+
+    def on_ensemble_progress(fraction: float) -> None:
+        if progress is not None:
+            progress(_PROGRESS_READ + span * (fit_share + (1.0 - fit_share) * float(fraction)))
 
     calibration, forecast = calibrate_and_forecast(scans, days_list, treatment, settings=settings,
                                                    progress=on_progress, cancel=cancel)
+    ensemble = None
+    if ensemble_members:
+        ensemble = forecast_ensemble(calibration, days_list, members=ensemble_members, seed=ensemble_seed,
+                                     progress=on_ensemble_progress, cancel=cancel)
     _check_progress_and_cancel(progress, cancel, _PROGRESS_PREDICT_END)
 
     run_id = secrets.token_hex(6)
@@ -1665,12 +1688,49 @@ def calibrate_into_scene(scene, history, reference_volume_node, *, days, history
             node = mark(add_volume_from_array(scene, alpha_map, geometry, name), "growth_rate_map")
             _place_in_hierarchy(scene, node, parent_item)
             result["growth_rate_map"] = node
+        if ensemble is not None:
+            _ensemble_outputs(scene, ensemble, prediction, schema, geometry, base, replace, mark, parent_item, result,
+                              created)
 
     result = _add_outputs(scene, reference_volume_node, source_node, build, _prediction_overlay, run_id=run_id,
                           replace=replace, kind=_KIND_CALIBRATION, progress=progress, cancel=cancel)
     for note in notes:
         logger.info("AnatomyDT: %s", note)
     return result
+
+
+_BAND_COLUMNS = (("day", "float", "day", "forecast day on the treatment plan's axis"),
+                 ("point_forecast_tumour_ml", "float", "mL", "tumour volume of the calibrated forecast (the assumed "
+                                                             "delay and half-life)"),
+                 ("median_tumour_ml", "float", "mL", "median tumour volume of the ensemble's members"),
+                 ("p5_tumour_ml", "float", "mL", "5th percentile of the members' tumour volumes"),
+                 ("p95_tumour_ml", "float", "mL", "95th percentile of the members' tumour volumes"),
+                 ("min_tumour_ml", "float", "mL", "smallest member"), ("max_tumour_ml", "float", "mL", "largest member"),
+                 ("members", "float", "", "members (each a delay and half-life drawn from their priors)"))
+
+
+def _ensemble_outputs(scene, ensemble, prediction, schema: ClassSchema, geometry: Geometry, base: str, replace: bool,
+                      mark, parent_item: int, result: dict, created: list) -> None:
+    """The calibration ensemble's probability volumes (one per day) and its volume-band table."""
+    lut, lut_created = _probability_lut(scene)
+    if lut_created:
+        created.append(lut)
+        result["color_table"] = lut
+    nodes = []
+    for i, day in enumerate(ensemble.days):
+        name = _unique_name(scene, f"{base} tumour probability (ensemble) day {_format_day(day)}", replace)
+        node = mark(_probability_volume(scene, name, ensemble.tumour_probability[i], geometry, lut),
+                    "ensemble_probability", day)
+        _place_in_hierarchy(scene, node, parent_item)
+        nodes.append(node)
+    tumour = schema.names[schema.tumour_index]
+    point = [v[tumour] for _, v in prediction.volumes_ml()[1:]]
+    rows = [[row["day"], p, row["median_ml"], row["p5_ml"], row["p95_ml"], row["min_ml"], row["max_ml"],
+             ensemble.members] for row, p in zip(ensemble.volume_band(), point)]
+    table = mark(_table_node(scene, _unique_name(scene, f"{base} volume band (ensemble)", replace), _BAND_COLUMNS,
+                             rows), "volume_band_table")
+    _place_in_hierarchy(scene, table, parent_item)
+    result["ensemble_probability"], result["volume_band_table"] = nodes, table
 
 
 def _history_tumour_volumes(scene, history, segmentation_node, reference_volume_node, class_map,

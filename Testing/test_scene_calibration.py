@@ -21,7 +21,7 @@ import slicerio  # noqa: E402
 
 from AnatomyDTLib import scene as scene_logic  # noqa: E402
 from AnatomyDTLib.calibration import CalibrationSettings, HistoryScan, calibrate_and_forecast  # noqa: E402
-from AnatomyDTLib.errors import Cancelled, InputError  # noqa: E402
+from AnatomyDTLib.errors import Cancelled, InputError, ParameterError  # noqa: E402
 from AnatomyDTLib.io import Geometry  # noqa: E402
 from AnatomyDTLib.schema import BRAIN_SCHEMA  # noqa: E402
 from test_scene import (LPS_FROM_RAS, _add_volume, _import_segmentation, _input_fingerprint,  # noqa: E402
@@ -258,6 +258,55 @@ def test_parameter_table_names_the_radiotherapy_assumptions():
     oer = parameters["oxygen enhancement ratio of dense tumour"]
     assert oer["value"] == 2.5 and oer["note"].startswith("assumed (the plan has none)")
     assert "60-95 %" in oer["note"]
+
+
+def test_ensemble_adds_probability_volumes_and_a_band_equal_to_the_library_ones():
+    """Radiotherapy between the scans, delayed death assumed: ``ensemble_members`` adds one probability
+    volume per day (the library's map, read back from the scene) and the volume-band table; a plan
+    that states its delayed death is refused before any node is made."""
+    from AnatomyDTLib.calibration_ensemble import forecast_ensemble
+
+    plan = {"version": 1, "radiotherapy": {"start_day": 5, "fractions": 10, "total_dose_gy": 20}}
+    case = History()
+    before = _node_ids(case.scene)
+    fingerprint = case.fingerprint()
+    result = scene_logic.calibrate_into_scene(case.scene, case.pairs(), case.flair, days=FORECAST_DAYS, plan=plan,
+                                              settings=settings(), ensemble_members=3, ensemble_seed=5)
+    assert case.fingerprint() == fingerprint
+    new = {n.GetID() for n in _new_nodes(case.scene, before)
+           if not n.IsA("vtkMRMLDisplayNode") and not n.IsA("vtkMRMLStorageNode")}
+    assert new == {n.GetID() for n in scene_logic.created_nodes(result)}
+    geometry = Geometry.from_ijk_to_lps(LPS_FROM_RAS @ IJK_TO_RAS)
+    scans = [HistoryScan(EARLY, geometry, SCAN_DAYS[0], "Scan day 0"), HistoryScan(LATE, geometry, SCAN_DAYS[1],
+                                                                                   "Scan day 30")]
+    calibration, forecast = calibrate_and_forecast(scans, FORECAST_DAYS, plan, settings=settings())
+    direct = forecast_ensemble(calibration, FORECAST_DAYS, members=3, seed=5)
+    nodes = result["ensemble_probability"]
+    assert [n.GetName() for n in nodes] == ["Scan day 30 calibrated tumour probability (ensemble) day 45",
+                                            "Scan day 30 calibrated tumour probability (ensemble) day 60"]
+    for node, expected in zip(nodes, direct.tumour_probability):
+        assert node.GetAttribute("AnatomyDT.RunKind") == "calibration"
+        assert node.GetAttribute("AnatomyDT.Role") == "ensemble_probability"
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(node), expected, atol=1e-7)
+        assert np.allclose(_ras(node), _ras(case.flair))
+    band = table_rows(result["volume_band_table"])
+    assert [r["day"] for r in band] == FORECAST_DAYS and all(r["members"] == 3 for r in band)
+    for row, expected, (_, point) in zip(band, direct.volume_band(), forecast.volumes_ml()[1:]):
+        assert row["median_tumour_ml"] == pytest.approx(expected["median_ml"])
+        assert row["p95_tumour_ml"] == pytest.approx(expected["p95_ml"])
+        assert row["point_forecast_tumour_ml"] == pytest.approx(point["tumour"])
+
+    stated = {"version": 1, "radiotherapy": {"start_day": 5, "fractions": 10, "total_dose_gy": 20,
+                                             "delayed_death": {"delay_days": 14, "clearance_half_life_days": 21}}}
+    case = History()
+    before = _node_ids(case.scene)
+    with pytest.raises(ParameterError, match="the plan states it"):
+        scene_logic.calibrate_into_scene(case.scene, case.pairs(), case.flair, days=[45.0], plan=stated,
+                                         settings=settings(), ensemble_members=3)
+    with pytest.raises(ParameterError, match="between 2 and 256"):
+        scene_logic.calibrate_into_scene(case.scene, case.pairs(), case.flair, days=[45.0], plan=plan,
+                                         settings=settings(), ensemble_members=1)
+    assert _node_ids(case.scene) == before
 
 
 def test_calibration_leaves_inputs_unchanged_and_overlays(calibrated):
