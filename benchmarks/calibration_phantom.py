@@ -43,7 +43,8 @@ import torch
 from AnatomyDTLib.brain.cohort import load_cohort, make_brain_cohort
 from AnatomyDTLib.calibration import (CLEARANCE_FITS, CalibrationSettings, HistoryScan, calibrate, forecast,
                                       load_plan_on_grid, shift_plan)
-from AnatomyDTLib.errors import InputError
+from AnatomyDTLib.calibration_ensemble import BAND_PERCENTILES, forecast_ensemble
+from AnatomyDTLib.errors import InputError, ParameterError
 from AnatomyDTLib.io import read_labelmap
 from AnatomyDTLib.metrics import dice, hd95, image_diagonal_mm
 from AnatomyDTLib.predict import load_model, predict
@@ -57,6 +58,38 @@ TARGET_DICE = 0.80
 VISIBLE_TRUTH_ML = 0.5
 """A scan-2 tumour below this (62 voxels of 2 mm) is "essentially gone": a forecast of no tumour is
 right in substance there, yet scores Dice 0. Hard cases are also reported without such patients."""
+
+
+RELIABILITY_BINS = np.linspace(0.0, 1.0, 11)
+"""Bins of the ensemble's tumour probability for the reliability table (observed tumour frequency per bin)."""
+
+
+def ensemble_scores(probability: np.ndarray, point: np.ndarray, last: np.ndarray, truth: np.ndarray,
+                    spacing, diagonal: float, voxel_ml: float) -> dict:
+    """How the ensemble's tumour probability map ``probability`` scores against the ``truth`` mask.
+
+    Scored over the region where anything is tumour (the last scan, the truth, the point forecast
+    ``point`` or any member): elsewhere every forecast is right and would only dilute the scores.
+    ``brier`` is the mean squared difference of the probability and the truth there
+    (``point_brier`` the same for the point forecast's 0/1 map); ``majority`` is the map at >= 0.5
+    scored like the forecasts; the reliability counts are voxels per probability bin
+    (:data:`RELIABILITY_BINS`, the first bin holds only p = 0) and how many of them are tumour.
+    """
+    region = last | truth | point | (probability > 0)
+    p, t = probability[region].astype(np.float64), truth[region].astype(np.float64)
+    majority = probability >= 0.5
+    out = {f"majority_{k}": v for k, v in score(majority, truth, spacing, diagonal, voxel_ml).items()}
+    out["brier"] = float(np.mean((p - t) ** 2)) if p.size else 0.0
+    out["point_brier"] = float(np.mean((point[region].astype(np.float64) - t) ** 2)) if p.size else 0.0
+    out["truth_recall"] = float((probability[truth] > 0).mean()) if truth.any() else math.nan
+    out["point_truth_recall"] = float(point[truth].mean()) if truth.any() else math.nan
+    bins = np.where(p <= 0, 0, np.clip(np.digitize(p, RELIABILITY_BINS[1:-1], right=True) + 1, 1,
+                                       len(RELIABILITY_BINS) - 1))
+    n = np.bincount(bins, minlength=len(RELIABILITY_BINS))
+    hit = np.bincount(bins, weights=t, minlength=len(RELIABILITY_BINS)).astype(np.int64)
+    out["bin_voxels"] = ";".join(str(int(v)) for v in n)
+    out["bin_tumour"] = ";".join(str(int(v)) for v in hit)
+    return out
 
 
 ORACLE = "truth"
@@ -161,7 +194,7 @@ def restart_variants(calibration, trust_factors) -> dict:
 
 def evaluate_patient(patient, settings: CalibrationSettings, model, compare_density: bool = False,
                      oracle_clearance: bool = False, trust_factors=(), oracle_oer: bool = False,
-                     history_scans: int = 2) -> dict:
+                     history_scans: int = 2, ensemble_members: int = 0, ensemble_seed: int = 0) -> dict:
     """Calibrate on the first ``history_scans`` scans and score the forecast of the next one.
 
     In the row, "scan 1" is the last history scan (the forecasts' start) and "scan 2" the scored one.
@@ -221,6 +254,10 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
         if compare_density:
             for name, variant in restart_variants(calibration, trust_factors).items():
                 predictions[name] = forecast(variant, [target.day]).labels(0)
+        if ensemble_members:
+            row.update(_ensemble_row(calibration, target.day, ensemble_members, ensemble_seed,
+                                     predictions["calibrated"] == TUMOUR, last.labels == TUMOUR, truth == TUMOUR,
+                                     spacing, diagonal, voxel_ml))
 
     t2 = time.perf_counter()
     plan = shift_plan(load_plan_on_grid(plan_path, last.geometry, last.labels.shape), history[-1].day)
@@ -241,6 +278,28 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
                     row[f"{name}_{key}"] = row.get(f"calibrated_{key}", math.nan)
     row["truth_tumour_ml"] = float((truth == TUMOUR).sum() * voxel_ml)
     row["scan1_tumour_ml"] = float((last.labels == TUMOUR).sum() * voxel_ml)
+    return row
+
+
+def _ensemble_row(calibration, day: float, members: int, seed: int, point, last, truth, spacing, diagonal,
+                  voxel_ml) -> dict:
+    """The ``ensemble_*`` columns of a patient (``--ensemble``); NaN where there is nothing to draw."""
+    t = time.perf_counter()
+    try:
+        ensemble = forecast_ensemble(calibration, [day], members=members, seed=seed)
+    except ParameterError as exc:  # no radiotherapy: no clearance assumption
+        return {"ensemble_note": str(exc).split(":")[0]}
+    band = ensemble.volume_band()[0]
+    low, high = (f"p{p:g}_ml" for p in BAND_PERCENTILES)
+    true_ml = float(truth.sum() * voxel_ml)
+    row = {"ensemble_s": time.perf_counter() - t, "ensemble_members": members,
+           "ensemble_median_ml": band["median_ml"], "ensemble_low_ml": band[low], "ensemble_high_ml": band[high],
+           "ensemble_min_ml": band["min_ml"], "ensemble_max_ml": band["max_ml"],
+           "truth_in_band": band[low] - 1e-9 <= true_ml <= band[high] + 1e-9,
+           "truth_in_range": band["min_ml"] - 1e-9 <= true_ml <= band["max_ml"] + 1e-9,
+           "ensemble_history_dice_spread": float(np.ptp(ensemble.history_dice[:, -1]))}
+    scores = ensemble_scores(ensemble.tumour_probability[0], point, last, truth, spacing, diagonal, voxel_ml)
+    row.update({f"ensemble_{k}": v for k, v in scores.items()})
     return row
 
 
@@ -299,6 +358,9 @@ def summarise(rows: list[dict], info: dict) -> tuple[str, dict]:
             lines.append(f"| {name} | {entry['dice_mean']:.3f} | {entry['dice_median']:.3f} | "
                          f"{entry['abs_volume_error_median_ml']:.2f} | {entry['hard_dice_mean']:.3f}, "
                          f"{entry['hard_at_least_target']} of {len(hard)} | {len(changed)} | {entry['n_better']} |")
+    with_ensemble = [r for r in rows if math.isfinite(float(r.get("ensemble_brier", math.nan)))]
+    if with_ensemble:
+        lines += [""] + _ensemble_summary(with_ensemble, summary)
     visible = [r for r in hard if r["truth_tumour_ml"] >= VISIBLE_TRUTH_ML]
     summary["hard_cases_visible"] = {
         "definition": f"hard cases whose scan-2 tumour is >= {VISIBLE_TRUTH_ML} mL", "n": len(visible),
@@ -326,6 +388,48 @@ def summarise(rows: list[dict], info: dict) -> tuple[str, dict]:
                      f"{r['calibrated_hd95']:.1f} | {r['population_hd95']:.1f} | {r['no_change_hd95']:.1f} | "
                      f"{r['calibration_s']:.0f} |")
     return "\n".join(lines), summary
+
+
+def _as_bool(value) -> bool:
+    return value is True or str(value) == "True"  # merged runs come back from JSON/CSV
+
+
+def _ensemble_summary(rows: list[dict], summary: dict) -> list[str]:
+    """Markdown lines (and ``summary["ensemble"]``) on the ``--ensemble`` columns of ``rows``."""
+    groups = {"all": rows, "hard": [r for r in rows if r["no_change_dice"] <= HARD_CASE_NO_CHANGE_DICE]}
+    low, high = BAND_PERCENTILES
+    lines = [f"Forecast ensemble over the delayed-death priors ({rows[0]['ensemble_members']} members, the fitted "
+             f"parameters fixed; band = {low:g}-{high:g} % of the members' tumour volumes):", "",
+             "| patients | n | truth inside the band | inside min-max | Brier: ensemble / point forecast | DSC: "
+             "majority (p >= 0.5) / point | truth inside p > 0 / inside the point forecast |",
+             "|---|---|---|---|---|---|---|"]
+    summary["ensemble"] = {}
+    for name, group in groups.items():
+        if not group:
+            continue
+        entry = {"n": len(group), "truth_in_band": sum(_as_bool(r["truth_in_band"]) for r in group),
+                 "truth_in_range": sum(_as_bool(r["truth_in_range"]) for r in group),
+                 "brier_mean": _mean([r["ensemble_brier"] for r in group]),
+                 "point_brier_mean": _mean([r["ensemble_point_brier"] for r in group]),
+                 "majority_dice_mean": _mean([r["ensemble_majority_dice"] for r in group]),
+                 "point_dice_mean": _mean([r["calibrated_dice"] for r in group]),
+                 "truth_recall_mean": _mean([r["ensemble_truth_recall"] for r in group]),
+                 "point_truth_recall_mean": _mean([r["ensemble_point_truth_recall"] for r in group])}
+        summary["ensemble"][name] = entry
+        lines.append(f"| {name} | {len(group)} | {entry['truth_in_band']} of {len(group)} | {entry['truth_in_range']} "
+                     f"of {len(group)} | {entry['brier_mean']:.3f} / {entry['point_brier_mean']:.3f} | "
+                     f"{entry['majority_dice_mean']:.3f} / {entry['point_dice_mean']:.3f} | "
+                     f"{entry['truth_recall_mean']:.3f} / {entry['point_truth_recall_mean']:.3f} |")
+    voxels = np.sum([[int(v) for v in str(r["ensemble_bin_voxels"]).split(";")] for r in rows], axis=0)
+    tumour = np.sum([[int(v) for v in str(r["ensemble_bin_tumour"]).split(";")] for r in rows], axis=0)
+    edges = RELIABILITY_BINS
+    names = ["0"] + [f"({edges[i]:.1f}, {edges[i + 1]:.1f}]" for i in range(len(edges) - 1)]
+    summary["ensemble"]["reliability"] = [{"probability": n, "voxels": int(v), "tumour": int(t)}
+                                          for n, v, t in zip(names, voxels, tumour)]
+    lines += ["", "Reliability (all patients, voxels where anything is tumour):", "",
+              "| tumour probability | voxels | observed tumour frequency |", "|---|---|---|"]
+    lines += [f"| {n} | {int(v)} | {t / v:.3f} |" if v else f"| {n} | 0 | |" for n, v, t in zip(names, voxels, tumour)]
+    return lines
 
 
 def write_outputs(out: Path, rows: list[dict], info: dict) -> str:
@@ -417,6 +521,10 @@ def main(argv=None) -> int:
     parser.add_argument("--history-scans", type=int, default=2, metavar="N",
                         help="calibrate on the first N scans (>= 2) and forecast scan N (default 2: the issue's "
                              "protocol, scans 0 and 1 -> scan 2); patients need N + 1 scans with tumour")
+    parser.add_argument("--ensemble", type=int, default=0, metavar="N",
+                        help="also forecast N members over the delayed-death priors and score the probability map "
+                             "and the volume band (calibration_ensemble.forecast_ensemble; 0 = off)")
+    parser.add_argument("--ensemble-seed", type=int, default=0, help="seed of the ensemble's draws")
     parser.add_argument("--skip", type=int, default=0, help="skip the first N eligible patients (to split a run)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -460,7 +568,8 @@ def main(argv=None) -> int:
             passed += 1
             continue
         row = evaluate_patient(patient, None if args.population_only else settings, model, args.compare_density,
-                               oracle_clearance, args.density_trust, oracle_oer, args.history_scans)
+                               oracle_clearance, args.density_trust, oracle_oer, args.history_scans,
+                               args.ensemble, args.ensemble_seed)
         rows.append(row)
         print(f"{row['case']} {row['pattern']:>13} days {row['days']:>11}: fit {row['fit_dice_scan1']:.3f}; DSC "
               f"calibrated {row['calibrated_dice']:.3f} population {row['population_dice']:.3f} no-change "
