@@ -200,3 +200,30 @@ def test_cli_ensemble_without_anything_to_draw_is_refused_before_any_output(tmp_
                "--iterations", 1, "--ensemble", 4, *extra, "--out", out]
     assert run(*options) == 2
     assert phrase in capsys.readouterr().err and not out.exists()
+
+
+def test_benchmark_scores_of_a_probability_map_match_a_hand_count():
+    """benchmarks/calibration_phantom.py's ensemble scores on a 2 x 5 map whose counts are written out."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_phantom.py"
+    spec = importlib.util.spec_from_file_location("calibration_phantom", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    p = np.array([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 0.0, 0.05, 0.0])
+    truth = np.array([0, 0, 0, 1, 1, 1, 0, 1, 0, 0], bool)
+    point = np.array([0, 0, 0, 0, 1, 1, 1, 0, 0, 0], bool)
+    last = np.array([0, 0, 0, 1, 1, 1, 1, 1, 0, 0], bool)
+    p, truth, point, last = (a.reshape(2, 5) for a in (p, truth, point, last))
+    scores = bench.ensemble_scores(p, point, last, truth, (1.0, 1.0), 10.0, 0.001)
+    p, truth, point = p.ravel(), truth.ravel(), point.ravel()
+    region = [2, 3, 4, 5, 6, 7, 8]  # last | truth | point | p > 0
+    brier = np.mean([(p[i] - float(truth[i])) ** 2 for i in region])
+    assert scores["brier"] == pytest.approx(brier)
+    assert scores["point_brier"] == pytest.approx(np.mean([float(point[i] != truth[i]) for i in region]))
+    assert scores["truth_recall"] == pytest.approx(3 / 4) and scores["point_truth_recall"] == pytest.approx(2 / 4)
+    assert scores["majority_dice"] == pytest.approx(2 * 3 / (4 + 4))  # p >= 0.5 at 3, 4, 5, 6
+    # bins: p = 0 (index 7), (0, 0.1] (0.05), (0.2, 0.3] (0.25), (0.4, 0.5] (0.5), (0.7, 0.8], (0.9, 1] (two)
+    assert scores["bin_voxels"] == "1;1;0;1;0;1;0;0;1;0;2"
+    assert scores["bin_tumour"] == "1;0;0;0;0;1;0;0;1;0;1"
