@@ -281,14 +281,23 @@ def evaluate_patient(patient, settings: CalibrationSettings, model, compare_dens
     return row
 
 
+ENSEMBLE_COLUMNS = ("ensemble_s", "ensemble_members", "ensemble_median_ml", "ensemble_low_ml", "ensemble_high_ml",
+                    "ensemble_min_ml", "ensemble_max_ml", "truth_in_band", "truth_in_range",
+                    "ensemble_history_dice_spread", "ensemble_majority_dice", "ensemble_majority_hd95",
+                    "ensemble_majority_volume_error_ml", "ensemble_brier", "ensemble_point_brier",
+                    "ensemble_truth_recall", "ensemble_point_truth_recall", "ensemble_bin_voxels",
+                    "ensemble_bin_tumour")
+"""The ``--ensemble`` columns of a patient row (NaN for a patient without radiotherapy)."""
+
+
 def _ensemble_row(calibration, day: float, members: int, seed: int, point, last, truth, spacing, diagonal,
                   voxel_ml) -> dict:
     """The ``ensemble_*`` columns of a patient (``--ensemble``); NaN where there is nothing to draw."""
     t = time.perf_counter()
     try:
         ensemble = forecast_ensemble(calibration, [day], members=members, seed=seed)
-    except ParameterError as exc:  # no radiotherapy: no clearance assumption
-        return {"ensemble_note": str(exc).split(":")[0]}
+    except ParameterError:  # no radiotherapy: no clearance assumption to draw
+        return {key: math.nan for key in ENSEMBLE_COLUMNS}
     band = ensemble.volume_band()[0]
     low, high = (f"p{p:g}_ml" for p in BAND_PERCENTILES)
     true_ml = float(truth.sum() * voxel_ml)
@@ -300,6 +309,7 @@ def _ensemble_row(calibration, day: float, members: int, seed: int, point, last,
            "ensemble_history_dice_spread": float(np.ptp(ensemble.history_dice[:, -1]))}
     scores = ensemble_scores(ensemble.tumour_probability[0], point, last, truth, spacing, diagonal, voxel_ml)
     row.update({f"ensemble_{k}": v for k, v in scores.items()})
+    assert tuple(row) == ENSEMBLE_COLUMNS, sorted(set(row) ^ set(ENSEMBLE_COLUMNS))
     return row
 
 
@@ -358,7 +368,7 @@ def summarise(rows: list[dict], info: dict) -> tuple[str, dict]:
             lines.append(f"| {name} | {entry['dice_mean']:.3f} | {entry['dice_median']:.3f} | "
                          f"{entry['abs_volume_error_median_ml']:.2f} | {entry['hard_dice_mean']:.3f}, "
                          f"{entry['hard_at_least_target']} of {len(hard)} | {len(changed)} | {entry['n_better']} |")
-    with_ensemble = [r for r in rows if math.isfinite(float(r.get("ensemble_brier", math.nan)))]
+    with_ensemble = [r for r in rows if _finite(r.get("ensemble_brier"))]
     if with_ensemble:
         lines += [""] + _ensemble_summary(with_ensemble, summary)
     visible = [r for r in hard if r["truth_tumour_ml"] >= VISIBLE_TRUTH_ML]
@@ -388,6 +398,13 @@ def summarise(rows: list[dict], info: dict) -> tuple[str, dict]:
                      f"{r['calibrated_hd95']:.1f} | {r['population_hd95']:.1f} | {r['no_change_hd95']:.1f} | "
                      f"{r['calibration_s']:.0f} |")
     return "\n".join(lines), summary
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _as_bool(value) -> bool:
@@ -437,7 +454,8 @@ def write_outputs(out: Path, rows: list[dict], info: dict) -> str:
     text, summary = summarise(rows, info)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "per_patient.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["case"])
+        columns = list(dict.fromkeys(key for row in rows for key in row)) or ["case"]  # rows may differ in keys
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
     (out / "summary.json").write_text(json.dumps({**summary, "patients": rows}, indent=2, default=str) + "\n")
