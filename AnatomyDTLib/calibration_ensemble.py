@@ -22,8 +22,10 @@ What it gives per forecast day:
 Only values the calibration assumed are drawn: a delay or half-life the plan states is kept (as in
 the burden bootstrap), and so is a half-life the calibration fitted. The spread is therefore
 conditional on the fit: it is the uncertainty of the clearance assumption, not of the fitted
-parameters or of the model itself (docs/calibration.md, "Forecast uncertainty", measures how
-often the band holds the truth on phantom patients).
+parameters or of the model itself, so the volume band is a lower bound on the forecast's
+uncertainty. On 31 treated held-out phantom patients it held the true volume in 14, nearly all
+misses above the truth, while the map's support held 96 % of the true lesion (docs/calibration.md,
+"Forecast ensemble over the delayed-death priors").
 
 Units: days on the plan's axis, volumes in mL, probabilities in [0, 1].
 """
