@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from AnatomyDTLib.models.training import train
 from AnatomyDTLib.schema import BRAIN_SCHEMA
 from AnatomyDTLib.solver import simulate
 from AnatomyDTLib.plan import load_plan
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_BRAIN = {
     "model": {"dt_days": 10.0, "alpha_channels": 2, "cnn_channels": 2, "cnn_dilations": [1], "film_hidden": 4,
@@ -96,3 +99,43 @@ def test_solver_checkpointing_gives_the_same_gradients():
         grads.append(d.grad.clone())
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
     assert float(grads[0][1].abs()) > 0 and float(grads[0][2].abs()) > 0
+
+
+def test_model_solver_checkpoint_gives_the_same_gradients_and_saves_memory():
+    """model.solver_checkpoint recomputes each step (transport, cross-diffusion, CNN correction) in
+    the backward pass: every parameter's gradient is unchanged, and fewer bytes are kept for it."""
+    from AnatomyDTLib.models.config import Config
+    from AnatomyDTLib.models.conditioning import Conditioning
+    from AnatomyDTLib.models.growth import AnatomyDTModel
+    from AnatomyDTLib.state import labels_to_field
+
+    labels = np.full((12, 12, 12), 2)
+    labels[:, :, 6:] = 3
+    labels[4:8, 4:8, 4:8] = 1
+    p0 = labels_to_field(labels, 5)[None].float()
+    plan = load_plan({"version": 1, "radiotherapy": {"start_day": 2, "total_dose_gy": 10, "fractions": 5}},
+                     schema=BRAIN_SCHEMA)
+    grads, saved = [], []
+    for use_checkpoint in (False, True):
+        cfg = Config.load(REPO / "configs" / "brain.json")
+        cfg.model["solver_checkpoint"] = use_checkpoint
+        torch.manual_seed(0)
+        model = AnatomyDTModel(cfg.model, 5, 3, tumour_index=1, sink_index=0)
+        assert model.cross_diffusion() is not None  # the brain model's learned cross-diffusion is in the hook
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            traj, _ = model(p0, spacing=(4.0, 4.0, 4.0), days=[10.0, 20.0],
+                            conditioning=Conditioning.from_plans([plan]), plan=plan, schema=BRAIN_SCHEMA)
+        ramp = torch.linspace(-1.0, 1.0, 12) ** 2
+        (traj[-1, :, 1] * ramp).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        saved.append(sum(sizes))
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7), name
+    assert saved[1] < 0.25 * saved[0]  # 0.14 measured; 0.48 with the cross-diffusion outside the checkpoint

@@ -2,6 +2,7 @@
 
     python benchmarks/perf_training.py                 # all settings, 5 timed steps each
     python benchmarks/perf_training.py --steps 5 --threads 2
+    python benchmarks/perf_training.py --solver-checkpoint --settings brain@2mm crop96mm@2mm --steps 2
 
 The default brain model configuration (``configs/brain.json``: 4 mm model grid, CNN channels 8,
 dilations 1-2-4, Δt = 5 days, Jacobi sweeps 'auto') is trained on the bundled sample case (MNI
@@ -21,6 +22,10 @@ Settings, each in a fresh subprocess (peak RSS = one training process):
   **Not run by default**: one step with gradients keeps every solver stage of the 18-step rollout,
   ≈ 12 GB at 4 mm on the whole brain and about 8× that at 2 mm, more than a 24 GiB machine has
   (ask for it with ``--settings brain@2mm`` on a large machine). Training therefore uses crops.
+
+``--solver-checkpoint`` sets the configuration's ``model.solver_checkpoint``: each solver step is
+recomputed in the backward pass instead of keeping its stages, so a step keeps one solver step's
+graph and the states between steps; that is how a whole-brain 2 mm step fits in 24 GiB.
 
 Printed: median seconds per training step over the timed steps (after one warm-up step), cases/s,
 peak RSS, and the load average.
@@ -66,7 +71,7 @@ def _case(crop: int, pool: int):
     return p[None].contiguous(), mask, spacing
 
 
-def child(setting: str, steps: int) -> dict:
+def child(setting: str, steps: int, solver_checkpoint: bool = False) -> dict:
     import torch
 
     from AnatomyDTLib.models.config import Config
@@ -78,6 +83,7 @@ def child(setting: str, steps: int) -> dict:
 
     crop, pool = SETTINGS[setting]
     cfg = Config.load(pc.REPO / "configs" / "brain.json")
+    cfg.model["solver_checkpoint"] = bool(solver_checkpoint)
     torch.manual_seed(0)
     model = AnatomyDTModel(cfg.model, 5, 3, tumour_index=1, sink_index=0)
     objective = objective_from_config(cfg)
@@ -102,7 +108,8 @@ def child(setting: str, steps: int) -> dict:
     pc.print_peak_rss_line()
     return {"setting": setting, "shape": list(p0.shape[2:]), "spacing_mm": list(spacing), "step_s": statistics.median(times),
             "step_min_s": min(times), "step_max_s": max(times), "steps": steps, "loss": float(loss.detach()),
-            "jacobi_iters": model.jacobi_iters(spacing), "threads": torch.get_num_threads()}
+            "jacobi_iters": model.jacobi_iters(spacing), "threads": torch.get_num_threads(),
+            "solver_checkpoint": bool(solver_checkpoint)}
 
 
 def main() -> None:
@@ -112,6 +119,8 @@ def main() -> None:
                         help="default: all but brain@2mm (≈ 100 GB, see above)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per setting (median; default 5)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--solver-checkpoint", action="store_true",
+                        help="recompute each solver step in the backward pass (model.solver_checkpoint)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", choices=list(SETTINGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -119,14 +128,16 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("ANATOMYDT_PERF_THREADS", "2")))
-        print(json.dumps(child(args.child, args.steps)))
+        print(json.dumps(child(args.child, args.steps, args.solver_checkpoint)))
         return
-    print(f"machine: {pc.machine_text()}; {pc.load_text()}")
+    print(f"machine: {pc.machine_text()}; {pc.load_text()}"
+          + ("; solver steps recomputed in the backward pass (--solver-checkpoint)" if args.solver_checkpoint else ""))
     print(f"{'setting':14} {'grid':>13} {'s/step':>8} {'[min–max]':>15} {'cases/s':>8} {'peak RSS':>9}  load")
     results = []
     for setting in args.settings:
         load = pc.machine_load()
-        r = pc.run_measured([sys.executable, __file__, "--child", setting, "--steps", str(args.steps)],
+        r = pc.run_measured([sys.executable, __file__, "--child", setting, "--steps", str(args.steps)]
+                            + (["--solver-checkpoint"] if args.solver_checkpoint else []),
                             env={"OMP_NUM_THREADS": str(args.threads), "ANATOMYDT_PERF_THREADS": str(args.threads)})
         if r["returncode"] != 0:
             print(f"{setting:14} failed: {r['stderr'].strip().splitlines()[-1:]}")

@@ -245,8 +245,12 @@ class AnatomyDTModel(nn.Module):
 
         def hook(p: torch.Tensor, t: float) -> torch.Tensor:
             out = None
-            if chi is not None:
-                out = cross_diffusion_tendency(p, chi.to(p.dtype), spacing, dt, mask)
+            if chi is not None:  # the upwinded fluxes of every class pair: most of a step's saved tensors
+                if use_ckpt and torch.is_grad_enabled():
+                    out = torch_checkpoint(cross_diffusion_tendency, p, chi.to(p.dtype), spacing, dt, mask,
+                                           use_reentrant=False)
+                else:
+                    out = cross_diffusion_tendency(p, chi.to(p.dtype), spacing, dt, mask)
             if net is not None:
                 v = self._tumour_volume(p, mask, voxel_volume)
                 state = torch.stack([torch.log1p(v) / 10.0, torch.log1p(v0) / 10.0,
