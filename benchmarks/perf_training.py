@@ -24,8 +24,9 @@ Settings, each in a fresh subprocess (peak RSS = one training process):
   (ask for it with ``--settings brain@2mm`` on a large machine). Training therefore uses crops.
 
 ``--solver-checkpoint`` sets the configuration's ``model.solver_checkpoint``: each solver step is
-recomputed in the backward pass instead of keeping its stages, so a step keeps one solver step's
-graph and the states between steps; that is how a whole-brain 2 mm step fits in 24 GiB.
+recomputed in the backward pass instead of keeping its stages (about half the memory of a 2 mm
+crop for a quarter more time). Even so a whole-brain 2 mm step did not fit in 24 GiB
+(docs/performance.md §5).
 
 Printed: median seconds per training step over the timed steps (after one warm-up step), cases/s,
 peak RSS, and the load average.
