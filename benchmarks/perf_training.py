@@ -25,7 +25,8 @@ Settings, each in a fresh subprocess (peak RSS = one training process):
 
 ``--solver-checkpoint`` sets the configuration's ``model.solver_checkpoint``: each solver step is
 recomputed in the backward pass instead of keeping its stages (about half the memory of a 2 mm
-crop for a quarter more time). Even so a whole-brain 2 mm step did not fit in 24 GiB
+crop for a quarter more time). Even so a whole-brain 2 mm step did not fit in 24 GiB; with
+``MALLOC_MMAP_THRESHOLD_=65536`` in the environment as well it took 7.55 GB, 3× slower
 (docs/performance.md §5).
 
 Printed: median seconds per training step over the timed steps (after one warm-up step), cases/s,
