@@ -42,7 +42,7 @@ from .burden import PRIORS
 from .calibration import SCHEMA, TUMOUR, Calibration, Forecast, forecast, with_assumed_delayed_death
 from .errors import ParameterError
 
-__all__ = ["DEFAULT_MEMBERS", "MAX_MEMBERS", "DelayedDeathDraw", "ForecastEnsemble", "check_ensemble_possible",
+__all__ = ["DEFAULT_MEMBERS", "MAX_MEMBERS", "BAND_TABLE_COLUMNS", "DelayedDeathDraw", "ForecastEnsemble", "check_ensemble_possible",
            "check_members", "drawn_assumptions", "delayed_death_draws", "forecast_ensemble"]
 
 DEFAULT_MEMBERS = 16
@@ -51,6 +51,9 @@ members moves by a few per cent between seeds on the phantom patients."""
 MAX_MEMBERS = 256
 BAND_PERCENTILES = (5.0, 95.0)
 """The volume band's percentiles: a 90 % band, as the burden forecast's."""
+BAND_TABLE_COLUMNS = ("day", "point_forecast_tumour_ml", "median_tumour_ml", "p5_tumour_ml", "p95_tumour_ml",
+                      "min_tumour_ml", "max_tumour_ml", "members")
+"""Columns of the volume-band table (``volume_band.csv``, the Slicer table): :meth:`ForecastEnsemble.band_table`."""
 
 _DELAY, _HALF_LIFE = "death_delay_days", "clearance_half_life_days"
 
@@ -184,6 +187,13 @@ class ForecastEnsemble:
                          f"p{high:g}_ml": float(np.percentile(v, high)), "min_ml": float(v.min()),
                          "max_ml": float(v.max())})
         return rows
+
+    def band_table(self, point_tumour_ml: Sequence[float]) -> list[list[float]]:
+        """Rows of :data:`BAND_TABLE_COLUMNS`, one per forecast day; ``point_tumour_ml`` is the point
+        forecast's tumour volume (mL) of each day, shown beside the members' band."""
+        low, high = (f"p{p:g}_ml" for p in BAND_PERCENTILES)
+        return [[row["day"], float(point), row["median_ml"], row[low], row[high], row["min_ml"], row["max_ml"],
+                 self.members] for row, point in zip(self.volume_band(), point_tumour_ml)]
 
     def to_dict(self) -> dict:
         """A JSON-ready summary (no maps)."""

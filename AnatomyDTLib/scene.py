@@ -1699,14 +1699,15 @@ def calibrate_into_scene(scene, history, reference_volume_node, *, days, history
     return result
 
 
-_BAND_COLUMNS = (("day", "float", "day", "forecast day on the treatment plan's axis"),
-                 ("point_forecast_tumour_ml", "float", "mL", "tumour volume of the calibrated forecast (the assumed "
-                                                             "delay and half-life)"),
-                 ("median_tumour_ml", "float", "mL", "median tumour volume of the ensemble's members"),
-                 ("p5_tumour_ml", "float", "mL", "5th percentile of the members' tumour volumes"),
-                 ("p95_tumour_ml", "float", "mL", "95th percentile of the members' tumour volumes"),
-                 ("min_tumour_ml", "float", "mL", "smallest member"), ("max_tumour_ml", "float", "mL", "largest member"),
-                 ("members", "float", "", "members (each a delay and half-life drawn from their priors)"))
+_BAND_DESCRIPTIONS = {
+    "day": ("day", "forecast day on the treatment plan's axis"),
+    "point_forecast_tumour_ml": ("mL", "tumour volume of the calibrated forecast (the assumed delay and half-life)"),
+    "median_tumour_ml": ("mL", "median tumour volume of the ensemble's members"),
+    "p5_tumour_ml": ("mL", "5th percentile of the members' tumour volumes"),
+    "p95_tumour_ml": ("mL", "95th percentile of the members' tumour volumes"),
+    "min_tumour_ml": ("mL", "smallest member"), "max_tumour_ml": ("mL", "largest member"),
+    "members": ("", "members (each a delay and half-life drawn from their priors)")}
+"""Unit and description of each column of :data:`~AnatomyDTLib.calibration_ensemble.BAND_TABLE_COLUMNS`."""
 
 
 def _ensemble_outputs(scene, ensemble, prediction, schema: ClassSchema, geometry: Geometry, base: str, replace: bool,
@@ -1723,11 +1724,12 @@ def _ensemble_outputs(scene, ensemble, prediction, schema: ClassSchema, geometry
                     "ensemble_probability", day)
         _place_in_hierarchy(scene, node, parent_item)
         nodes.append(node)
+    from .calibration_ensemble import BAND_TABLE_COLUMNS
+
     tumour = schema.names[schema.tumour_index]
-    point = [v[tumour] for _, v in prediction.volumes_ml()[1:]]
-    rows = [[row["day"], p, row["median_ml"], row["p5_ml"], row["p95_ml"], row["min_ml"], row["max_ml"],
-             ensemble.members] for row, p in zip(ensemble.volume_band(), point)]
-    table = mark(_table_node(scene, _unique_name(scene, f"{base} volume band (ensemble)", replace), _BAND_COLUMNS,
+    rows = ensemble.band_table([v[tumour] for _, v in prediction.volumes_ml()[1:]])
+    columns = [(name, "float", *_BAND_DESCRIPTIONS[name]) for name in BAND_TABLE_COLUMNS]
+    table = mark(_table_node(scene, _unique_name(scene, f"{base} volume band (ensemble)", replace), columns,
                              rows), "volume_band_table")
     _place_in_hierarchy(scene, table, parent_item)
     result["ensemble_probability"], result["volume_band_table"] = nodes, table

@@ -237,12 +237,11 @@ def _write_ensemble(out: Path, ensemble, volumes, geometry, schema, force: bool)
     for i, day in enumerate(ensemble.days):
         write_image(out / PROBABILITY_FILE.format(day=day_tag(day)), ensemble.tumour_probability[i], geometry,
                     force=force)
-    point = {d: v[schema.names[schema.tumour_index]] for d, v in volumes[1:]}
-    rows = [[f"{row['day']:g}", f"{point[row['day']]:.3f}", f"{row['median_ml']:.3f}", f"{row['p5_ml']:.3f}",
-             f"{row['p95_ml']:.3f}", f"{row['min_ml']:.3f}", f"{row['max_ml']:.3f}", ensemble.members]
-            for row in ensemble.volume_band()]
-    _write_csv(out / BAND_FILE, ["day", "point_forecast_tumour_ml", "median_tumour_ml", "p5_tumour_ml",
-                                 "p95_tumour_ml", "min_tumour_ml", "max_tumour_ml", "members"], rows, force)
+    from ..calibration_ensemble import BAND_TABLE_COLUMNS
+
+    rows = ensemble.band_table([v[schema.names[schema.tumour_index]] for _, v in volumes[1:]])
+    text = [[f"{day:g}", *(f"{v:.3f}" for v in millilitres), members] for day, *millilitres, members in rows]
+    _write_csv(out / BAND_FILE, list(BAND_TABLE_COLUMNS), text, force)
 
 
 def run(args) -> int:
