@@ -117,6 +117,31 @@ def test_growth_treatment_response_and_mass_effect():
     assert vent_dice[:, 1].mean() < vent_dice[:, 0].mean()
 
 
+def test_biology_overrides_keep_the_patient_and_change_only_the_overridden_response():
+    """Overriding the radiosensitivity keeps the site, schedule, baseline and pre-treatment scans,
+    and changes what follows radiotherapy; overriding with the patient's own value changes nothing."""
+    truth = simulate_patient(case_rng(11, 0), pattern="stupp")
+    same = simulate_patient(case_rng(11, 0), pattern="stupp",
+                            biology_overrides={"alpha_per_gy": truth.biology.alpha_per_gy})
+    for a, b in zip(truth.scans, same.scans):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.flair, b.flair)
+    sensitive = simulate_patient(case_rng(11, 0), pattern="stupp", biology_overrides={"alpha_per_gy": 0.07,
+                                                                                       "hypoxic_oer": 1.0})
+    resistant = simulate_patient(case_rng(11, 0), pattern="stupp", biology_overrides={"alpha_per_gy": 0.03})
+    assert sensitive.biology.alpha_per_gy == 0.07 and sensitive.biology.hypoxic_oer == 1.0
+    assert sensitive.biology.proliferation_per_day == truth.biology.proliferation_per_day
+    assert sensitive.site_index == truth.site_index and sensitive.plan == truth.plan
+    rt_start = truth.plan["radiotherapy"]["start_day"]
+    assert truth.scans[0].day < rt_start < truth.scans[-1].day
+    np.testing.assert_array_equal(sensitive.scans[0].labels, resistant.scans[0].labels)
+    assert sensitive.scans[-1].tumour_ml < resistant.scans[-1].tumour_ml
+    with pytest.raises(ParameterError, match="Unknown biology"):
+        simulate_patient(case_rng(11, 0), biology_overrides={"alpha": 0.05})
+    with pytest.raises(ParameterError, match="finite"):
+        simulate_patient(case_rng(11, 0), biology_overrides={"alpha_per_gy": float("nan")})
+
+
 def test_determinism_and_case_independence_of_n(cohort, tmp_path):
     cli_out = tmp_path / "cli"
     assert cli_main(["make-dataset", "brain", "--n", "2", "--seed", "3", "--out", str(cli_out)]) == 0

@@ -69,9 +69,9 @@ brain, deformed only by its tumour).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 from scipy import fft as sfft
@@ -173,6 +173,20 @@ def sample_biology(rng: np.random.Generator) -> Biology:
         if name not in _LOG_UNIFORM:
             values[name] = float(rng.uniform(lo, hi))
     return Biology(**values)
+
+
+def _with_overrides(bio: Biology, overrides: Mapping[str, float] | None) -> Biology:
+    """``bio`` with the named values replaced; an unknown name or a non-finite value is refused."""
+    if not overrides:
+        return bio
+    known = {f.name for f in fields(Biology)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ParameterError(f"Unknown biology value(s) {unknown}; choose from {sorted(known)}.")
+    bad = {k: v for k, v in overrides.items() if not math.isfinite(float(v))}
+    if bad:
+        raise ParameterError(f"Biology overrides must be finite numbers; got {bad}.")
+    return replace(bio, **{k: float(v) for k, v in overrides.items()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,6 +610,7 @@ def _scan_noise(flair: np.ndarray, mask: np.ndarray, rng: np.random.Generator, s
 
 def simulate_patient(rng: np.random.Generator, *, spacing: int = 2, pattern: str | None = None,
                      baseline_volume_ml: float | None = None,
+                     biology_overrides: Mapping[str, float] | None = None,
                      progress: Callable[[str], None] | None = None) -> PhantomPatient:
     """Simulate one synthetic patient from its random generator.
 
@@ -607,6 +622,10 @@ def simulate_patient(rng: np.random.Generator, *, spacing: int = 2, pattern: str
         spacing: atlas spacing in mm (2 is committed).
         pattern: force a treatment pattern (a key of :data:`TREATMENT_PATTERNS`) instead of drawing it.
         baseline_volume_ml: force the baseline visible volume target (mL) instead of drawing it.
+        biology_overrides: replace some of the drawn :class:`Biology` values (field name -> value,
+            units as in :data:`BIOLOGY_RANGES`). The biology is still drawn first, so the site,
+            baseline size, schedule and image noise stay the patient's: the same patient with, for
+            example, another radiosensitivity (what-if and identifiability studies).
 
     Returns:
         A :class:`PhantomPatient` with one :class:`Scan` per time point (day 0 first).
@@ -614,7 +633,7 @@ def simulate_patient(rng: np.random.Generator, *, spacing: int = 2, pattern: str
     if pattern is not None and pattern not in TREATMENT_PATTERNS:
         raise ParameterError(f"Unknown treatment pattern {pattern!r}; choose one of {sorted(TREATMENT_PATTERNS)}.")
     dom = _domain(int(spacing))
-    bio = sample_biology(rng)
+    bio = _with_overrides(sample_biology(rng), biology_overrides)
     site = dom.sites[int(rng.integers(len(dom.sites)))]
     v0 = float(rng.uniform(*BASELINE_VOLUME_ML))
     names = list(TREATMENT_PATTERNS)
