@@ -188,8 +188,10 @@ def read_calibrated(path: Path | None) -> dict[str, float]:
         return {r["case"]: float(r["calibrated_dice"]) for r in csv.DictReader(fh) if r.get("calibrated_dice")}
 
 
-def write_outputs(out: Path, rows: list[dict], summary: str, force: bool) -> None:
-    """per_case.csv and summary.md, written to a temporary folder that replaces ``out`` at the end."""
+def write_outputs(out: Path, rows: list[dict], summary: str, force: bool,
+                  script: str = "benchmarks/calibration_ceiling.py", arguments: list[str] | None = None) -> None:
+    """per_case.csv and summary.md, written to a temporary folder that replaces ``out`` at the end;
+    the summary ends with the command (``script`` and ``arguments``, by default this process's)."""
     if out.exists() and not force:
         raise SystemExit(f"{out} exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +202,7 @@ def write_outputs(out: Path, rows: list[dict], summary: str, force: bool) -> Non
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    command = "python benchmarks/calibration_ceiling.py " + " ".join(sys.argv[1:])
+    command = f"python {script} " + " ".join(sys.argv[1:] if arguments is None else arguments)
     (staging / "summary.md").write_text(f"{summary}\n\nCommand: `{command}`\n")
     if out.exists():
         shutil.rmtree(out)
