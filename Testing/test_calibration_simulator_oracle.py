@@ -41,8 +41,9 @@ def _box(shape, lo, hi) -> np.ndarray:
 
 
 def test_response_draws_are_stratified_inside_the_prior(oracle):
-    draws = oracle.response_draws(32, seed=3)
-    assert draws == oracle.response_draws(32, seed=3) and draws != oracle.response_draws(32, seed=4)
+    draws = oracle.prior_draws(oracle.RESPONSE, 32, seed=3)
+    assert draws == oracle.prior_draws(oracle.RESPONSE, 32, seed=3)
+    assert draws != oracle.prior_draws(oracle.RESPONSE, 32, seed=4)
     for name in oracle.RESPONSE:
         values = np.array([d[name] for d in draws])
         lo, hi = BIOLOGY_RANGES[name]
@@ -50,6 +51,18 @@ def test_response_draws_are_stratified_inside_the_prior(oracle):
         # Latin hypercube: one draw in each of the 32 equal slices of the range
         slices = np.floor((values - lo) / (hi - lo) * 32).astype(int)
         assert sorted(slices) == list(range(32))
+
+
+def test_growth_draws_are_log_uniform_and_keep_the_phantoms_front_speed_range(oracle):
+    names = oracle.GROWTH + oracle.RESPONSE
+    draws = oracle.prior_draws(names, 400, seed=1)
+    assert 50 < len(draws) < 400  # some (D, rho) pairs fall outside the accepted front speeds
+    speeds = np.array([2 * np.sqrt(d["diffusion_wm_mm2_per_day"] * d["proliferation_per_day"]) for d in draws])
+    assert speeds.min() >= 0.02 and speeds.max() <= 0.15
+    lo, hi = BIOLOGY_RANGES["diffusion_wm_mm2_per_day"]
+    d = np.array([x["diffusion_wm_mm2_per_day"] for x in oracle.prior_draws(("diffusion_wm_mm2_per_day",), 400, 2)])
+    # log-uniform: the geometric midpoint splits the draws in half (a uniform draw would put ~11 % below it)
+    assert abs((d < np.sqrt(lo * hi)).mean() - 0.5) < 0.01
 
 
 def test_bayes_forecast_is_the_best_vote_level_against_the_members(oracle):
@@ -101,6 +114,7 @@ def test_replaying_a_patient_with_its_own_response_reproduces_its_scans(oracle):
     for a, b in zip(replayed, case["masks"]):
         np.testing.assert_array_equal(a, b)
     assert oracle.history_fit(replayed, case["masks"], 2) == 1.0
+    assert oracle.history_fit(replayed, case["masks"], 2, first=0) == 1.0
     assert oracle.hard_case(7, 1, history_scans=2) is None  # case_0001: no change scores 0.92
 
 

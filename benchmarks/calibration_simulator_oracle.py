@@ -30,12 +30,19 @@ with the generator's exact numerics.
   and of any draw at all (``best_any_dice``, whatever its history fit): optimistic bounds that
   need the answer to choose.
 
-Any forecast built from the scans knows less than this oracle (not the growth values, nor the
-generator), so if the oracle's Bayes forecast stays below 0.80 on the hard cases, the target is
-beyond what the history determines on this phantom, for every model.
+With ``--draw-growth`` the four growth values (D in white matter, the white/grey ratio, ρ, the
+anisotropy) are drawn from their prior too, and the history fit includes the first scan: the
+oracle then knows what a forecast knows of the tumour (its site and the scans), plus the
+generator, the anatomy, the mass effect and the extent of resection.
+
+A forecast built from the scans knows less than either oracle (not the generator, nor the values
+given), so where the oracle's Bayes forecast stays below 0.80, the history does not determine the
+answer well enough for any model; where it reaches 0.80, the information is there.
 
     python benchmarks/calibration_simulator_oracle.py --seed 7 --n 40 --history-scans 2 \\
         --draws 128 --accept 16 --workers 2 --out docs/results/calibration_simulator_oracle_two_scans
+    python benchmarks/calibration_simulator_oracle.py --seed 7 --n 40 --history-scans 2 --draw-growth \\
+        --draws 256 --accept 16 --workers 2 --out docs/results/calibration_simulator_oracle_growth_two_scans
 
 Writes ``per_case.csv`` and ``summary.md`` into ``--out`` (an existing folder is replaced only with
 ``--force``) and prints the summary. The held-out cohort is regenerated in memory from its seed
@@ -56,7 +63,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import qmc
 
-from AnatomyDTLib.brain.phantom import BIOLOGY_RANGES, case_rng, simulate_patient
+from AnatomyDTLib.brain.phantom import (BIOLOGY_RANGES, FRONT_SPEED_RANGE_MM_PER_DAY, LOG_UNIFORM, case_rng,
+                                        simulate_patient)
 from AnatomyDTLib.metrics import dice
 from AnatomyDTLib.schema import BRAIN_SCHEMA
 
@@ -67,15 +75,32 @@ TUMOUR = BRAIN_SCHEMA.tumour_index
 RESPONSE = ("alpha_per_gy", "rt_death_delay_days", "clearance_half_life_days", "tmz_kill_rate_per_day",
             "hypoxic_oer")
 """The hidden values that shape the response to treatment; the oracle draws these and is given the rest."""
+GROWTH = ("diffusion_wm_mm2_per_day", "wm_gm_ratio", "proliferation_per_day", "anisotropy")
+"""The hidden growth values, drawn too with ``--draw-growth`` (then the first scan differs between draws)."""
 
 
-def response_draws(count: int, seed: int) -> list[dict[str, float]]:
-    """``count`` stratified (Latin hypercube) draws of :data:`RESPONSE` from the phantom's uniform prior."""
-    unit = qmc.LatinHypercube(d=len(RESPONSE), seed=seed).random(count)
-    lows = np.array([BIOLOGY_RANGES[name][0] for name in RESPONSE])
-    highs = np.array([BIOLOGY_RANGES[name][1] for name in RESPONSE])
+def _prior_scale(name: str, value):
+    """The coordinate in which the phantom's prior of ``name`` is uniform (log for the log-uniform ones)."""
+    return np.log(value) if name in LOG_UNIFORM else value
+
+
+def prior_draws(names: tuple[str, ...], count: int, seed: int) -> list[dict[str, float]]:
+    """Stratified (Latin hypercube) draws of ``names`` from the phantom's prior (:data:`BIOLOGY_RANGES`,
+    log-uniform where the phantom draws so). Draws whose Fisher-KPP front speed 2·sqrt(D·ρ) lies
+    outside the phantom's accepted range are dropped, as the phantom redraws them."""
+    unit = qmc.LatinHypercube(d=len(names), seed=seed).random(count)
+    lows = np.array([_prior_scale(n, BIOLOGY_RANGES[n][0]) for n in names])
+    highs = np.array([_prior_scale(n, BIOLOGY_RANGES[n][1]) for n in names])
     values = lows + unit * (highs - lows)
-    return [dict(zip(RESPONSE, map(float, row))) for row in values]
+    draws = []
+    for row in values:
+        draw = {n: float(np.exp(v) if n in LOG_UNIFORM else v) for n, v in zip(names, row)}
+        if {"diffusion_wm_mm2_per_day", "proliferation_per_day"} <= draw.keys():
+            speed = 2.0 * np.sqrt(draw["diffusion_wm_mm2_per_day"] * draw["proliferation_per_day"])
+            if not FRONT_SPEED_RANGE_MM_PER_DAY[0] <= speed <= FRONT_SPEED_RANGE_MM_PER_DAY[1]:
+                continue
+        draws.append(draw)
+    return draws
 
 
 def tumour_masks(patient, scans: int) -> list[np.ndarray]:
@@ -83,7 +108,7 @@ def tumour_masks(patient, scans: int) -> list[np.ndarray]:
     return [s.labels == TUMOUR for s in patient.scans[:scans]]
 
 
-def hard_case(seed: int, index: int, history_scans: int) -> dict | None:
+def hard_case(seed: int, index: int, history_scans: int, drawn: tuple[str, ...] = RESPONSE) -> dict | None:
     """The truth's masks and no-change Dice when case ``index`` is an eligible hard case, else None.
 
     Eligible as in ``calibration_phantom.py``: enough scans, and tumour in every one used."""
@@ -98,7 +123,7 @@ def hard_case(seed: int, index: int, history_scans: int) -> dict | None:
         return None
     return {"index": index, "case": f"case_{index:04d}", "pattern": patient.pattern, "masks": masks,
             "no_change_dice": no_change, "days": "/".join(f"{s.day:g}" for s in patient.scans[:history_scans + 1]),
-            "voxel_ml": patient.geometry.voxel_volume_ml, "truth": {k: getattr(patient.biology, k) for k in RESPONSE}}
+            "voxel_ml": patient.geometry.voxel_volume_ml, "truth": {k: getattr(patient.biology, k) for k in drawn}}
 
 
 def replay(seed: int, index: int, history_scans: int, overrides: dict[str, float]) -> list[np.ndarray]:
@@ -106,9 +131,10 @@ def replay(seed: int, index: int, history_scans: int, overrides: dict[str, float
     return tumour_masks(simulate_patient(case_rng(seed, index), biology_overrides=overrides), history_scans + 1)
 
 
-def history_fit(draw: list[np.ndarray], truth: list[np.ndarray], history_scans: int) -> float:
-    """Mean tumour Dice of the draw against the truth over history scans 1..history_scans-1."""
-    return float(np.mean([dice(draw[s], truth[s]) for s in range(1, history_scans)]))
+def history_fit(draw: list[np.ndarray], truth: list[np.ndarray], history_scans: int, first: int = 1) -> float:
+    """Mean tumour Dice of the draw against the truth over history scans first..history_scans-1
+    (first = 1 when only the response is drawn: scan 0 precedes treatment and is the truth's)."""
+    return float(np.mean([dice(draw[s], truth[s]) for s in range(first, history_scans)]))
 
 
 def bayes_forecast(members: list[np.ndarray]) -> tuple[np.ndarray, float]:
@@ -125,11 +151,11 @@ def bayes_forecast(members: list[np.ndarray]) -> tuple[np.ndarray, float]:
 
 
 def score_case(case: dict, draws: list[dict[str, float]], masks: list[list[np.ndarray]], history_scans: int,
-               accept: int) -> dict:
+               accept: int, first: int = 1) -> dict:
     """One hard case's row: history fits, the accepted draws, the Bayes forecast and the lucky picks."""
     truth = case["masks"]
     target = truth[history_scans]
-    fits = np.array([history_fit(m, truth, history_scans) for m in masks])
+    fits = np.array([history_fit(m, truth, history_scans, first) for m in masks])
     forecast_dice = np.array([dice(m[history_scans], target) for m in masks])
     visible = np.array([m[history_scans].any() for m in masks])
     order = np.argsort(-np.where(visible, fits, -np.inf), kind="stable")
@@ -138,7 +164,9 @@ def score_case(case: dict, draws: list[dict[str, float]], masks: list[list[np.nd
         raise SystemExit(f"{case['case']}: no draw keeps a visible tumour at the forecast scan; use more --draws")
     forecast, expected = bayes_forecast([masks[i][history_scans] for i in accepted])
     nearest = min(range(len(draws)), key=lambda i: sum(
-        ((draws[i][k] - case["truth"][k]) / (BIOLOGY_RANGES[k][1] - BIOLOGY_RANGES[k][0])) ** 2 for k in RESPONSE))
+        ((_prior_scale(k, draws[i][k]) - _prior_scale(k, case["truth"][k]))
+         / (_prior_scale(k, BIOLOGY_RANGES[k][1]) - _prior_scale(k, BIOLOGY_RANGES[k][0]))) ** 2
+        for k in case["truth"]))
     return {"case": case["case"], "pattern": case["pattern"], "days": case["days"],
             "last_ml": round(float(truth[history_scans - 1].sum()) * case["voxel_ml"], 3),
             "target_ml": round(float(target.sum()) * case["voxel_ml"], 3),
@@ -163,14 +191,15 @@ def summarise(rows: list[dict], args) -> str:
                ("oracle Bayes forecast (accepted draws' vote, no look at the truth)", "bayes_dice"),
                ("  its expected DSC under the accepted draws", "bayes_expected_dice"),
                ("median accepted draw", "accepted_median_dice"),
-               ("draw nearest to the true response values", "nearest_draw_dice"),
+               ("draw nearest to the true hidden values (prior coordinates)", "nearest_draw_dice"),
                ("best accepted draw (chosen with the answer)", "best_accepted_dice"),
                ("best of all draws (chosen with the answer)", "best_any_dice")]
     lines = [f"Hard cases (no change <= {HARD_CASE_NO_CHANGE_DICE}) of the held-out cohort (seed {args.seed}, first "
              f"{args.n} patients), history scans 0-{args.history_scans - 1}, forecast of scan {args.history_scans}: "
              f"{len(rows)} cases. Oracle: the phantom's generator given every hidden value but the "
-             f"{len(RESPONSE)} response values, {args.draws} draws of those, the {args.accept} best history fits "
-             f"accepted.", "",
+             f"{len(drawn_names(args))} {'growth and response' if args.draw_growth else 'response'} values, "
+             f"{args.draws} prior draws of those ({args.used_draws} inside the prior's front-speed range), "
+             f"the {args.accept} best history fits accepted.", "",
              f"| forecast | tumour DSC mean | median | >= {TARGET_DICE:.2f} |", "|---|---|---|---|"]
     for label, key in columns:
         values = [r[key] for r in rows]
@@ -185,6 +214,10 @@ def summarise(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def drawn_names(args) -> tuple[str, ...]:
+    return GROWTH + RESPONSE if args.draw_growth else RESPONSE
+
+
 def _replay_job(job):
     return replay(*job)
 
@@ -197,6 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--draws", type=int, default=128, help="response draws per case")
     parser.add_argument("--accept", type=int, default=16, help="draws kept as the posterior (best history fits)")
     parser.add_argument("--draw-seed", type=int, default=0, help="seed of the Latin hypercube")
+    parser.add_argument("--draw-growth", action="store_true",
+                        help="draw the growth values (D, white/grey ratio, rho, anisotropy) too, instead of giving the "
+                             "oracle the truth's; the history fit then includes the first scan")
     parser.add_argument("--cases", type=int, nargs="*", help="only these case indices (must be hard cases)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes simulating draws")
     parser.add_argument("--out", type=Path, help="folder for per_case.csv and summary.md")
@@ -210,19 +246,23 @@ def main(argv=None) -> int:
         parser.error("--accept must be between 1 and --draws")
     if args.out is not None and args.out.exists() and not args.force:
         parser.error(f"{args.out} exists; pass --force to replace it")
-    draws = response_draws(args.draws, args.draw_seed)
+    names = drawn_names(args)
+    first_fitted_scan = 0 if args.draw_growth else 1
+    draws = prior_draws(names, args.draws, args.draw_seed)
+    args.used_draws = len(draws)
     indices = args.cases if args.cases else range(args.n)
     rows = []
     started = time.perf_counter()
     pool = ProcessPoolExecutor(max_workers=args.workers) if args.workers > 1 else None
     try:
         for index in indices:
-            case = hard_case(args.seed, index, args.history_scans)
+            case = hard_case(args.seed, index, args.history_scans, names)
             if case is None:
                 continue
             jobs = [(args.seed, index, args.history_scans, d) for d in draws]
             masks = list(pool.map(_replay_job, jobs, chunksize=4)) if pool else [_replay_job(j) for j in jobs]
-            row = score_case(case, draws, masks, args.history_scans, args.accept)
+            row = score_case(case, draws, masks, args.history_scans, min(args.accept, len(draws)),
+                             first_fitted_scan)
             rows.append(row)
             print(f"{row['case']} {row['pattern']:>13} days {row['days']:>11}: {row['last_ml']:6.2f} -> "
                   f"{row['target_ml']:6.2f} mL; no change {row['no_change_dice']:.2f}, oracle Bayes "

@@ -113,7 +113,8 @@ BIOLOGY_RANGES = {
     "push_range_mm": (20.0, 60.0),                # screening length L of the displacement (compressibility)
     "extent_of_resection": (0.7, 1.0),            # fraction of the bulk removed by surgery
 }
-_LOG_UNIFORM = {"diffusion_wm_mm2_per_day", "proliferation_per_day"}
+LOG_UNIFORM = {"diffusion_wm_mm2_per_day", "proliferation_per_day"}
+"""The :data:`BIOLOGY_RANGES` entries drawn log-uniformly (the others uniformly)."""
 FRONT_SPEED_RANGE_MM_PER_DAY = (0.02, 0.15)
 """Accepted Fisher-KPP front speed 2 sqrt(D_w rho) (7-55 mm/year); other (D, rho) draws are redrawn."""
 BASELINE_VOLUME_ML = (5.0, 40.0)
@@ -170,7 +171,7 @@ def sample_biology(rng: np.random.Generator) -> Biology:
         if FRONT_SPEED_RANGE_MM_PER_DAY[0] <= speed <= FRONT_SPEED_RANGE_MM_PER_DAY[1]:
             break
     for name, (lo, hi) in BIOLOGY_RANGES.items():
-        if name not in _LOG_UNIFORM:
+        if name not in LOG_UNIFORM:
             values[name] = float(rng.uniform(lo, hi))
     return Biology(**values)
 
