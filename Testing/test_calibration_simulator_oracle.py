@@ -88,7 +88,7 @@ def test_score_case_accepts_the_best_history_fits_that_keep_a_visible_tumour(ora
              [baseline, _box(shape, 3, 10), target],
              [baseline, _box(shape, 4, 10), _box(shape, 6, 9)],
              [baseline, _box(shape, 1, 13), _box(shape, 2, 12)]]
-    row = oracle.score_case(case, draws, masks, history_scans=2, accept=2)
+    row = oracle.score_case(case, draws, masks, history_scans=2, accept=2, tolerances=(0.3, 0.01))
     fits = [_count_dice(m[1], scan1) for m in masks]
     assert row["draws_visible_at_forecast"] == 3 and row["accepted"] == 2
     # accepted: draws 1 and 2 (the best fits among the visible ones; draw 0 fits best but is empty)
@@ -103,6 +103,12 @@ def test_score_case_accepts_the_best_history_fits_that_keep_a_visible_tumour(ora
     best = max(levels, key=levels.get)
     assert row["bayes_expected_dice"] == pytest.approx(levels[best])
     assert row["bayes_dice"] == pytest.approx(_count_dice(votes >= best, target))
+    # tolerance 0.3: every visible draw with history Dice >= 0.7 (draws 1 and 2; draw 3 fits at 0.62)
+    assert fits[3] < 0.7 <= min(fits[1], fits[2]) and fits[0] == 1.0
+    assert row["within_0.3"] == 2
+    assert row["bayes_dice_within_0.3"] == pytest.approx(row["bayes_dice"])
+    # tolerance 0.01: only draw 0 fits that closely, and its tumour is gone at the forecast scan
+    assert row["within_0.01"] == 0 and np.isnan(row["bayes_dice_within_0.01"])
 
 
 def test_replaying_a_patient_with_its_own_response_reproduces_its_scans(oracle):

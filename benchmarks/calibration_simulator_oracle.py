@@ -26,6 +26,11 @@ with the generator's exact numerics.
   Dice *against the accepted draws themselves* (no look at the truth). Its expected Dice under
   the posterior (``bayes_expected_dice``) is what the oracle can promise before seeing the scan;
   its Dice against the true scan is ``bayes_dice``.
+* **Fixed tolerances** (``--tolerance``): the same Bayes forecast from every draw (still visible at
+  the forecast scan) whose history Dice is at least 1 - ε. The calibration reproduces the history
+  at a tumour Dice of about 0.92 (``fit_dice_scan1`` of ``calibration_phantom.py``), so ε = 0.08
+  asks what the exact mechanism could forecast from a history matched that closely; smaller ε
+  show how closely a forecaster would have to reproduce the scans.
 * **Lucky pick**: the best Dice against the truth of any accepted draw (``best_accepted_dice``)
   and of any draw at all (``best_any_dice``, whatever its history fit): optimistic bounds that
   need the answer to choose.
@@ -151,8 +156,10 @@ def bayes_forecast(members: list[np.ndarray]) -> tuple[np.ndarray, float]:
 
 
 def score_case(case: dict, draws: list[dict[str, float]], masks: list[list[np.ndarray]], history_scans: int,
-               accept: int, first: int = 1) -> dict:
-    """One hard case's row: history fits, the accepted draws, the Bayes forecast and the lucky picks."""
+               accept: int, first: int = 1, tolerances: tuple[float, ...] = ()) -> dict:
+    """One hard case's row: history fits, the accepted draws, the Bayes forecast and the lucky picks;
+    per tolerance ε also the Bayes forecast of the visible draws whose history Dice is >= 1 - ε
+    (rejection ABC with a fixed tolerance: how closely a forecaster must reproduce the history)."""
     truth = case["masks"]
     target = truth[history_scans]
     fits = np.array([history_fit(m, truth, history_scans, first) for m in masks])
@@ -183,7 +190,23 @@ def score_case(case: dict, draws: list[dict[str, float]], masks: list[list[np.nd
             "best_accepted_dice": float(forecast_dice[accepted].max()),
             "best_any_dice": float(forecast_dice.max()),
             "nearest_draw_history_dice": float(fits[nearest]),
-            "nearest_draw_dice": float(forecast_dice[nearest])}
+            "nearest_draw_dice": float(forecast_dice[nearest]),
+            **{key: value for eps in tolerances for key, value in
+               _within_tolerance(eps, visible & (fits >= 1.0 - eps), masks, history_scans, target).items()}}
+
+
+def tolerance_key(eps: float) -> str:
+    return f"{eps:g}"
+
+
+def _within_tolerance(eps: float, within: np.ndarray, masks, history_scans: int, target: np.ndarray) -> dict:
+    """Columns of the Bayes forecast from the draws selected by ``within`` (NaN when there is none)."""
+    key = tolerance_key(eps)
+    if not within.any():
+        return {f"within_{key}": 0, f"bayes_dice_within_{key}": math.nan, f"bayes_expected_dice_within_{key}": math.nan}
+    forecast, expected = bayes_forecast([masks[i][history_scans] for i in np.flatnonzero(within)])
+    return {f"within_{key}": int(within.sum()), f"bayes_dice_within_{key}": dice(forecast, target),
+            f"bayes_expected_dice_within_{key}": expected}
 
 
 def summarise(rows: list[dict], args) -> str:
@@ -201,8 +224,15 @@ def summarise(rows: list[dict], args) -> str:
              f"{args.draws} prior draws of those ({args.used_draws} inside the prior's front-speed range), "
              f"the {args.accept} best history fits accepted.", "",
              f"| forecast | tumour DSC mean | median | >= {TARGET_DICE:.2f} |", "|---|---|---|---|"]
+    for eps in args.tolerance:
+        key = tolerance_key(eps)
+        columns.append((f"oracle Bayes forecast of the draws fitting the history within {eps:g} "
+                        f"(history Dice >= {1 - eps:g}; cases with such a draw)", f"bayes_dice_within_{key}"))
     for label, key in columns:
-        values = [r[key] for r in rows]
+        values = [r[key] for r in rows if not math.isnan(r[key])]
+        if not values:
+            lines.append(f"| {label} | – | – | 0 of 0 |")
+            continue
         lines.append(f"| {label} | {np.mean(values):.3f} | {np.median(values):.3f} | "
                      f"{sum(v >= TARGET_DICE for v in values)} of {len(values)} |")
     fits = [r["accepted_history_dice_min"] for r in rows]
@@ -230,6 +260,9 @@ def main(argv=None) -> int:
     parser.add_argument("--draws", type=int, default=128, help="response draws per case")
     parser.add_argument("--accept", type=int, default=16, help="draws kept as the posterior (best history fits)")
     parser.add_argument("--draw-seed", type=int, default=0, help="seed of the Latin hypercube")
+    parser.add_argument("--tolerance", type=float, nargs="*", default=[0.08, 0.02, 0.01],
+                        help="history-fit tolerances ε: also forecast from every visible draw with history Dice >= 1 - ε "
+                             "(0.08: the history fit of the calibration itself)")
     parser.add_argument("--draw-growth", action="store_true",
                         help="draw the growth values (D, white/grey ratio, rho, anisotropy) too, instead of giving the "
                              "oracle the truth's; the history fit then includes the first scan")
@@ -240,6 +273,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.history_scans < 2:
         parser.error("--history-scans must be at least 2: the first scan precedes treatment and cannot tell responses apart")
+    if any(not 0.0 < eps < 1.0 for eps in args.tolerance):
+        parser.error("--tolerance values must lie between 0 and 1")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if not 1 <= args.accept <= args.draws:
@@ -262,7 +297,7 @@ def main(argv=None) -> int:
             jobs = [(args.seed, index, args.history_scans, d) for d in draws]
             masks = list(pool.map(_replay_job, jobs, chunksize=4)) if pool else [_replay_job(j) for j in jobs]
             row = score_case(case, draws, masks, args.history_scans, min(args.accept, len(draws)),
-                             first_fitted_scan)
+                             first_fitted_scan, tuple(args.tolerance))
             rows.append(row)
             print(f"{row['case']} {row['pattern']:>13} days {row['days']:>11}: {row['last_ml']:6.2f} -> "
                   f"{row['target_ml']:6.2f} mL; no change {row['no_change_dice']:.2f}, oracle Bayes "
