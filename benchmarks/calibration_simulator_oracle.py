@@ -144,15 +144,23 @@ def history_fit(draw: list[np.ndarray], truth: list[np.ndarray], history_scans: 
 
 def bayes_forecast(members: list[np.ndarray]) -> tuple[np.ndarray, float]:
     """The level set of the members' vote count with the best mean Dice against the members
-    themselves, and that mean Dice (the forecast's expected Dice under the members)."""
+    themselves, and that mean Dice (the forecast's expected Dice under the members).
+
+    Every level is scored at once from vote histograms: the level set ``votes >= j`` has
+    ``Σ_{v >= j} N(v)`` voxels, and shares ``Σ_{v >= j} n_s(v)`` with member s, where N and n_s count
+    the voxels of each vote value in the grid and in member s (exact integer counts, so each Dice
+    equals ``metrics.dice`` of the two masks)."""
+    n = len(members)
     votes = np.sum(members, axis=0, dtype=np.int32)
-    best, best_mean = votes >= len(members), -1.0
-    for needed in range(1, len(members) + 1):
-        forecast = votes >= needed
-        mean = float(np.mean([dice(forecast, m) for m in members]))
-        if mean > best_mean:
-            best, best_mean = forecast, mean
-    return best, best_mean
+    in_level = np.cumsum(np.bincount(votes.ravel(), minlength=n + 1)[::-1])[::-1]  # |votes >= j|
+    dice_by_level = np.empty((n, n + 1))
+    for s, member in enumerate(members):
+        shared = np.cumsum(np.bincount(votes[member], minlength=n + 1)[::-1])[::-1]  # |(votes >= j) ∩ member|
+        total = in_level + int(member.sum())
+        dice_by_level[s] = [2.0 * int(a) / int(t) if t else 1.0 for a, t in zip(shared, total)]
+    mean_by_level = dice_by_level.mean(axis=0)
+    best = 1 + int(np.argmax(mean_by_level[1:]))  # the first of equal means, as levels 1..n
+    return votes >= best, float(mean_by_level[best])
 
 
 def score_case(case: dict, draws: list[dict[str, float]], masks: list[list[np.ndarray]], history_scans: int,
