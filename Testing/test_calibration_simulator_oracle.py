@@ -107,8 +107,11 @@ def test_score_case_accepts_the_best_history_fits_that_keep_a_visible_tumour(ora
     assert fits[3] < 0.7 <= min(fits[1], fits[2]) and fits[0] == 1.0
     assert row["within_0.3"] == 2
     assert row["bayes_dice_within_0.3"] == pytest.approx(row["bayes_dice"])
+    assert row["lowest_dice_within_0.3"] == pytest.approx(min(_count_dice(masks[i][2], target) for i in (1, 2)))
+    assert row["highest_dice_within_0.3"] == pytest.approx(1.0)
     # tolerance 0.01: only draw 0 fits that closely, and its tumour is gone at the forecast scan
     assert row["within_0.01"] == 0 and np.isnan(row["bayes_dice_within_0.01"])
+    assert np.isnan(row["lowest_dice_within_0.01"])
 
 
 def test_replaying_a_patient_with_its_own_response_reproduces_its_scans(oracle):

@@ -30,7 +30,9 @@ with the generator's exact numerics.
   the forecast scan) whose history Dice is at least 1 - ε. The calibration reproduces the history
   at a tumour Dice of about 0.92 (``fit_dice_scan1`` of ``calibration_phantom.py``), so ε = 0.08
   asks what the exact mechanism could forecast from a history matched that closely; smaller ε
-  show how closely a forecaster would have to reproduce the scans.
+  show how closely a forecaster would have to reproduce the scans, and ε = 0 keeps the draws that
+  reproduce the history voxel for voxel: where their forecasts still differ, no forecaster can
+  tell from the scans which one is coming.
 * **Lucky pick**: the best Dice against the truth of any accepted draw (``best_accepted_dice``)
   and of any draw at all (``best_any_dice``, whatever its history fit): optimistic bounds that
   need the answer to choose.
@@ -200,21 +202,26 @@ def score_case(case: dict, draws: list[dict[str, float]], masks: list[list[np.nd
             "nearest_draw_history_dice": float(fits[nearest]),
             "nearest_draw_dice": float(forecast_dice[nearest]),
             **{key: value for eps in tolerances for key, value in
-               _within_tolerance(eps, visible & (fits >= 1.0 - eps), masks, history_scans, target).items()}}
+               _within_tolerance(eps, visible & (fits >= 1.0 - eps), masks, history_scans, target,
+                                 forecast_dice).items()}}
 
 
 def tolerance_key(eps: float) -> str:
     return f"{eps:g}"
 
 
-def _within_tolerance(eps: float, within: np.ndarray, masks, history_scans: int, target: np.ndarray) -> dict:
-    """Columns of the Bayes forecast from the draws selected by ``within`` (NaN when there is none)."""
+def _within_tolerance(eps: float, within: np.ndarray, masks, history_scans: int, target: np.ndarray,
+                      forecast_dice: np.ndarray) -> dict:
+    """Columns of the draws selected by ``within`` (NaN when there is none): their count, their Bayes
+    forecast (Dice against the truth, and expected under them) and the lowest and highest Dice of
+    their own forecasts against the truth (ε = 0: draws that reproduce the history voxel for voxel)."""
     key = tolerance_key(eps)
+    names = ("bayes_dice", "bayes_expected_dice", "lowest_dice", "highest_dice")
     if not within.any():
-        return {f"within_{key}": 0, f"bayes_dice_within_{key}": math.nan, f"bayes_expected_dice_within_{key}": math.nan}
+        return {f"within_{key}": 0, **{f"{name}_within_{key}": math.nan for name in names}}
     forecast, expected = bayes_forecast([masks[i][history_scans] for i in np.flatnonzero(within)])
-    return {f"within_{key}": int(within.sum()), f"bayes_dice_within_{key}": dice(forecast, target),
-            f"bayes_expected_dice_within_{key}": expected}
+    values = (dice(forecast, target), expected, float(forecast_dice[within].min()), float(forecast_dice[within].max()))
+    return {f"within_{key}": int(within.sum()), **{f"{name}_within_{key}": v for name, v in zip(names, values)}}
 
 
 def summarise(rows: list[dict], args) -> str:
@@ -249,6 +256,15 @@ def summarise(rows: list[dict], args) -> str:
                   f"{sum(r['accepted_at_target'] for r in rows)} of {sum(r['accepted'] for r in rows)}. Draws whose "
                   f"tumour is still visible at the forecast scan: median {np.median([r['draws_visible_at_forecast'] for r in rows]):.0f} "
                   f"of {args.draws} per case."]
+    if 0.0 in args.tolerance:
+        exact = [r for r in rows if r["within_0"] >= 2]
+        if exact:
+            lines += ["", f"Cases where at least two draws reproduce the history voxel for voxel (history Dice 1): "
+                          f"{len(exact)} of {len(rows)}. Their forecasts' DSC against the truth spread from "
+                          f"lowest to highest by a median of "
+                          f"{np.median([r['highest_dice_within_0'] - r['lowest_dice_within_0'] for r in exact]):.3f}: "
+                          + ", ".join(f"{r['case']} {r['lowest_dice_within_0']:.2f}-{r['highest_dice_within_0']:.2f} "
+                                      f"({r['within_0']} draws)" for r in exact) + "."]
     return "\n".join(lines)
 
 
@@ -268,9 +284,9 @@ def main(argv=None) -> int:
     parser.add_argument("--draws", type=int, default=128, help="response draws per case")
     parser.add_argument("--accept", type=int, default=16, help="draws kept as the posterior (best history fits)")
     parser.add_argument("--draw-seed", type=int, default=0, help="seed of the Latin hypercube")
-    parser.add_argument("--tolerance", type=float, nargs="*", default=[0.08, 0.02, 0.01],
+    parser.add_argument("--tolerance", type=float, nargs="*", default=[0.08, 0.02, 0.01, 0.0],
                         help="history-fit tolerances ε: also forecast from every visible draw with history Dice >= 1 - ε "
-                             "(0.08: the history fit of the calibration itself)")
+                             "(0.08: the history fit of the calibration itself; 0: the history reproduced exactly)")
     parser.add_argument("--draw-growth", action="store_true",
                         help="draw the growth values (D, white/grey ratio, rho, anisotropy) too, instead of giving the "
                              "oracle the truth's; the history fit then includes the first scan")
@@ -281,8 +297,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.history_scans < 2:
         parser.error("--history-scans must be at least 2: the first scan precedes treatment and cannot tell responses apart")
-    if any(not 0.0 < eps < 1.0 for eps in args.tolerance):
-        parser.error("--tolerance values must lie between 0 and 1")
+    if any(not 0.0 <= eps < 1.0 for eps in args.tolerance):
+        parser.error("--tolerance values must lie in [0, 1)")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if not 1 <= args.accept <= args.draws:
