@@ -134,7 +134,7 @@ def hard_case(seed: int, index: int, history_scans: int, drawn: tuple[str, ...] 
 
 
 def replay(seed: int, index: int, history_scans: int, overrides: dict[str, float]) -> list[np.ndarray]:
-    """Tumour masks of scans 0..history_scans of the patient replayed with other response values."""
+    """Tumour masks of scans 0..history_scans of the patient replayed with other hidden values."""
     return tumour_masks(simulate_patient(case_rng(seed, index), biology_overrides=overrides), history_scans + 1)
 
 
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=7, help="cohort seed (7: the held-out cohort)")
     parser.add_argument("--n", type=int, default=40, help="look at the first N patients of the cohort")
     parser.add_argument("--history-scans", type=int, default=2, help="scans in the history (2: the issue's protocol)")
-    parser.add_argument("--draws", type=int, default=128, help="response draws per case")
+    parser.add_argument("--draws", type=int, default=128, help="prior draws per case")
     parser.add_argument("--accept", type=int, default=16, help="draws kept as the posterior (best history fits)")
     parser.add_argument("--draw-seed", type=int, default=0, help="seed of the Latin hypercube")
     parser.add_argument("--tolerance", type=float, nargs="*", default=[0.08, 0.02, 0.01, 0.0],
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     parser.add_argument("--draw-growth", action="store_true",
                         help="draw the growth values (D, white/grey ratio, rho, anisotropy) too, instead of giving the "
                              "oracle the truth's; the history fit then includes the first scan")
-    parser.add_argument("--cases", type=int, nargs="*", help="only these case indices (must be hard cases)")
+    parser.add_argument("--cases", type=int, nargs="*", help="only these case indices (those that are not hard cases are skipped)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes simulating draws")
     parser.add_argument("--out", type=Path, help="folder for per_case.csv and summary.md")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
