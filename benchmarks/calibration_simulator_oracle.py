@@ -70,7 +70,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import qmc
 
-from AnatomyDTLib.brain.phantom import (BIOLOGY_RANGES, FRONT_SPEED_RANGE_MM_PER_DAY, LOG_UNIFORM, case_rng,
+from AnatomyDTLib.brain.phantom import (BIOLOGY_RANGES, LOG_UNIFORM, case_rng, front_speed_accepted,
                                         simulate_patient)
 from AnatomyDTLib.metrics import dice
 from AnatomyDTLib.schema import BRAIN_SCHEMA
@@ -102,10 +102,9 @@ def prior_draws(names: tuple[str, ...], count: int, seed: int) -> list[dict[str,
     draws = []
     for row in values:
         draw = {n: float(np.exp(v) if n in LOG_UNIFORM else v) for n, v in zip(names, row)}
-        if {"diffusion_wm_mm2_per_day", "proliferation_per_day"} <= draw.keys():
-            speed = 2.0 * np.sqrt(draw["diffusion_wm_mm2_per_day"] * draw["proliferation_per_day"])
-            if not FRONT_SPEED_RANGE_MM_PER_DAY[0] <= speed <= FRONT_SPEED_RANGE_MM_PER_DAY[1]:
-                continue
+        if {"diffusion_wm_mm2_per_day", "proliferation_per_day"} <= draw.keys() and not front_speed_accepted(
+                draw["diffusion_wm_mm2_per_day"], draw["proliferation_per_day"]):
+            continue
         draws.append(draw)
     return draws
 
@@ -128,7 +127,7 @@ def hard_case(seed: int, index: int, history_scans: int, drawn: tuple[str, ...] 
     no_change = dice(masks[history_scans - 1], masks[history_scans])
     if no_change > HARD_CASE_NO_CHANGE_DICE:
         return None
-    return {"index": index, "case": f"case_{index:04d}", "pattern": patient.pattern, "masks": masks,
+    return {"case": f"case_{index:04d}", "pattern": patient.pattern, "masks": masks,
             "no_change_dice": no_change, "days": "/".join(f"{s.day:g}" for s in patient.scans[:history_scans + 1]),
             "voxel_ml": patient.geometry.voxel_volume_ml, "truth": {k: getattr(patient.biology, k) for k in drawn}}
 
@@ -299,6 +298,8 @@ def main(argv=None) -> int:
         parser.error("--history-scans must be at least 2: the first scan precedes treatment and cannot tell responses apart")
     if any(not 0.0 <= eps < 1.0 for eps in args.tolerance):
         parser.error("--tolerance values must lie in [0, 1)")
+    if args.cases and min(args.cases) < 0:
+        parser.error("--cases takes case indices from 0")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if not 1 <= args.accept <= args.draws:

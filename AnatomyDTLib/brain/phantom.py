@@ -160,6 +160,13 @@ class Biology:
         return d
 
 
+def front_speed_accepted(diffusion_wm_mm2_per_day: float, proliferation_per_day: float) -> bool:
+    """Whether the Fisher-KPP front speed 2 sqrt(D_w rho) (mm/day) lies in :data:`FRONT_SPEED_RANGE_MM_PER_DAY`,
+    the condition of the phantom's prior on (D_w, rho)."""
+    speed = 2.0 * math.sqrt(diffusion_wm_mm2_per_day * proliferation_per_day)
+    return FRONT_SPEED_RANGE_MM_PER_DAY[0] <= speed <= FRONT_SPEED_RANGE_MM_PER_DAY[1]
+
+
 def sample_biology(rng: np.random.Generator) -> Biology:
     """Draw a :class:`Biology` (redrawing D, rho until the front speed is in its range)."""
     values = {}
@@ -167,8 +174,7 @@ def sample_biology(rng: np.random.Generator) -> Biology:
         for name in ("diffusion_wm_mm2_per_day", "proliferation_per_day"):
             lo, hi = BIOLOGY_RANGES[name]
             values[name] = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-        speed = 2.0 * math.sqrt(values["diffusion_wm_mm2_per_day"] * values["proliferation_per_day"])
-        if FRONT_SPEED_RANGE_MM_PER_DAY[0] <= speed <= FRONT_SPEED_RANGE_MM_PER_DAY[1]:
+        if front_speed_accepted(values["diffusion_wm_mm2_per_day"], values["proliferation_per_day"]):
             break
     for name, (lo, hi) in BIOLOGY_RANGES.items():
         if name not in LOG_UNIFORM:
