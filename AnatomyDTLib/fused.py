@@ -11,12 +11,13 @@ the same step voxel by voxel in one compiled kernel (numba), pipelined along the
         finish plane e - L                diffused classes from u_m, the others from q,
                                           simplex projection, written back into p (in place)
 
-Only a few planes of q and of each sweep live at a time (ring buffers: ≈ 1 MB per slab for a
-brain tumour's box, ≈ 14 MB for full 240×240 planes of 5 classes, so they stay in the caches), so
-main memory sees the state read once and written once — the step's unavoidable traffic. Every
-stage is a vectorised loop along x per row; on short rows the rows' fixed cost weighs
-(docs/performance.md, benchmarks/perf_row_length.py). The output lags the input by L = max(m, 1) planes, so every plane the explicit part still
-has to read (its stencil reaches one plane ahead and one behind) is unchanged when read. The box
+Only a few planes live at a time (ring buffers of the input planes e − 1, e, e + 1, of q and of
+each sweep: ≈ 1.5 MB per slab for a brain tumour's box, ≈ 20 MB for full 240×240 planes of 5
+classes, so they stay in the caches), so main memory sees the state read once and written once —
+the step's unavoidable traffic. Every stage runs over a whole plane per call, a vectorised loop
+along x per row (docs/performance.md, benchmarks/perf_row_length.py). The output lags the input by
+L = max(m, 1) planes, so every input plane has been copied into the ring before its plane of p is
+overwritten. The box
 is split into one slab of planes per thread; each slab recomputes m + 1 planes of halo around it
 from a copy of its neighbours' input planes, taken before any slab writes.
 

@@ -2,11 +2,15 @@
 scheme and is the only caller (it imports this module on first use, so that runs which never
 take the fused path do not import numba).
 
-The kernel works line by line: every inner loop runs over x along one contiguous line with no
-branch, so that LLVM can vectorise it; the channel, face and boundary logic sits outside. Lines of
-grid-sized arrays are rows from the box's first x on (views ``[ox:]``); lines of a slab's ring
-buffers are box-sized. Scalars reach the kernels in two small arrays, ``par`` (floats, in the
-state's dtype so that float32 stays float32) and ``fl`` (int flags); :func:`parameter_array` and
+Every stage is a function over one whole plane of the box (function calls cost per plane, never
+per row: a numba call with array arguments, or a helper returning an array view, costs tens of
+nanoseconds, which on the brain box's rows of ≈ 90 voxels weighed as much as the arithmetic).
+Inside, every inner loop runs over x along one contiguous line with no branch, so that LLVM can
+vectorise it; the channel, face and boundary logic sits outside. The projection works on the
+plane as one flat line. Lines of grid-sized arrays are rows from the box's first x on (views
+``[ox:]``); lines of a slab's ring buffers are box-sized. Scalars reach the kernels in two small
+arrays, ``par`` (floats, in the state's dtype so that float32 stays float32) and ``fl`` (int
+flags); :func:`parameter_array` and
 :func:`flag_array` fill them by name.
 
 Units: Δt in days, spacing in mm, χ and D in mm²/day, rates in 1/day.
@@ -53,131 +57,129 @@ def flag_array(*, tumour, dying, sink, has_growth, growth_field, kappa_field, ha
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _row(p, c, z, y, z0, z1, lower, lower_start, upper, ox, y0):
-    """Row (c, z, y, ox:) of the input state: the slab's own planes from p, its neighbours'
-    planes from the copies (of the box's part of them) taken before any slab wrote."""
-    if z < z0:
-        return lower[c, z - lower_start, y - y0]
-    if z >= z1:
-        return upper[c, z - z1, y - y0]
-    return p[c, z, y, ox:]
+def _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, dst):
+    """dst (C, ny, nx) = the box's part of input plane z: the slab's own planes from p, its
+    neighbours' planes from the copies taken before any slab wrote. Every stencil of the
+    explicit part then reads the compact copies (the ring of input planes), one array with one
+    layout, and no row needs a function call to find its source."""
+    for c in range(dst.shape[0]):
+        for ly in range(ny):
+            out = dst[c, ly]
+            if z < z0:
+                src = lower[c, z - lower_start, ly]
+            elif z >= z1:
+                src = upper[c, z - z1, ly]
+            else:
+                src = p[c, z, y0 + ly, ox:]
+            for x in range(nx):
+                out[x] = src[x]
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _coefficient_row(field, is_field, z, y, ox, constant_row):
-    """Row (z, y, ox:) of a per-voxel coefficient (Z, Y, X), or its constant row."""
-    if is_field:
-        return field[z, y, ox:]
-    return constant_row
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _potential_plane(p, z, z0, z1, lower, lower_start, upper, chi, cols, y0, y1, ox, nx, out):
-    """out[r] = Σ_c χ[r, c]·p[cols[c]] on plane z: the drift potential of each row of χ."""
+def _potential_plane(plane, chi, cols, ny, nx, out):
+    """out[r] = Σ_c χ[r, c]·p[cols[c]] on one input plane (C, ny, nx): the drift potential of each row of χ."""
     zero = chi[0, 0] - chi[0, 0]
     for r in range(chi.shape[0]):
-        for y in range(y0, y1):
-            o = out[r, y - y0]
+        for ly in range(ny):
+            o = out[r, ly]
             for x in range(nx):
                 o[x] = zero
             for c in range(cols.shape[0]):
                 w = chi[r, c]
-                src = _row(p, cols[c], z, y, z0, z1, lower, lower_start, upper, ox, y0)
+                src = plane[cols[c], ly]
                 for x in range(nx):
                     o[x] += w * src[x]
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _reaction_line(q, ly, growth, kappa, mask, fl, par, ox, nx, tmp):
-    """Logistic growth and chemotherapy on one line of q (in place), as the torch path."""
+def _reaction_plane(q, e, growth, kappa, domain, fl, par, y0, ny, ox, nx, constants, tmp):
+    """Logistic growth and chemotherapy on plane e of q (in place), as the torch path. Growth takes
+    the tumour's gain from the tissue classes in proportion to their share; outside the domain
+    nothing changes."""
     n_channels = q.shape[0]
     dt, zero, one = par[_DT], par[_ZERO], par[_ONE]
     tumour, dying, sink = fl[_TUMOUR], fl[_DYING], fl[_SINK]
-    viable = q[tumour, ly]
-    sink_line = q[sink, ly]
-    if fl[_HAS_GROWTH] == 1:
-        others, keep, grow, shrink = tmp[0], tmp[1], tmp[2], tmp[3]
-        for x in range(nx):
-            others[x] = zero
-        for c in range(n_channels):
-            if c != tumour and c != dying:
-                line = q[c, ly]
-                for x in range(nx):
-                    others[x] += line[x]  # the tissue share available to be displaced
-        total = tmp[4]
-        for x in range(nx):
-            total[x] = viable[x]
-        if dying >= 0:
-            dying_line = q[dying, ly]
+    has_growth, chemo = fl[_HAS_GROWTH] == 1, par[_CHEMO]
+    growth_field, kappa_field, has_domain = fl[_GROWTH_FIELD] == 1, fl[_KAPPA_FIELD] == 1, fl[_HAS_DOMAIN] == 1
+    others, keep, grow, shrink, total = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4]
+    for ly in range(ny):
+        y = y0 + ly
+        viable, sink_line = q[tumour, ly], q[sink, ly]
+        mask = domain[e, y, ox:] if has_domain else constants[0, 0]
+        if has_growth:
+            rate = growth[e, y, ox:] if growth_field else constants[0, 1]
+            capacity = kappa[e, y, ox:] if kappa_field else constants[0, 2]
             for x in range(nx):
-                total[x] += dying_line[x]
-        for x in range(nx):
-            gain = (one - total[x] / kappa[x]) * viable[x] * growth[x] * dt * mask[x]
-            shrink[x] = min(gain, zero)
-            g = min(max(gain, zero), others[x])
-            grow[x] = g
-            keep[x] = one - g / others[x] if others[x] > zero else one
-        for c in range(n_channels):
-            if c != tumour and c != dying:
+                others[x] = zero
+                total[x] = viable[x]
+            for c in range(n_channels):
                 line = q[c, ly]
-                for x in range(nx):
-                    line[x] *= keep[x]
-        for x in range(nx):
-            viable[x] += grow[x] + shrink[x]
-            sink_line[x] -= shrink[x]
-    if par[_CHEMO] > zero:
-        for x in range(nx):
-            killed = viable[x] * par[_CHEMO] * mask[x]
-            viable[x] -= killed
-            sink_line[x] += killed
+                if c == dying:
+                    for x in range(nx):
+                        total[x] += line[x]
+                elif c != tumour:
+                    for x in range(nx):
+                        others[x] += line[x]  # the tissue share available to be displaced
+            for x in range(nx):
+                gain = (one - total[x] / capacity[x]) * viable[x] * rate[x] * dt * mask[x]
+                shrink[x] = min(gain, zero)
+                g = min(max(gain, zero), others[x])
+                grow[x] = g
+                keep[x] = one - g / others[x] if others[x] > zero else one
+            for c in range(n_channels):
+                if c != tumour and c != dying:
+                    line = q[c, ly]
+                    for x in range(nx):
+                        line[x] *= keep[x]
+            for x in range(nx):
+                viable[x] += grow[x] + shrink[x]
+                sink_line[x] -= shrink[x]
+        if chemo > zero:
+            for x in range(nx):
+                killed = viable[x] * chemo * mask[x]
+                viable[x] -= killed
+                sink_line[x] += killed
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _explicit_plane(p, e, z0, z1, lower, lower_start, upper, phi_ring, q, rows, growth, kappa, domain, clearable,
-                    fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp):
-    """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on plane e of the box."""
+def _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx):
+    """Clearance of the dying cells whose delay has passed, on plane e of q (in place)."""
+    dying, sink, fraction = fl[_DYING], fl[_SINK], par[_CLEAR]
+    for ly in range(ny):
+        dying_line, sink_line = q[dying, ly], q[sink, ly]
+        cl = clearable[e, y0 + ly, ox:]
+        for x in range(nx):
+            cleared = cl[x] * fraction
+            dying_line[x] -= cleared
+            sink_line[x] += cleared
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _cross_diffusion_plane(p_ring, e, phi_ring, q, rows, domain, fl, par, bz0, bz1, y0, ny, ox, nx, constants, tmp):
+    """q += Δt·(cross-diffusion tendency at p^n) on plane e: Σ_axes (flux in through the lower
+    face − out through the upper) / h, flux = upwind(Δφ/h) of each pushed class. At the box border
+    a face's neighbour is the cell itself (Δφ = 0: no flux); across the domain border no flux."""
     dt, zero = par[_DT], par[_ZERO]
-    n_channels = q.shape[0]
     has_domain = fl[_HAS_DOMAIN] == 1
     ones = constants[0, 0]
-    phi_c = phi_ring[e % 3]
-    for y in range(y0, y1):
-        ly = y - y0
-        for c in range(n_channels):
-            src = _row(p, c, e, y, z0, z1, lower, lower_start, upper, ox, y0)
-            dst = q[c, ly]
-            for x in range(nx):
-                dst[x] = src[x]
+    fz = dt * par[_INV_HZ] * par[_INV_HZ]
+    fy = dt * par[_INV_HY] * par[_INV_HY]
+    fx = dt * par[_INV_HX] * par[_INV_HX]
+    below, above = max(e - 1, bz0), min(e + 1, bz1 - 1)
+    p_here, p_below, p_above = p_ring[e % 3], p_ring[below % 3], p_ring[above % 3]
+    phi_c, phi_below, phi_above = phi_ring[e % 3], phi_ring[below % 3], phi_ring[above % 3]
+    x_flux = tmp[0]  # x_flux[i] = flux through the face left of cell i; x_flux[0] = x_flux[nx] = 0
+    for ly in range(ny):
+        y = y0 + ly
+        south, north = max(ly - 1, 0), min(ly + 1, ny - 1)
         mask = domain[e, y, ox:] if has_domain else ones
-        _reaction_line(q, ly, _coefficient_row(growth, fl[_GROWTH_FIELD] == 1, e, y, ox, constants[0, 1]),
-                       _coefficient_row(kappa, fl[_KAPPA_FIELD] == 1, e, y, ox, constants[0, 2]), mask, fl, par, ox,
-                       nx, tmp)
-        if fl[_HAS_CLEARABLE] == 1:  # clearance of the dying cells whose delay has passed
-            dying_line, sink_line = q[fl[_DYING], ly], q[fl[_SINK], ly]
-            cl = clearable[e, y, ox:]
-            for x in range(nx):
-                cleared = cl[x] * par[_CLEAR]
-                dying_line[x] -= cleared
-                sink_line[x] += cleared
-        # cross-diffusion: Δt·Σ_axes (flux in through the lower face − out through the upper) / h,
-        # flux = upwind(Δφ/h); at the box border a face's neighbour is the cell itself (Δφ = 0: no flux)
-        fz = dt * par[_INV_HZ] * par[_INV_HZ]
-        fy = dt * par[_INV_HY] * par[_INV_HY]
-        fx = dt * par[_INV_HX] * par[_INV_HX]
-        below, above = max(e - 1, bz0), min(e + 1, bz1 - 1)
-        south, north = max(y - 1, y0), min(y + 1, y1 - 1)
         mask_zl = domain[below, y, ox:] if has_domain else ones
         mask_zu = domain[above, y, ox:] if has_domain else ones
-        mask_yl = domain[e, south, ox:] if has_domain else ones
-        mask_yu = domain[e, north, ox:] if has_domain else ones
-        x_flux = tmp[0]  # x_flux[i] = flux through the face left of cell i; x_flux[0] = x_flux[nx] = 0
+        mask_yl = domain[e, y0 + south, ox:] if has_domain else ones
+        mask_yu = domain[e, y0 + north, ox:] if has_domain else ones
         for r in range(rows.shape[0]):
             k = rows[r]
             acc = q[k, ly]
-            here = _row(p, k, e, y, z0, z1, lower, lower_start, upper, ox, y0)
-            rho_zl = _row(p, k, below, y, z0, z1, lower, lower_start, upper, ox, y0)
-            rho_zu = _row(p, k, above, y, z0, z1, lower, lower_start, upper, ox, y0)
-            rho_yl = _row(p, k, e, south, z0, z1, lower, lower_start, upper, ox, y0)
-            rho_yu = _row(p, k, e, north, z0, z1, lower, lower_start, upper, ox, y0)
-            centre = phi_c[r, ly]
-            phi_zl, phi_zu = phi_ring[below % 3, r, ly], phi_ring[above % 3, r, ly]
-            phi_yl, phi_yu = phi_c[r, south - y0], phi_c[r, north - y0]
+            here, rho_zl, rho_zu = p_here[k, ly], p_below[k, ly], p_above[k, ly]
+            rho_yl, rho_yu = p_here[k, south], p_here[k, north]
+            centre, phi_zl, phi_zu = phi_c[r, ly], phi_below[r, ly], phi_above[r, ly]
+            phi_yl, phi_yu = phi_c[r, south], phi_c[r, north]
             x_flux[0] = zero
             x_flux[nx] = zero
             for x in range(nx - 1):
@@ -194,6 +196,24 @@ def _explicit_plane(p, e, z0, z1, lower, lower_start, upper, phi_ring, q, rows, 
                 in_y = max(v_yl, zero) * rho_yl[x] + min(v_yl, zero) * here[x]
                 out_y = max(v_yu, zero) * here[x] + min(v_yu, zero) * rho_yu[x]
                 acc[x] += fz * (in_z - out_z) + fy * (in_y - out_y) + x_flux[x] - x_flux[x + 1]
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _explicit_plane(p_ring, e, phi_ring, q, rows, growth, kappa, domain, clearable, fl, par, bz0, bz1, y0, ny, ox,
+                    nx, constants, tmp):
+    """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on plane e of the box. Each stage
+    runs over the whole plane, so function calls happen per plane, never per row."""
+    plane = p_ring[e % 3]
+    for c in range(q.shape[0]):
+        for ly in range(ny):
+            src, dst = plane[c, ly], q[c, ly]
+            for x in range(nx):
+                dst[x] = src[x]
+    _reaction_plane(q, e, growth, kappa, domain, fl, par, y0, ny, ox, nx, constants, tmp)
+    if fl[_HAS_CLEARABLE] == 1:
+        _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx)
+    if rows.shape[0] > 0:
+        _cross_diffusion_plane(p_ring, e, phi_ring, q, rows, domain, fl, par, bz0, bz1, y0, ny, ox, nx, constants,
+                               tmp)
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, wx, scale, fl, par, bz0, bz1,
@@ -220,16 +240,18 @@ def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, w
             u = u_here[c, ly]
             u_zl, u_zu = u_below[c, ly], u_above[c, ly]
             u_yl, u_yu = u_here[c, south - y0], u_here[c, north - y0]
-            w_zl = _coefficient_row(wz[d], field and z > bz0, z - 1, y, ox, constants[1 + d, 0])
-            w_zu = _coefficient_row(wz[d], field and z < bz1 - 1, z, y, ox, constants[1 + d, 0])
-            w_yl = _coefficient_row(wy[d], field and y > y0, z, y - 1, ox, constants[1 + d, 1])
-            w_yu = _coefficient_row(wy[d], field and y < y1 - 1, z, y, ox, constants[1 + d, 1])
-            w_x = _coefficient_row(wx[d], field and nx > 1, z, y, ox, constants[1 + d, 2])
+            # per-face weights where they vary, else the class's constant row (no call per row);
+            # a face across the box border gets any weight: its difference is zero
+            w_zl = wz[d, z - 1, y, ox:] if field and z > bz0 else constants[1 + d, 0]
+            w_zu = wz[d, z, y, ox:] if field and z < bz1 - 1 else constants[1 + d, 0]
+            w_yl = wy[d, z, y - 1, ox:] if field and y > y0 else constants[1 + d, 1]
+            w_yu = wy[d, z, y, ox:] if field and y < y1 - 1 else constants[1 + d, 1]
+            w_x = wx[d, z, y, ox:] if field and nx > 1 else constants[1 + d, 2]
             lap[0] = zero  # lap[i] = flow through the face left of cell i; lap[0] = lap[nx] = 0
             lap[nx] = zero
             for x in range(nx - 1):
                 lap[x + 1] = w_x[x] * (u[x + 1] - u[x])
-            s = _coefficient_row(scale[d], scale_field, z, y, ox, constants[1 + d, 3])
+            s = scale[d, z, y, ox:] if scale_field else constants[1 + d, 3]
             o = out[d, ly]
             r = rhs[rhs_channels[d], ly]
             for x in range(nx):
@@ -317,8 +339,8 @@ def _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals):
             theta[x] = c_j if u_j[x] > c_j else theta[x]
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, y1, ox, nx, constants, lanes,
-                  tmp, reciprocals):
+def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, ny, ox, nx, lanes, work,
+                  reciprocals):
     """Write plane z back into p: diffused classes from the last sweep, the others from q. The
     voxels that left the simplex (channel sum off 1 by more than the slack, or a negative value)
     are projected — θ from a sorting network, as :func:`AnatomyDTLib.simplex.simplex_threshold`
@@ -327,42 +349,52 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
     dying = fl[_DYING]
     slack, zero, one = par[_SLACK], par[_ZERO], par[_ONE]
     has_domain = fl[_HAS_DOMAIN] == 1
-    ones = constants[0, 0]
-    total, smallest, theta, running, project = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4]
-    for y in range(y0, y1):
-        ly = y - y0
-        for c in range(n_channels):
-            d = is_diffused[c]
-            src = u_last[d, ly] if d >= 0 else q[c, ly]
-            lane = lanes[c]
+    n = ny * nx  # the plane's cells, flat: every stage but the last write is one long loop
+    total, smallest, theta, running, project = work[0], work[1], work[2], work[3], work[4]
+    for c in range(n_channels):
+        d = is_diffused[c]
+        src = u_last[d] if d >= 0 else q[c]
+        lane = lanes[c]
+        for ly in range(ny):
+            row, offset = src[ly], ly * nx
             for x in range(nx):
-                lane[x] = src[x]
-        if dying >= 0:  # the integrator rescales delayed-death cohorts by the projection
-            out = dying_out[z, y, ox:]
+                lane[offset + x] = row[x]
+    if dying >= 0:  # the integrator rescales delayed-death cohorts by the projection
+        dying_lane = lanes[dying]
+        for ly in range(ny):
+            out, offset = dying_out[z, y0 + ly, ox:], ly * nx
             for x in range(nx):
-                out[x] = lanes[dying, x]
-        for x in range(nx):
-            total[x] = lanes[0, x]
-            smallest[x] = lanes[0, x]
-        for c in range(1, n_channels):
+                out[x] = dying_lane[offset + x]
+    first = lanes[0]
+    for i in range(n):
+        total[i] = first[i]
+        smallest[i] = first[i]
+    for c in range(1, n_channels):
+        lane = lanes[c]
+        for i in range(n):
+            total[i] += lane[i]
+            smallest[i] = min(smallest[i], lane[i])
+    if n_channels <= _NETWORK_LANES:
+        _threshold_network(lanes, theta, n, one, reciprocals)
+    else:
+        _threshold_generic(lanes, n_channels, theta, running, n, one, reciprocals)
+    for i in range(n):  # project: 1 where the voxel left the simplex, else 0
+        off = abs(total[i] - one) > slack or smallest[i] < zero
+        project[i] = one if off else zero
+    if has_domain:  # ... and only inside the domain
+        for ly in range(ny):
+            mask, offset = domain[z, y0 + ly, ox:], ly * nx
             for x in range(nx):
-                total[x] += lanes[c, x]
-                smallest[x] = min(smallest[x], lanes[c, x])
-        if n_channels <= _NETWORK_LANES:
-            _threshold_network(lanes, theta, nx, one, reciprocals)
-        else:
-            _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals)
-        mask = domain[z, y, ox:] if has_domain else ones
-        for x in range(nx):  # project: 1 where the voxel left the simplex inside the domain, else 0
-            off = abs(total[x] - one) > slack or smallest[x] < zero
-            project[x] = one if (off and mask[x] > zero) else zero
-        # Outside the domain every term is masked, so the lanes equal p there exactly: writing
-        # them unprojected leaves p unchanged. The blend is exact for project in {0, 1}.
-        for c in range(n_channels):
-            dst = p[c, z, y, ox:]
-            lane = lanes[c]
+                project[offset + x] = project[offset + x] if mask[x] > zero else zero
+    # Outside the domain every term is masked, so the lanes equal p there exactly: writing
+    # them unprojected leaves p unchanged. The blend is exact for project in {0, 1}.
+    for c in range(n_channels):
+        lane = lanes[c]
+        for ly in range(ny):
+            dst, offset = p[c, z, y0 + ly, ox:], ly * nx
             for x in range(nx):
-                dst[x] = project[x] * max(lane[x] - theta[x], zero) + (one - project[x]) * lane[x]
+                i = offset + x
+                dst[x] = project[i] * max(lane[i] - theta[i], zero) + (one - project[i]) * lane[i]
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, domain, clearable, diffused,
@@ -376,12 +408,14 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
     lag = max(m, 1)
     q_slots = max(lag, 2) + 1
     kd = max(diffused.shape[0], 1)
+    p_ring = np.empty((3, n_channels, ny, nx), dtype=p.dtype)  # input planes e - 1, e, e + 1
     q_ring = np.empty((q_slots, n_channels, ny, nx), dtype=p.dtype)
     phi_ring = np.empty((3, max(rows.shape[0], 1), ny, nx), dtype=p.dtype)
     u_ring = np.empty((lag, 3, kd, ny, nx), dtype=p.dtype)  # u_s of sweep s = 1..m
     identity = np.arange(kd)
     tmp = np.zeros((6, nx + 1), dtype=p.dtype)
-    lanes = np.full((max(2 * n_channels, _NETWORK_LANES), nx), -1e30, dtype=p.dtype)  # see _threshold_network
+    lanes = np.full((max(2 * n_channels, _NETWORK_LANES), ny * nx), -1e30, dtype=p.dtype)  # see _threshold_network
+    work = np.empty((5, ny * nx), dtype=p.dtype)
     reciprocals = np.empty(max(n_channels, _NETWORK_LANES), dtype=p.dtype)
     for j in range(reciprocals.shape[0]):
         reciprocals[j] = 1.0 / (j + 1)
@@ -389,16 +423,19 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
     e_first = max(z0 - m, bz0)
     e_stop = min(z1 + m, bz1)
     has_cross = rows.shape[0] > 0
-    if has_cross:  # potentials of the planes the first explicit plane needs
-        for z in range(max(e_first - 1, bz0), min(e_first + 1, bz1)):
-            _potential_plane(p, z, z0, z1, lower, lower_start, upper, chi, cols, y0, y1, ox, nx, phi_ring[z % 3])
+    # the input planes (and their potentials) the first explicit plane needs: e_first - 1 and e_first
+    for z in range(max(e_first - 1, bz0), min(e_first + 1, bz1)):
+        _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[z % 3])
+        if has_cross:
+            _potential_plane(p_ring[z % 3], chi, cols, ny, nx, phi_ring[z % 3])
     for e in range(z0 - m, z1 + lag):
         if e_first <= e < e_stop:
-            if has_cross and e + 1 < bz1:
-                _potential_plane(p, e + 1, z0, z1, lower, lower_start, upper, chi, cols, y0, y1, ox, nx,
-                                 phi_ring[(e + 1) % 3])
-            _explicit_plane(p, e, z0, z1, lower, lower_start, upper, phi_ring, q_ring[e % q_slots], rows, growth,
-                            kappa, domain, clearable, fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp)
+            if e + 1 < bz1:  # the plane above e joins the ring (it replaces e - 2, no longer read)
+                _load_plane(p, e + 1, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[(e + 1) % 3])
+                if has_cross:
+                    _potential_plane(p_ring[(e + 1) % 3], chi, cols, ny, nx, phi_ring[(e + 1) % 3])
+            _explicit_plane(p_ring, e, phi_ring, q_ring[e % q_slots], rows, growth, kappa, domain, clearable, fl, par,
+                            bz0, bz1, y0, ny, ox, nx, constants, tmp)
         for s in range(1, m + 1):
             zs = e - s
             if zs < max(z0 - (m - s), bz0) or zs >= min(z1 + (m - s), bz1):
@@ -412,8 +449,8 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
                              constants, tmp[0])
         zf = e - lag
         if z0 <= zf < z1:
-            _finish_plane(zf, q_ring[zf % q_slots], u_ring[lag - 1, zf % 3], p, dying_out, is_diffused, domain,
-                          fl, par, y0, y1, ox, nx, constants, lanes, tmp, reciprocals)
+            _finish_plane(zf, q_ring[zf % q_slots], u_ring[lag - 1, zf % 3], p, dying_out, is_diffused, domain, fl,
+                          par, y0, ny, ox, nx, lanes, work, reciprocals)
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
 def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffused, is_diffused, wz, wy, wx,
