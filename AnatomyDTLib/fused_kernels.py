@@ -90,130 +90,137 @@ def _potential_plane(plane, chi, cols, ny, nx, out):
                     o[x] += w * src[x]
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _reaction_plane(q, e, growth, kappa, domain, fl, par, y0, ny, ox, nx, constants, tmp):
-    """Logistic growth and chemotherapy on plane e of q (in place), as the torch path. Growth takes
-    the tumour's gain from the tissue classes in proportion to their share; outside the domain
-    nothing changes."""
-    n_channels = q.shape[0]
+def _gather_plane(field, z, y0, ny, ox, nx, out):
+    """out (ny·nx, flat) = the box's part of plane z of a grid-sized (Z, Y, X) field."""
+    for ly in range(ny):
+        src, offset = field[z, y0 + ly, ox:], ly * nx
+        for x in range(nx):
+            out[offset + x] = src[x]
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _reaction_plane(q, rate, capacity, mask, fl, par, tmp):
+    """Logistic growth and chemotherapy on one plane of q (C, n cells flat; in place), as the torch
+    path. Growth takes the tumour's gain from the tissue classes in proportion to their share;
+    outside the domain (mask 0) nothing changes. rate (1/day), capacity and mask are flat planes."""
+    n_channels, n = q.shape[0], q.shape[1]
     dt, zero, one = par[_DT], par[_ZERO], par[_ONE]
     tumour, dying, sink = fl[_TUMOUR], fl[_DYING], fl[_SINK]
-    has_growth, chemo = fl[_HAS_GROWTH] == 1, par[_CHEMO]
-    growth_field, kappa_field, has_domain = fl[_GROWTH_FIELD] == 1, fl[_KAPPA_FIELD] == 1, fl[_HAS_DOMAIN] == 1
-    others, keep, grow, shrink, total = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4]
-    for ly in range(ny):
-        y = y0 + ly
-        viable, sink_line = q[tumour, ly], q[sink, ly]
-        mask = domain[e, y, ox:] if has_domain else constants[0, 0]
-        if has_growth:
-            rate = growth[e, y, ox:] if growth_field else constants[0, 1]
-            capacity = kappa[e, y, ox:] if kappa_field else constants[0, 2]
-            for x in range(nx):
-                others[x] = zero
-                total[x] = viable[x]
-            for c in range(n_channels):
-                line = q[c, ly]
-                if c == dying:
-                    for x in range(nx):
-                        total[x] += line[x]
-                elif c != tumour:
-                    for x in range(nx):
-                        others[x] += line[x]  # the tissue share available to be displaced
-            for x in range(nx):
-                gain = (one - total[x] / capacity[x]) * viable[x] * rate[x] * dt * mask[x]
-                shrink[x] = min(gain, zero)
-                g = min(max(gain, zero), others[x])
-                grow[x] = g
-                keep[x] = one - g / others[x] if others[x] > zero else one
-            for c in range(n_channels):
-                if c != tumour and c != dying:
-                    line = q[c, ly]
-                    for x in range(nx):
-                        line[x] *= keep[x]
-            for x in range(nx):
-                viable[x] += grow[x] + shrink[x]
-                sink_line[x] -= shrink[x]
-        if chemo > zero:
-            for x in range(nx):
-                killed = viable[x] * chemo * mask[x]
-                viable[x] -= killed
-                sink_line[x] += killed
+    viable, sink_line = q[tumour], q[sink]
+    if fl[_HAS_GROWTH] == 1:
+        others, keep, grow, shrink, total = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4]
+        for i in range(n):
+            others[i] = zero
+            total[i] = viable[i]
+        for c in range(n_channels):
+            line = q[c]
+            if c == dying:
+                for i in range(n):
+                    total[i] += line[i]
+            elif c != tumour:
+                for i in range(n):
+                    others[i] += line[i]  # the tissue share available to be displaced
+        for i in range(n):
+            gain = (one - total[i] / capacity[i]) * viable[i] * rate[i] * dt * mask[i]
+            shrink[i] = min(gain, zero)
+            g = min(max(gain, zero), others[i])
+            grow[i] = g
+            keep[i] = one - g / others[i] if others[i] > zero else one
+        for c in range(n_channels):
+            if c != tumour and c != dying:
+                line = q[c]
+                for i in range(n):
+                    line[i] *= keep[i]
+        for i in range(n):
+            viable[i] += grow[i] + shrink[i]
+            sink_line[i] -= shrink[i]
+    chemo = par[_CHEMO]
+    if chemo > zero:
+        for i in range(n):
+            killed = viable[i] * chemo * mask[i]
+            viable[i] -= killed
+            sink_line[i] += killed
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx):
-    """Clearance of the dying cells whose delay has passed, on plane e of q (in place)."""
-    dying, sink, fraction = fl[_DYING], fl[_SINK], par[_CLEAR]
+    """Clearance of the dying cells whose delay has passed, on plane e of q (C, n flat; in place)."""
+    dying_line, sink_line, fraction = q[fl[_DYING]], q[fl[_SINK]], par[_CLEAR]
     for ly in range(ny):
-        dying_line, sink_line = q[dying, ly], q[sink, ly]
-        cl = clearable[e, y0 + ly, ox:]
+        cl, offset = clearable[e, y0 + ly, ox:], ly * nx
         for x in range(nx):
             cleared = cl[x] * fraction
-            dying_line[x] -= cleared
-            sink_line[x] += cleared
+            dying_line[offset + x] -= cleared
+            sink_line[offset + x] += cleared
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _cross_diffusion_plane(p_ring, e, phi_ring, q, rows, domain, fl, par, bz0, bz1, y0, ny, ox, nx, constants, tmp):
-    """q += Δt·(cross-diffusion tendency at p^n) on plane e: Σ_axes (flux in through the lower
-    face − out through the upper) / h, flux = upwind(Δφ/h) of each pushed class. At the box border
-    a face's neighbour is the cell itself (Δφ = 0: no flux); across the domain border no flux."""
+def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, par, bz0, bz1, nx, tmp):
+    """q += Δt·(cross-diffusion tendency at p^n) on plane e: Σ_axes (flux in through the lower face
+    − out through the upper) / h, flux = upwind(Δφ/h) of each pushed class.
+
+    Every array is a flat plane of n = ny·nx cells (rings: [slot, channel, cell]), so each sum is
+    one long loop over shifted views: x-faces between cells i − 1 and i (closed where a row
+    starts: ``open_x``), y-faces between i − nx and i, z-faces to the planes below and above. No
+    face crosses the box border (at the first and last plane the neighbour is the plane itself:
+    Δφ = 0), and a face with a cell outside the domain (mask 0) carries nothing."""
     dt, zero = par[_DT], par[_ZERO]
-    has_domain = fl[_HAS_DOMAIN] == 1
-    ones = constants[0, 0]
     fz = dt * par[_INV_HZ] * par[_INV_HZ]
     fy = dt * par[_INV_HY] * par[_INV_HY]
     fx = dt * par[_INV_HX] * par[_INV_HX]
-    below, above = max(e - 1, bz0), min(e + 1, bz1 - 1)
-    p_here, p_below, p_above = p_ring[e % 3], p_ring[below % 3], p_ring[above % 3]
-    phi_c, phi_below, phi_above = phi_ring[e % 3], phi_ring[below % 3], phi_ring[above % 3]
-    x_flux = tmp[0]  # x_flux[i] = flux through the face left of cell i; x_flux[0] = x_flux[nx] = 0
-    for ly in range(ny):
-        y = y0 + ly
-        south, north = max(ly - 1, 0), min(ly + 1, ny - 1)
-        mask = domain[e, y, ox:] if has_domain else ones
-        mask_zl = domain[below, y, ox:] if has_domain else ones
-        mask_zu = domain[above, y, ox:] if has_domain else ones
-        mask_yl = domain[e, y0 + south, ox:] if has_domain else ones
-        mask_yu = domain[e, y0 + north, ox:] if has_domain else ones
-        for r in range(rows.shape[0]):
-            k = rows[r]
-            acc = q[k, ly]
-            here, rho_zl, rho_zu = p_here[k, ly], p_below[k, ly], p_above[k, ly]
-            rho_yl, rho_yu = p_here[k, south], p_here[k, north]
-            centre, phi_zl, phi_zu = phi_c[r, ly], phi_below[r, ly], phi_above[r, ly]
-            phi_yl, phi_yu = phi_c[r, south], phi_c[r, north]
-            x_flux[0] = zero
-            x_flux[nx] = zero
-            for x in range(nx - 1):
-                v = (centre[x + 1] - centre[x]) * mask[x] * mask[x + 1]
-                x_flux[x + 1] = fx * (max(v, zero) * here[x] + min(v, zero) * here[x + 1])
-            for x in range(nx):
-                m = mask[x]
-                v_zl = (centre[x] - phi_zl[x]) * mask_zl[x] * m
-                v_zu = (phi_zu[x] - centre[x]) * m * mask_zu[x]
-                v_yl = (centre[x] - phi_yl[x]) * mask_yl[x] * m
-                v_yu = (phi_yu[x] - centre[x]) * m * mask_yu[x]
-                in_z = max(v_zl, zero) * rho_zl[x] + min(v_zl, zero) * here[x]
-                out_z = max(v_zu, zero) * here[x] + min(v_zu, zero) * rho_zu[x]
-                in_y = max(v_yl, zero) * rho_yl[x] + min(v_yl, zero) * here[x]
-                out_y = max(v_yu, zero) * here[x] + min(v_yu, zero) * rho_yu[x]
-                acc[x] += fz * (in_z - out_z) + fy * (in_y - out_y) + x_flux[x] - x_flux[x + 1]
+    n = q.shape[1]
+    here_slot, below_slot, above_slot = e % 3, max(e - 1, bz0) % 3, min(e + 1, bz1 - 1) % 3
+    m, m_zl, m_zu = mask_ring[here_slot], mask_ring[below_slot], mask_ring[above_slot]
+    x_flux, y_flux = tmp[0], tmp[1]  # x_flux[i]: face between i - 1 and i; y_flux[i]: between i - nx and i
+    for i in range(nx):
+        y_flux[i] = zero
+        y_flux[n + i] = zero
+    x_flux[0] = zero
+    x_flux[n] = zero
+    x_inner, y_inner = x_flux[1:n], y_flux[nx:n]
+    x_next, y_next = x_flux[1:n + 1], y_flux[nx:n + nx]
+    for r in range(rows.shape[0]):
+        k = rows[r]
+        acc = q[k]
+        here, rho_zl, rho_zu = p_flat[here_slot, k], p_flat[below_slot, k], p_flat[above_slot, k]
+        centre, phi_zl, phi_zu = phi_flat[here_slot, r], phi_flat[below_slot, r], phi_flat[above_slot, r]
+        c_left, c_right, h_left, h_right = centre[:n - 1], centre[1:], here[:n - 1], here[1:]
+        m_left, m_right, open_right = m[:n - 1], m[1:], open_x[1:]
+        for i in range(n - 1):
+            v = (c_right[i] - c_left[i]) * m_left[i] * m_right[i] * open_right[i]
+            x_inner[i] = fx * (max(v, zero) * h_left[i] + min(v, zero) * h_right[i])
+        c_south, c_north, h_south, h_north = centre[:n - nx], centre[nx:], here[:n - nx], here[nx:]
+        m_south, m_north = m[:n - nx], m[nx:]
+        for i in range(n - nx):
+            v = (c_north[i] - c_south[i]) * m_south[i] * m_north[i]
+            y_inner[i] = fy * (max(v, zero) * h_south[i] + min(v, zero) * h_north[i])
+        for i in range(n):
+            mi = m[i]
+            v_zl = (centre[i] - phi_zl[i]) * m_zl[i] * mi
+            v_zu = (phi_zu[i] - centre[i]) * mi * m_zu[i]
+            in_z = max(v_zl, zero) * rho_zl[i] + min(v_zl, zero) * here[i]
+            out_z = max(v_zu, zero) * here[i] + min(v_zu, zero) * rho_zu[i]
+            acc[i] += fz * (in_z - out_z) + (y_flux[i] - y_next[i]) + (x_flux[i] - x_next[i])
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _explicit_plane(p_ring, e, phi_ring, q, rows, growth, kappa, domain, clearable, fl, par, bz0, bz1, y0, ny, ox,
-                    nx, constants, tmp):
-    """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on plane e of the box. Each stage
-    runs over the whole plane, so function calls happen per plane, never per row."""
-    plane = p_ring[e % 3]
+def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, rows, growth, kappa, clearable, fl,
+                    par, bz0, bz1, y0, ny, ox, nx, tmp):
+    """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on plane e of the box (q: C × n
+    flat). Each stage runs over the whole plane, so function calls happen per plane, never per
+    row. ``coefficients`` holds the flat planes of the growth rate and the capacity: filled once
+    when they are constants, gathered here when they are per-voxel fields."""
+    plane = p_flat[e % 3]
+    n = q.shape[1]
     for c in range(q.shape[0]):
-        for ly in range(ny):
-            src, dst = plane[c, ly], q[c, ly]
-            for x in range(nx):
-                dst[x] = src[x]
-    _reaction_plane(q, e, growth, kappa, domain, fl, par, y0, ny, ox, nx, constants, tmp)
+        src, dst = plane[c], q[c]
+        for i in range(n):
+            dst[i] = src[i]
+    if fl[_HAS_GROWTH] == 1 and fl[_GROWTH_FIELD] == 1:
+        _gather_plane(growth, e, y0, ny, ox, nx, coefficients[0])
+    if fl[_HAS_GROWTH] == 1 and fl[_KAPPA_FIELD] == 1:
+        _gather_plane(kappa, e, y0, ny, ox, nx, coefficients[1])
+    _reaction_plane(q, coefficients[0], coefficients[1], mask_ring[e % 3], fl, par, tmp)
     if fl[_HAS_CLEARABLE] == 1:
         _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx)
     if rows.shape[0] > 0:
-        _cross_diffusion_plane(p_ring, e, phi_ring, q, rows, domain, fl, par, bz0, bz1, y0, ny, ox, nx, constants,
-                               tmp)
+        _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, par, bz0, bz1, nx, tmp)
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, wx, scale, fl, par, bz0, bz1,
@@ -423,19 +430,37 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
     e_first = max(z0 - m, bz0)
     e_stop = min(z1 + m, bz1)
     has_cross = rows.shape[0] > 0
+    # flat views of the rings ([slot, channel, cell], n = ny·nx cells per plane) and per-plane work arrays
+    n = ny * nx
+    p_flat = p_ring.reshape((3, n_channels, n))
+    phi_flat = phi_ring.reshape((3, phi_ring.shape[1], n))
+    q_flat = q_ring.reshape((q_slots, n_channels, n))
+    plane_tmp = np.empty((6, n + nx), dtype=p.dtype)
+    mask_ring = np.ones((3, n), dtype=p.dtype)  # the domain on the input planes (1 everywhere without one)
+    open_x = np.ones(n, dtype=p.dtype)  # 0 at the x-face left of each row's first cell: the box border
+    for ly in range(ny):
+        open_x[ly * nx] = 0
+    coefficients = np.empty((2, n), dtype=p.dtype)  # growth rate and capacity on the current plane
+    coefficients[0, :] = constants[0, 1, 0]
+    coefficients[1, :] = constants[0, 2, 0]
+    has_domain = fl[_HAS_DOMAIN] == 1
     # the input planes (and their potentials) the first explicit plane needs: e_first - 1 and e_first
     for z in range(max(e_first - 1, bz0), min(e_first + 1, bz1)):
         _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[z % 3])
+        if has_domain:
+            _gather_plane(domain, z, y0, ny, ox, nx, mask_ring[z % 3])
         if has_cross:
             _potential_plane(p_ring[z % 3], chi, cols, ny, nx, phi_ring[z % 3])
     for e in range(z0 - m, z1 + lag):
         if e_first <= e < e_stop:
             if e + 1 < bz1:  # the plane above e joins the ring (it replaces e - 2, no longer read)
                 _load_plane(p, e + 1, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[(e + 1) % 3])
+                if has_domain:
+                    _gather_plane(domain, e + 1, y0, ny, ox, nx, mask_ring[(e + 1) % 3])
                 if has_cross:
                     _potential_plane(p_ring[(e + 1) % 3], chi, cols, ny, nx, phi_ring[(e + 1) % 3])
-            _explicit_plane(p_ring, e, phi_ring, q_ring[e % q_slots], rows, growth, kappa, domain, clearable, fl, par,
-                            bz0, bz1, y0, ny, ox, nx, constants, tmp)
+            _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q_flat[e % q_slots], rows, growth,
+                            kappa, clearable, fl, par, bz0, bz1, y0, ny, ox, nx, plane_tmp)
         for s in range(1, m + 1):
             zs = e - s
             if zs < max(z0 - (m - s), bz0) or zs >= min(z1 + (m - s), bz1):
