@@ -93,9 +93,9 @@ def _potential_plane(plane, chi, cols, ny, nx, out):
 def _gather_plane(field, z, y0, ny, ox, nx, out):
     """out (ny·nx, flat) = the box's part of plane z of a grid-sized (Z, Y, X) field."""
     for ly in range(ny):
-        src, offset = field[z, y0 + ly, ox:], ly * nx
+        src, dst = field[z, y0 + ly, ox:], out[ly * nx:(ly + 1) * nx]
         for x in range(nx):
-            out[offset + x] = src[x]
+            dst[x] = src[x]
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _reaction_plane(q, rate, capacity, mask, fl, par, tmp):
@@ -145,11 +145,12 @@ def _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx):
     """Clearance of the dying cells whose delay has passed, on plane e of q (C, n flat; in place)."""
     dying_line, sink_line, fraction = q[fl[_DYING]], q[fl[_SINK]], par[_CLEAR]
     for ly in range(ny):
-        cl, offset = clearable[e, y0 + ly, ox:], ly * nx
+        cl = clearable[e, y0 + ly, ox:]
+        dying_row, sink_row = dying_line[ly * nx:(ly + 1) * nx], sink_line[ly * nx:(ly + 1) * nx]
         for x in range(nx):
             cleared = cl[x] * fraction
-            dying_line[offset + x] -= cleared
-            sink_line[offset + x] += cleared
+            dying_row[x] -= cleared
+            sink_row[x] += cleared
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, par, bz0, bz1, nx, tmp):
@@ -348,7 +349,8 @@ def _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals):
 @njit(cache=True, fastmath=True, nogil=True)
 def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, ny, ox, nx, lanes, work,
                   reciprocals):
-    """Write plane z back into p: diffused classes from the last sweep, the others from q. The
+    """Write plane z back into p: diffused classes from the last sweep, the others from q (both
+    flat planes: channel × cell). The
     voxels that left the simplex (channel sum off 1 by more than the slack, or a negative value)
     are projected — θ from a sorting network, as :func:`AnatomyDTLib.simplex.simplex_threshold`
     — the others are written as computed; outside the domain nothing changes."""
@@ -362,16 +364,14 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
         d = is_diffused[c]
         src = u_last[d] if d >= 0 else q[c]
         lane = lanes[c]
-        for ly in range(ny):
-            row, offset = src[ly], ly * nx
-            for x in range(nx):
-                lane[offset + x] = row[x]
+        for i in range(n):
+            lane[i] = src[i]
     if dying >= 0:  # the integrator rescales delayed-death cohorts by the projection
         dying_lane = lanes[dying]
         for ly in range(ny):
-            out, offset = dying_out[z, y0 + ly, ox:], ly * nx
+            out, row = dying_out[z, y0 + ly, ox:], dying_lane[ly * nx:(ly + 1) * nx]
             for x in range(nx):
-                out[x] = dying_lane[offset + x]
+                out[x] = row[x]
     first = lanes[0]
     for i in range(n):
         total[i] = first[i]
@@ -390,18 +390,18 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
         project[i] = one if off else zero
     if has_domain:  # ... and only inside the domain
         for ly in range(ny):
-            mask, offset = domain[z, y0 + ly, ox:], ly * nx
+            mask, row = domain[z, y0 + ly, ox:], project[ly * nx:(ly + 1) * nx]
             for x in range(nx):
-                project[offset + x] = project[offset + x] if mask[x] > zero else zero
+                row[x] = row[x] if mask[x] > zero else zero
     # Outside the domain every term is masked, so the lanes equal p there exactly: writing
     # them unprojected leaves p unchanged. The blend is exact for project in {0, 1}.
     for c in range(n_channels):
         lane = lanes[c]
         for ly in range(ny):
             dst, offset = p[c, z, y0 + ly, ox:], ly * nx
+            row, row_theta, row_project = lane[offset:offset + nx], theta[offset:offset + nx], project[offset:offset + nx]
             for x in range(nx):
-                i = offset + x
-                dst[x] = project[i] * max(lane[i] - theta[i], zero) + (one - project[i]) * lane[i]
+                dst[x] = row_project[x] * max(row[x] - row_theta[x], zero) + (one - row_project[x]) * row[x]
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, domain, clearable, diffused,
@@ -435,6 +435,7 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
     p_flat = p_ring.reshape((3, n_channels, n))
     phi_flat = phi_ring.reshape((3, phi_ring.shape[1], n))
     q_flat = q_ring.reshape((q_slots, n_channels, n))
+    u_flat = u_ring.reshape((lag, 3, kd, n))
     plane_tmp = np.empty((6, n + nx), dtype=p.dtype)
     mask_ring = np.ones((3, n), dtype=p.dtype)  # the domain on the input planes (1 everywhere without one)
     open_x = np.ones(n, dtype=p.dtype)  # 0 at the x-face left of each row's first cell: the box border
@@ -474,7 +475,7 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
                              constants, tmp[0])
         zf = e - lag
         if z0 <= zf < z1:
-            _finish_plane(zf, q_ring[zf % q_slots], u_ring[lag - 1, zf % 3], p, dying_out, is_diffused, domain, fl,
+            _finish_plane(zf, q_flat[zf % q_slots], u_flat[lag - 1, zf % 3], p, dying_out, is_diffused, domain, fl,
                           par, y0, ny, ox, nx, lanes, work, reciprocals)
 
 @njit(cache=True, fastmath=True, nogil=True, parallel=True)
