@@ -153,7 +153,7 @@ def _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx):
             sink_row[x] += cleared
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, par, bz0, bz1, nx, tmp):
+def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, par, bz0, bz1, nx, tmp):
     """q += Δt·(cross-diffusion tendency at p^n) on plane e: Σ_axes (flux in through the lower face
     − out through the upper) / h, flux = upwind(Δφ/h) of each pushed class.
 
@@ -177,28 +177,52 @@ def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, par,
     x_flux[n] = zero
     x_inner, y_inner = x_flux[1:n], y_flux[nx:n]
     x_next, y_next = x_flux[1:n + 1], y_flux[nx:n + nx]
+    # which faces carry flux, once per plane: x-faces not at a row start, and with a domain only the
+    # faces whose two cells are inside it (without one, the y- and z-faces need no factor at all)
+    has_domain = fl[_HAS_DOMAIN] == 1
+    face_x = open_x[1:]
+    face_y, face_zl, face_zu = tmp[2, :n - nx], tmp[3, :n], tmp[4, :n]
+    if has_domain:
+        face_x = tmp[5, :n - 1]
+        m_left, m_right, open_right = m[:n - 1], m[1:], open_x[1:]
+        for i in range(n - 1):
+            face_x[i] = open_right[i] * m_left[i] * m_right[i]
+        m_south, m_north = m[:n - nx], m[nx:]
+        for i in range(n - nx):
+            face_y[i] = m_south[i] * m_north[i]
+        for i in range(n):
+            face_zl[i] = m_zl[i] * m[i]
+            face_zu[i] = m[i] * m_zu[i]
     for r in range(rows.shape[0]):
         k = rows[r]
         acc = q[k]
         here, rho_zl, rho_zu = p_flat[here_slot, k], p_flat[below_slot, k], p_flat[above_slot, k]
         centre, phi_zl, phi_zu = phi_flat[here_slot, r], phi_flat[below_slot, r], phi_flat[above_slot, r]
         c_left, c_right, h_left, h_right = centre[:n - 1], centre[1:], here[:n - 1], here[1:]
-        m_left, m_right, open_right = m[:n - 1], m[1:], open_x[1:]
         for i in range(n - 1):
-            v = (c_right[i] - c_left[i]) * m_left[i] * m_right[i] * open_right[i]
+            v = (c_right[i] - c_left[i]) * face_x[i]
             x_inner[i] = fx * (max(v, zero) * h_left[i] + min(v, zero) * h_right[i])
         c_south, c_north, h_south, h_north = centre[:n - nx], centre[nx:], here[:n - nx], here[nx:]
-        m_south, m_north = m[:n - nx], m[nx:]
-        for i in range(n - nx):
-            v = (c_north[i] - c_south[i]) * m_south[i] * m_north[i]
-            y_inner[i] = fy * (max(v, zero) * h_south[i] + min(v, zero) * h_north[i])
-        for i in range(n):
-            mi = m[i]
-            v_zl = (centre[i] - phi_zl[i]) * m_zl[i] * mi
-            v_zu = (phi_zu[i] - centre[i]) * mi * m_zu[i]
-            in_z = max(v_zl, zero) * rho_zl[i] + min(v_zl, zero) * here[i]
-            out_z = max(v_zu, zero) * here[i] + min(v_zu, zero) * rho_zu[i]
-            acc[i] += fz * (in_z - out_z) + (y_flux[i] - y_next[i]) + (x_flux[i] - x_next[i])
+        if has_domain:
+            for i in range(n - nx):
+                v = (c_north[i] - c_south[i]) * face_y[i]
+                y_inner[i] = fy * (max(v, zero) * h_south[i] + min(v, zero) * h_north[i])
+            for i in range(n):
+                v_zl = (centre[i] - phi_zl[i]) * face_zl[i]
+                v_zu = (phi_zu[i] - centre[i]) * face_zu[i]
+                in_z = max(v_zl, zero) * rho_zl[i] + min(v_zl, zero) * here[i]
+                out_z = max(v_zu, zero) * here[i] + min(v_zu, zero) * rho_zu[i]
+                acc[i] += fz * (in_z - out_z) + (y_flux[i] - y_next[i]) + (x_flux[i] - x_next[i])
+        else:
+            for i in range(n - nx):
+                v = c_north[i] - c_south[i]
+                y_inner[i] = fy * (max(v, zero) * h_south[i] + min(v, zero) * h_north[i])
+            for i in range(n):
+                v_zl = centre[i] - phi_zl[i]
+                v_zu = phi_zu[i] - centre[i]
+                in_z = max(v_zl, zero) * rho_zl[i] + min(v_zl, zero) * here[i]
+                out_z = max(v_zu, zero) * here[i] + min(v_zu, zero) * rho_zu[i]
+                acc[i] += fz * (in_z - out_z) + (y_flux[i] - y_next[i]) + (x_flux[i] - x_next[i])
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, rows, growth, kappa, clearable, fl,
@@ -221,7 +245,7 @@ def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, row
     if fl[_HAS_CLEARABLE] == 1:
         _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx)
     if rows.shape[0] > 0:
-        _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, par, bz0, bz1, nx, tmp)
+        _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, par, bz0, bz1, nx, tmp)
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, wx, scale, fl, par, bz0, bz1,
