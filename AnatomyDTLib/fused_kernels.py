@@ -2,15 +2,19 @@
 scheme and is the only caller (it imports this module on first use, so that runs which never
 take the fused path do not import numba).
 
-Every stage is a function over one whole plane of the box (function calls cost per plane, never
-per row: a numba call with array arguments, or a helper returning an array view, costs tens of
-nanoseconds, which on the brain box's rows of ≈ 90 voxels weighed as much as the arithmetic).
-Inside, every inner loop runs over x along one contiguous line with no branch, so that LLVM can
-vectorise it; the channel, face and boundary logic sits outside. The projection works on the
-plane as one flat line. Lines of grid-sized arrays are rows from the box's first x on (views
-``[ox:]``); lines of a slab's ring buffers are box-sized. Scalars reach the kernels in two small
-arrays, ``par`` (floats, in the state's dtype so that float32 stays float32) and ``fl`` (int
-flags); :func:`parameter_array` and
+Every stage is a function over one whole plane of the box, called once per plane. The reaction,
+the cross-diffusion and the projection run over the plane as one flat line of ny·nx cells
+(neighbours across y are the shifted views ±nx, a face-open mask closes the x-faces at row starts);
+the explicit part reads its stencils from a ring of compact copies of the input planes. The
+Jacobi sweeps keep a loop per row, reading the face weights straight from the grid-sized arrays
+(flat sweeps were tried: 1.5 % faster on the brain step, 43 % slower on the dense one, whose
+constant weights would have to be spread over whole planes). The earlier layout, every stage a loop per row of the box with helper calls per row, was 1.77× slower
+on the brain case's rows of ≈ 90 voxels (``python benchmarks/perf_stages.py --baseline 74645ad``;
+docs/performance.md). Inner loops index through views, never ``[offset + x]`` with a signed
+run-time offset (numba's wraparound test on it stops LLVM from vectorising,
+benchmarks/numba_wraparound.py). Lines of grid-sized arrays are rows from the box's first x on
+(views ``[ox:]``). Scalars reach the kernels in two small arrays, ``par`` (floats, in the state's
+dtype so that float32 stays float32) and ``fl`` (int flags); :func:`parameter_array` and
 :func:`flag_array` fill them by name.
 
 Units: Δt in days, spacing in mm, χ and D in mm²/day, rates in 1/day.

@@ -2,6 +2,7 @@
 
     python benchmarks/perf_stages.py                 # step 60 of the roofline's brain case, 15 rounds
     python benchmarks/perf_stages.py --step 30 --repeats 9
+    python benchmarks/perf_stages.py --baseline 74645ad   # this kernel against the one of commit 74645ad
 
 The brain case of ``perf_roofline.py`` (the sample case at 240×240×155, 1 mm, ``pde-only``
 defaults, Stupp plan, Δt = 1 day) is run up to ``--step``; the arguments of that step's call of
@@ -15,6 +16,11 @@ with each stage switched off through the kernel's own flags:
 * ``plumbing only``: all three off — what is left is reading the box's planes, the chemotherapy
   and clearance terms, the simplex check and projection, and writing the planes back;
 * ``one slab``: everything on, one thread (the two-core speed-up is the ratio to the first row).
+
+With ``--baseline REV`` it times, instead, this kernel against ``fused_kernels.py`` as it was at
+git revision REV on the same captured call (taking turns, so the machine's drift hits both), and
+prints their ratio and the largest difference of their results: how an optimisation is measured
+on a machine whose speed drifts by ±20 % between runs.
 
 A stage's cost is roughly the difference between the first row and its row (the stages are not
 quite independent: switching one off changes what the others see). Printed with the machine, the
@@ -71,22 +77,56 @@ def capture_step(step: int) -> dict:
     return captured
 
 
-def time_variants(calls: list[dict], repeats: int) -> list[list[float]]:
-    """Wall times (s) of the kernel for each argument set, on fresh copies of the captured state.
-    The variants take turns (round robin), so a drift of the machine's speed hits all of them alike;
-    a first round is a warm-up."""
+def time_variants(calls: list[dict], repeats: int, kernels: list | None = None) -> list[list[float]]:
+    """Wall times (s) of the kernel for each argument set, on fresh copies of the captured state
+    (``kernels``: one kernel per argument set, default this checkout's). The variants take turns
+    (round robin), so a drift of the machine's speed hits all of them alike; a first round is a
+    warm-up."""
     from AnatomyDTLib import fused
 
-    kernel = fused._kernels()._fused_step
+    kernels = kernels or [fused._kernels()._fused_step] * len(calls)
     times: list[list[float]] = [[] for _ in calls]
     for round_ in range(repeats + 1):
         for i, arguments in enumerate(calls):
             call = dict(arguments, p=arguments["p"].copy())
             t0 = time.perf_counter()
-            kernel(*(call[name] for name in ARGUMENTS))
+            kernels[i](*(call[name] for name in ARGUMENTS))
             if round_ > 0:
                 times[i].append(time.perf_counter() - t0)
     return times
+
+
+FLAG_SLOTS = ("_TUMOUR", "_DYING", "_SINK", "_HAS_GROWTH", "_GROWTH_FIELD", "_KAPPA_FIELD", "_HAS_DOMAIN",
+              "_HAS_CLEARABLE", "_DIFF_FIELD", "_SCALE_FIELD", "_SWEEPS", "_THREADS")
+
+
+def baseline_kernel(revision: str):
+    """``_fused_step`` of ``AnatomyDTLib/fused_kernels.py`` as it was at git ``revision``, compiled
+    from a temporary copy (first call ≈ 20 s, not cached). Refused when that version's flag slots
+    differ from this checkout's: the captured arguments would mean something else to it."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    from AnatomyDTLib import fused
+
+    repo = Path(__file__).resolve().parent.parent
+    shown = subprocess.run(["git", "show", f"{revision}:AnatomyDTLib/fused_kernels.py"], cwd=repo,
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"--baseline {revision}: git cannot show AnatomyDTLib/fused_kernels.py there: "
+                         f"{shown.stderr.strip()}")
+    folder = Path(tempfile.mkdtemp(prefix="anatomydt_baseline_kernel_"))
+    path = folder / "baseline_fused_kernels.py"
+    path.write_text(shown.stdout.replace("cache=True, ", ""))
+    spec = importlib.util.spec_from_file_location("baseline_fused_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    current = fused._kernels()
+    if any(getattr(module, slot, None) != getattr(current, slot) for slot in FLAG_SLOTS):
+        raise SystemExit(f"--baseline {revision}: its kernel's flag slots differ from this checkout's; "
+                         "compare it with a checkout of its own instead")
+    return module._fused_step
 
 
 def variants(arguments: dict) -> list[tuple[str, dict]]:
@@ -118,10 +158,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step", type=int, default=60, help="which solver step to capture (default 60)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per variant (default 15)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="instead of the stages, time this kernel against fused_kernels.py at git revision REV "
+                             "(same captured call, taking turns) and print both, their ratio and their largest "
+                             "difference")
     args = parser.parse_args()
     from AnatomyDTLib import fused
 
     arguments = capture_step(args.step)
+    if args.baseline:
+        compare_with_baseline(arguments, args.baseline, args.repeats, args.step)
+        return
     box = arguments["box"]
     voxels = int((box[1] - box[0]) * (box[3] - box[2]) * (box[5] - box[4]))
     print(f"machine: {pc.machine_text()}; {pc.load_text()}")
@@ -141,6 +188,34 @@ def main() -> None:
             cost = f"   difference to the full step {1e3 * (full - median):+.2f} ms"
         print(f"  {label:22s} {1e3 * median:7.2f} ms [{1e3 * min(times):.2f}–{1e3 * max(times):.2f}] "
               f"{1e9 * median / voxels:5.1f} ns/voxel{cost}")
+    print(f"load average after: {pc.load_text()}")
+
+
+def compare_with_baseline(arguments: dict, revision: str, repeats: int, step: int) -> None:
+    """Print this kernel's and ``revision``'s time on the captured call, their ratio, and the largest
+    difference of their results (both from the same input state)."""
+    import numpy as np
+
+    from AnatomyDTLib import fused
+
+    current, baseline = fused._kernels()._fused_step, baseline_kernel(revision)
+    results = []
+    for kernel in (baseline, current):
+        call = dict(arguments, p=arguments["p"].copy())
+        kernel(*(call[name] for name in ARGUMENTS))
+        results.append(call["p"])
+    difference = float(np.abs(results[0].astype(np.float64) - results[1]).max())
+    box = arguments["box"]
+    voxels = int((box[1] - box[0]) * (box[3] - box[2]) * (box[5] - box[4]))
+    print(f"machine: {pc.machine_text()}; {pc.load_text()}")
+    print(f"brain case step {step}: box of {voxels / 1e6:.2f} M voxels; largest difference of the two results "
+          f"{difference:.2e}")
+    times = time_variants([arguments, arguments], repeats, kernels=[baseline, current])
+    old, new = statistics.median(times[0]), statistics.median(times[1])
+    for label, median, spread in ((f"kernel at {revision}", old, times[0]), ("this kernel", new, times[1])):
+        print(f"  {label:22s} {1e3 * median:7.2f} ms [{1e3 * min(spread):.2f}–{1e3 * max(spread):.2f}] "
+              f"{1e9 * median / voxels:5.1f} ns/voxel")
+    print(f"  this kernel / baseline: {new / old:.3f}")
     print(f"load average after: {pc.load_text()}")
 
 
