@@ -11,6 +11,8 @@ Every configuration runs in its own subprocess (fresh allocator, its own peak RS
   median of 7) before and after the measurements, and the 1-minute load average;
 * the machine's arithmetic roof: the theoretical float32 peak of the cores used
   (``perf_common.arithmetic_peak_gflops``: cores × clock × 32 flop/cycle with AVX2 + FMA);
+* for the fused path, each step's time split (medians over the steps) into the kernel's call, the
+  floor-and-bound pass that finds the next step's box, and the rest (Python, torch, events);
 * per configuration and path — ``fused`` is the one-pass numba kernel the product runs
   (AnatomyDTLib/fused.py), ``torch`` the torch inference path (``ANATOMYDT_FUSED=0``) — the median
   step time (median over steps inside a run, the first step excluded, then over repeats; the
@@ -88,11 +90,42 @@ def _brain_problem():
     return p0, spacing, kwargs
 
 
+def _timed_kernel_calls() -> dict:
+    """Record the wall time of every call of the fused kernel's step and of its floor-and-bound pass
+    (when the kernel is in use), so that a solver step's time splits into the kernel, the pass that
+    finds the next box, and the rest (Python, torch, events): {"kernel": [s, ...], "floor": [...]}."""
+    from AnatomyDTLib import fused
+
+    calls: dict = {"kernel": [], "floor": []}
+    if not fused.fused_kernel_available():
+        return calls
+    kernels = fused._kernels()
+    for name, key in (("_fused_step", "kernel"), ("_floor_and_bound", "floor")):
+        def timed(*args, _original=getattr(kernels, name), _key=key):
+            t0 = time.perf_counter()
+            result = _original(*args)
+            calls[_key].append(time.perf_counter() - t0)
+            return result
+        setattr(kernels, name, timed)  # this child process only
+    return calls
+
+
+def step_split(steps: list[float], calls: dict) -> dict | None:
+    """Medians over the steps (the first excluded) of the kernel's time, the floor pass's and the
+    rest, when every step made one call of each; else None (e.g. the torch path)."""
+    if not (len(calls["kernel"]) == len(calls["floor"]) == len(steps) > 1):
+        return None
+    kernel, floor = calls["kernel"][1:], calls["floor"][1:]
+    rest = [s - k - f for s, k, f in zip(steps[1:], kernel, floor)]
+    return {"kernel": statistics.median(kernel), "floor": statistics.median(floor), "rest": statistics.median(rest)}
+
+
 def child(case: str, days: int) -> dict:
     import torch
 
     from AnatomyDTLib import simulate
 
+    calls = _timed_kernel_calls()
     structure: dict = {}
     boxes = pc.record_step_boxes(structure)
     if case == "brain":
@@ -109,7 +142,8 @@ def child(case: str, days: int) -> dict:
     total = time.perf_counter() - t0
     cpu = time.process_time() - c0
     steps = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
-    return {"case": case, "steps": steps, "boxes": boxes, "total_s": total, "cpu_s": cpu, "structure": structure,
+    return {"case": case, "steps": steps, "split": step_split(steps, calls), "boxes": boxes, "total_s": total,
+            "cpu_s": cpu, "structure": structure,
             "voxels": int(p0[0].numel()), "threads": torch.get_num_threads()}
 
 
@@ -261,7 +295,15 @@ def summarise(case: str, results: list[dict], bandwidth: float, skip_first: bool
             "peak_rss_gib": max(r["peak_rss_bytes"] or 0 for r in results) / 2 ** 30,
             "loads": [round(r["load"], 2) for r in results], "repeats": len(results),
             "structure": results[0]["structure"], "flops_per_voxel": flops_per_voxel(results[0]["structure"]),
-            "path": results[0].get("path", "fused")}
+            "path": results[0].get("path", "fused"),
+            "split": _median_split([r.get("split") for r in results])}
+
+
+def _median_split(splits: list) -> dict | None:
+    """Per part, the median over the runs of the per-run medians; None unless every run has them."""
+    if not splits or any(s is None for s in splits):
+        return None
+    return {part: statistics.median(s[part] for s in splits) for part in splits[0]}
 
 
 def print_summary(s: dict, bandwidth: float, peak_gflops: float | None) -> None:
@@ -271,6 +313,10 @@ def print_summary(s: dict, bandwidth: float, peak_gflops: float | None) -> None:
           f"load {s['loads']}")
     print(f"  grid {s['voxels'] / 1e6:.2f} M voxels; box changed per step: median {s['median_box_voxels'] / 1e6:.2f} M, "
           f"max {s['max_box_voxels'] / 1e6:.2f} M voxels")
+    if s.get("split"):
+        split = s["split"]
+        print(f"  per step (medians): fused kernel {split['kernel'] * 1e3:.2f} ms, floor-and-bound pass "
+              f"{split['floor'] * 1e3:.2f} ms, the rest (Python, torch, events) {split['rest'] * 1e3:.2f} ms")
     for scope, key in (("full-grid", "traffic_full"), ("box", "traffic_box")):
         if s["case"] == "dense" and scope == "box":
             continue

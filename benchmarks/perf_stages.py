@@ -3,6 +3,7 @@
     python benchmarks/perf_stages.py                 # step 60 of the roofline's brain case, 15 rounds
     python benchmarks/perf_stages.py --step 30 --repeats 9
     python benchmarks/perf_stages.py --baseline 74645ad   # this kernel against the one of commit 74645ad
+    python benchmarks/perf_stages.py --case dense --step 2 --baseline 74645ad --repeats 7
 
 The brain case of ``perf_roofline.py`` (the sample case at 240×240×155, 1 mm, ``pde-only``
 defaults, Stupp plan, Δt = 1 day) is run up to ``--step``; the arguments of that step's call of
@@ -43,8 +44,9 @@ ARGUMENTS = ("p", "box", "chi", "rows", "cols", "growth", "kappa", "domain", "cl
 ONE_SLAB = "one slab (1 thread)"
 
 
-def capture_step(step: int) -> dict:
-    """The keyword arguments of the kernel call of solver step ``step`` (1-based) of the brain case."""
+def capture_step(step: int, case: str = "brain") -> dict:
+    """The keyword arguments of the kernel call of solver step ``step`` (1-based) of the brain case
+    (or of the dense worst case of perf_roofline.py: ``case="dense"``)."""
     import numpy as np
     import torch
 
@@ -54,7 +56,11 @@ def capture_step(step: int) -> dict:
     kernels = fused._kernels()
     if kernels is None:
         raise SystemExit("numba is not installed (or ANATOMYDT_FUSED=0): the fused kernel cannot run here")
-    p0, spacing, kwargs = perf_roofline._brain_problem()
+    if case == "dense":
+        p0, kwargs = perf_roofline._dense_problem(tuple(reversed(perf_roofline.SHAPE_XYZ)))
+        spacing = (1.0, 1.0, 1.0)
+    else:
+        p0, spacing, kwargs = perf_roofline._brain_problem()
     original = kernels._fused_step
     captured: dict = {}
     calls = [0]
@@ -73,7 +79,7 @@ def capture_step(step: int) -> dict:
     finally:
         kernels._fused_step = original
     if not captured:
-        raise SystemExit(f"the brain case made fewer than {step} kernel calls")
+        raise SystemExit(f"the {case} case made fewer than {step} kernel calls")
     return captured
 
 
@@ -156,7 +162,10 @@ def variants(arguments: dict) -> list[tuple[str, dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--step", type=int, default=60, help="which solver step to capture (default 60)")
+    parser.add_argument("--case", choices=("brain", "dense"), default="brain",
+                        help="the roofline's brain case (default) or its dense worst case")
+    parser.add_argument("--step", type=int, default=60, help="which solver step to capture (default 60; the dense "
+                                                              "case runs as many days as needed)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per variant (default 15)")
     parser.add_argument("--baseline", metavar="REV",
                         help="instead of the stages, time this kernel against fused_kernels.py at git revision REV "
@@ -165,15 +174,15 @@ def main() -> None:
     args = parser.parse_args()
     from AnatomyDTLib import fused
 
-    arguments = capture_step(args.step)
+    arguments = capture_step(args.step, args.case)
     if args.baseline:
-        compare_with_baseline(arguments, args.baseline, args.repeats, args.step)
+        compare_with_baseline(arguments, args.baseline, args.repeats, args.step, args.case)
         return
     box = arguments["box"]
     voxels = int((box[1] - box[0]) * (box[3] - box[2]) * (box[5] - box[4]))
     print(f"machine: {pc.machine_text()}; {pc.load_text()}")
     threads = int(arguments["fl"][fused._kernels()._THREADS])
-    print(f"brain case step {args.step}: box z {box[0]}:{box[1]}, y {box[2]}:{box[3]}, x {box[4]}:{box[5]} "
+    print(f"{args.case} case step {args.step}: box z {box[0]}:{box[1]}, y {box[2]}:{box[3]}, x {box[4]}:{box[5]} "
           f"= {voxels / 1e6:.2f} M voxels, kernel threads {threads}")
     labelled = variants(arguments)
     all_times = time_variants([call for _, call in labelled], args.repeats)
@@ -191,7 +200,7 @@ def main() -> None:
     print(f"load average after: {pc.load_text()}")
 
 
-def compare_with_baseline(arguments: dict, revision: str, repeats: int, step: int) -> None:
+def compare_with_baseline(arguments: dict, revision: str, repeats: int, step: int, case: str = "brain") -> None:
     """Print this kernel's and ``revision``'s time on the captured call, their ratio, and the largest
     difference of their results (both from the same input state)."""
     import numpy as np
@@ -208,7 +217,7 @@ def compare_with_baseline(arguments: dict, revision: str, repeats: int, step: in
     box = arguments["box"]
     voxels = int((box[1] - box[0]) * (box[3] - box[2]) * (box[5] - box[4]))
     print(f"machine: {pc.machine_text()}; {pc.load_text()}")
-    print(f"brain case step {step}: box of {voxels / 1e6:.2f} M voxels; largest difference of the two results "
+    print(f"{case} case step {step}: box of {voxels / 1e6:.2f} M voxels; largest difference of the two results "
           f"{difference:.2e}")
     times = time_variants([arguments, arguments], repeats, kernels=[baseline, current])
     old, new = statistics.median(times[0]), statistics.median(times[1])
