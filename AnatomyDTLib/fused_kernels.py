@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+from numba import uint64 as _u  # unsigned indices: no wraparound test, so the loops vectorise
 
 _NETWORK_LANES = 8  # class counts up to this are projected by the register sorting network
 
@@ -66,17 +67,23 @@ def _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, dst):
     neighbours' planes from the copies taken before any slab wrote. Every stencil of the
     explicit part then reads the compact copies (the ring of input planes), one array with one
     layout, and no row needs a function call to find its source."""
+    if z < z0 or z >= z1:
+        for c in range(dst.shape[0]):
+            for ly in range(ny):
+                out = dst[c, ly]
+                src = lower[c, z - lower_start, ly] if z < z0 else upper[c, z - z1, ly]
+                for x in range(nx):
+                    out[x] = src[x]
+        return
+    # the slab's own planes: read through flat unsigned indices, not a view of p per row (3 % of
+    # the brain step, A/B; a view of an array both threads share is reference-counted on one counter)
+    flat, row_size = p.reshape(p.size), p.shape[3]
     for c in range(dst.shape[0]):
         for ly in range(ny):
             out = dst[c, ly]
-            if z < z0:
-                src = lower[c, z - lower_start, ly]
-            elif z >= z1:
-                src = upper[c, z - z1, ly]
-            else:
-                src = p[c, z, y0 + ly, ox:]
+            base = _u(((c * p.shape[1] + z) * p.shape[2] + y0 + ly) * row_size + ox)
             for x in range(nx):
-                out[x] = src[x]
+                out[x] = flat[base + _u(x)]
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _potential_plane(plane, chi, cols, ny, nx, out):
