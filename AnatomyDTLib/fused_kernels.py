@@ -8,11 +8,12 @@ the cross-diffusion and the projection run over the plane as one flat line of ny
 the explicit part reads its stencils from a ring of compact copies of the input planes. The
 Jacobi sweeps keep a loop per row, reading the face weights straight from the grid-sized arrays
 (flat sweeps were tried: 1.5 % faster on the brain step, 43 % slower on the dense one, whose
-constant weights would have to be spread over whole planes). The earlier layout, every stage a loop per row of the box with helper calls per row, was 1.77× slower
-on the brain case's rows of ≈ 90 voxels (``python benchmarks/perf_stages.py --baseline 74645ad``;
-docs/performance.md). Inner loops index through views, never ``[offset + x]`` with a signed
-run-time offset (numba's wraparound test on it stops LLVM from vectorising,
-benchmarks/numba_wraparound.py). Lines of grid-sized arrays are rows from the box's first x on
+constant weights would have to be spread over whole planes). The earlier layout, every stage a
+loop per row of the box with helper calls per row, was 1.74× slower on the brain case's rows of
+≈ 90 voxels (``python benchmarks/perf_stages.py --baseline 74645ad``; docs/performance.md). Inner
+loops index through views, or through unsigned flat indices (the input planes' rows of p), never
+``[offset + x]`` with a signed run-time offset: numba's wraparound test on it stops LLVM from
+vectorising (benchmarks/numba_wraparound.py). Lines of grid-sized arrays are rows from the box's first x on
 (views ``[ox:]``). Scalars reach the kernels in two small arrays, ``par`` (floats, in the state's
 dtype so that float32 stays float32) and ``fl`` (int flags); :func:`parameter_array` and
 :func:`flag_array` fill them by name.
