@@ -67,12 +67,20 @@ def face_both_inside(mask: torch.Tensor, dim: int) -> torch.Tensor:
     return (mask.narrow(dim, 1, n - 1) * mask.narrow(dim, 0, n - 1)).to(mask.dtype)
 
 
+def _outer_face(face_values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zeros shaped like one layer of faces along ``dim``: the value of a grid's outer face. Built
+    from the shape, so that an axis one cell thick (no inner faces, an empty tensor) works too."""
+    shape = list(face_values.shape)
+    shape[dim] = 1
+    return face_values.new_zeros(shape)
+
+
 def flux_divergence(face_flux: torch.Tensor, dim: int) -> torch.Tensor:
     """Net inflow per cell, F_{i-1/2} - F_{i+1/2}, with zero flux through the grid's outer faces.
 
     ``face_flux`` holds F_{i+1/2}, positive in the +``dim`` direction. Returns a cell-shaped tensor.
     """
-    zero = torch.zeros_like(face_flux.narrow(dim, 0, 1))
+    zero = _outer_face(face_flux, dim)
     padded = torch.cat([zero, face_flux, zero], dim=dim)
     n = padded.shape[dim]
     return padded.narrow(dim, 0, n - 1) - padded.narrow(dim, 1, n - 1)
@@ -191,8 +199,9 @@ def _face_sum_(out: torch.Tensor, face_values: torch.Tensor, dim: int, n: int) -
 
 
 def _face_sum(face_values: torch.Tensor, dim: int, n: int) -> torch.Tensor:
-    """Per cell, the sum of the values on its two faces along ``dim`` (outer faces count as 0)."""
-    zero = torch.zeros_like(face_values.narrow(dim, 0, 1))
+    """Per cell, the sum of the values on its two faces along ``dim`` (outer faces count as 0). An
+    axis of one cell has no faces (``face_values`` is empty along ``dim``): every sum is 0."""
+    zero = _outer_face(face_values, dim)
     padded = torch.cat([zero, face_values, zero], dim=dim)
     return padded.narrow(dim, 0, n) + padded.narrow(dim, 1, n)
 
@@ -309,7 +318,7 @@ class CrossDiffusionOperator:
             raw_fluxes.append(flux)
             out_plus = torch.clamp(flux, min=0.0) / h   # leaves cell i through its +face
             out_minus = torch.clamp(-flux, min=0.0) / h  # leaves cell i+1 through its -face
-            outflow = outflow + _scatter_face_to_cells(out_plus, out_minus, dim, n)
+            outflow = outflow + scatter_face_to_cells(out_plus, out_minus, dim)
         demand = dt * outflow
         # Limit only demands above the content and above 1e-12: dividing by a denormal demand
         # makes the backward pass multiply inf by 0 (NaN gradients after a few days of rollout).
@@ -328,9 +337,9 @@ class CrossDiffusionOperator:
         return total
 
 
-def _scatter_face_to_cells(to_lower_cell: torch.Tensor, to_upper_cell: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+def scatter_face_to_cells(to_lower_cell: torch.Tensor, to_upper_cell: torch.Tensor, dim: int) -> torch.Tensor:
     """Cell array where cell i gets ``to_lower_cell`` of face i+1/2 and cell i+1 gets ``to_upper_cell``."""
-    zero = torch.zeros_like(to_lower_cell.narrow(dim, 0, 1))
+    zero = _outer_face(to_lower_cell, dim)
     return torch.cat([to_lower_cell, zero], dim=dim) + torch.cat([zero, to_upper_cell], dim=dim)
 
 

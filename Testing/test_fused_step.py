@@ -99,6 +99,29 @@ def test_brain_like_step_with_every_treatment_matches_the_torch_path(monkeypatch
     assert torch.equal(fast[-1][:, outside], p0[:, outside])  # nothing changes outside the domain
 
 
+@pytest.mark.parametrize("shape", [(1, 6, 7), (5, 1, 9), (6, 5, 1), (2, 2, 2), (9, 3, 2)])
+@pytest.mark.parametrize("variant", ["conservative", "classic"])
+def test_grids_one_or_two_voxels_thick_match_the_torch_path(monkeypatch, shape, variant):
+    """Thin boxes: an axis of one cell (no faces along it, y-faces or x-faces absent from the flat
+    plane) or of two, with a domain, a growth field, one χ column, tissue-dependent D and a plan."""
+    torch.manual_seed(sum(shape))
+    labels = torch.randint(0, K, shape)
+    labels[labels == TUMOUR] = WM
+    labels[: max(1, shape[0] // 2), : max(1, shape[1] // 2), : max(1, shape[2] // 2)] = TUMOUR
+    p0 = torch.nn.functional.one_hot(labels, K).permute(3, 0, 1, 2).double()
+    mask = torch.rand(shape) > 0.2
+    diffusion = torch.zeros_like(p0)
+    diffusion[TUMOUR] = 0.2 * p0[WM] + 0.02 * (1 - p0[WM])
+    chi = torch.zeros(K, K, dtype=torch.float64)
+    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    kwargs = dict(spacing=(1.0, 1.2, 0.9), days=[1.5, 4.0], dt=1.0, diffusion=diffusion,
+                  growth_rate=0.05 + 0.05 * p0[WM:WM + 1], cross_diffusion=chi, tumor_class=TUMOUR, mask=mask,
+                  plan=PLAN, jacobi_iters=2, jacobi_variant=variant)
+    reference = _run(p0, monkeypatch, False, **kwargs)
+    fast = _run(p0, monkeypatch, True, **kwargs)
+    _assert_agree(fast, reference, 1e-12)
+
+
 def test_batches_with_their_own_growth_fields_match_the_torch_path(monkeypatch):
     p0 = _dense_field((30, 12, 14), batch=2)
     growth = torch.tensor([0.02, 0.2], dtype=torch.float64).reshape(2, 1, 1, 1, 1).expand(2, 1, 30, 12, 14)

@@ -27,15 +27,9 @@ from typing import Sequence
 
 import torch
 
-from ..operators import face_both_inside, face_difference, flux_divergence
+from ..operators import face_both_inside, face_difference, flux_divergence, scatter_face_to_cells
 
 _DEMAND_FLOOR = 1e-12  # demands below this are not limited (an overshoot of at most 1e-12)
-
-
-def _scatter(out_lower: torch.Tensor, out_upper: torch.Tensor, dim: int) -> torch.Tensor:
-    """Cell array: cell i gets ``out_lower`` of face i+1/2, cell i+1 gets ``out_upper`` of it."""
-    zero = torch.zeros_like(out_lower.narrow(dim, 0, 1))
-    return torch.cat([out_lower, zero], dim=dim) + torch.cat([zero, out_upper], dim=dim)
 
 
 def cross_diffusion_tendency(p: torch.Tensor, chi: torch.Tensor, spacing: Sequence[float], dt: float,
@@ -61,7 +55,7 @@ def cross_diffusion_tendency(p: torch.Tensor, chi: torch.Tensor, spacing: Sequen
             velocity = velocity * face_both_inside(mask, dim)
         flux = torch.clamp(velocity, min=0.0) * p.narrow(dim, 0, n - 1) + torch.clamp(velocity, max=0.0) * p.narrow(dim, 1, n - 1)
         fluxes.append(flux)
-        outflow = outflow + _scatter(torch.clamp(flux, min=0.0) / h, torch.clamp(-flux, min=0.0) / h, dim)
+        outflow = outflow + scatter_face_to_cells(torch.clamp(flux, min=0.0) / h, torch.clamp(-flux, min=0.0) / h, dim)
     demand = dt * outflow
     # Limit only where the demand exceeds the content and a floor; both branches stay finite in
     # the backward pass (the divisor is >= the floor wherever the quotient is used).
