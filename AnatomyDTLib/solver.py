@@ -250,6 +250,7 @@ class _Cohort:
 
     expiry_day: float
     mass: torch.Tensor  # (B, 1, *S)
+    recyclable: bool = False  # made by this solve's no-grad stepper: its buffer may serve a later cohort
 
 
 @dataclass
@@ -517,8 +518,9 @@ def _visible(problem: _Problem, p: torch.Tensor) -> torch.Tensor:
     if problem.dying is None:
         return p
     k = problem.grid.num_classes
-    visible = p[:, :k]
-    return visible + p[:, k:k + 1] * tx.channel_vector(k, problem.tumour, visible)
+    visible = p[:, :k].clone()  # one copy; adding the dying share to the tumour channel alone gives the same
+    visible[:, problem.tumour:problem.tumour + 1] += p[:, k:k + 1]  # values as adding dying × one-hot (x + 0 = x)
+    return visible
 
 
 class _Integrator:
@@ -582,7 +584,7 @@ class _Integrator:
                                               target, pr.domain, hypoxia=rt.hypoxia, dying=pr.dying)
         if pr.dying is not None:
             delay = rt.delayed_death.delay_days
-            self.cohorts.append(_Cohort(day + delay, killed))
+            self.cohorts.append(_Cohort(day + delay, killed, recyclable=self.stepper is not None))
         return p
 
     def _rescale_cohorts(self, before: torch.Tensor, after: torch.Tensor, box=None) -> None:
@@ -609,7 +611,10 @@ class _Integrator:
         pr = self.problem
         if pr.dying is None:
             return None
+        expired = [c for c in self.cohorts if c.expiry_day <= day + _EVENT_TIME_TOLERANCE]
         self.cohorts = [c for c in self.cohorts if c.expiry_day > day + _EVENT_TIME_TOLERANCE]
+        if self.stepper is not None:  # expired cohorts of this solve: nothing refers to their buffers any more
+            self.stepper.spare_cohort_masses.extend(c.mass for c in expired if c.recyclable)
         if self.cohort_box is not None:
             return self._clearable_in_box(p, self.cohort_box)
         pending = sum((c.mass for c in self.cohorts), torch.zeros_like(p[:, :1]))

@@ -99,6 +99,31 @@ def test_support_boxes_are_exact_and_respect_the_search_window():
     assert support_box(p2, margin=3) == (slice(0, 4), slice(1, 5))
 
 
+def test_cohort_buffers_recycled_after_expiry_carry_nothing_into_later_fractions():
+    """The no-grad path reuses the buffer of an expired cohort for the next fraction's cohort. Here
+    the fractions wipe the tumour out (20 Gy each), so later fractions find no tumour and their
+    cohorts must be empty: a recycled buffer that kept its old mass would count as pending dying
+    mass and hold back the clearance. The trajectory and the dying compartment must match the
+    reference path, which allocates every cohort anew."""
+    p0 = _compact_tumour_field()
+    plan = {"radiotherapy": {"fraction_days": [0, 1, 2, 3, 4, 5], "dose_per_fraction_gy": 20.0,
+                             "alpha_per_gy": 1.0, "alpha_beta_gy": 10.0,
+                             "delayed_death": {"delay_days": 1, "clearance_half_life_days": 2}}}
+    kwargs = dict(spacing=(1.0, 1.0, 2.0), dt=0.5, diffusion=[0, 0.3, 0, 0, 0], growth_rate=0.3,
+                  cross_diffusion=_chi("mass_effect"), plan=plan, days=[3.0, 6.0, 9.5], return_trajectory=True,
+                  return_dying=True)
+    runs = {}
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            runs[grad] = simulate(p0, **kwargs)
+    (reference, ref_dying), (fast, fast_dying) = runs[True], runs[False]
+    assert float((reference - fast).abs().max()) < 1e-7
+    assert float((ref_dying.dying - fast_dying.dying).abs().max()) < 1e-7
+    tumour = 1  # the channel of _compact_tumour_field's tumour
+    # what is still visible at the horizon is dying mass, clearing: a tenth of the tumour at day 3
+    assert float(reference[-1, tumour].sum()) < 0.2 * float(reference[0, tumour].sum())
+
+
 def test_delayed_death_bookkeeping_on_the_tumours_box_matches_the_reference():
     """The no-grad path computes the clearable part and the cohort rescaling only inside the
     stepper's search window (a small tumour in a larger grid): the trajectory, the dying channel
