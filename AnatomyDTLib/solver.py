@@ -513,13 +513,14 @@ def _transport_and_project(problem: _Problem, p_explicit: torch.Tensor, p_old: t
     return projected
 
 
-def _visible(problem: _Problem, p: torch.Tensor) -> torch.Tensor:
-    """The K imaged classes: the dying channel merged back into the tumour."""
-    if problem.dying is None:
-        return p
+def _visible(problem: _Problem, p: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """The K imaged classes: the dying channel merged back into the tumour (``p`` itself when there
+    is none). ``into``: written there instead of a new tensor (always a copy)."""
     k = problem.grid.num_classes
-    visible = p[:, :k].clone()  # one copy; adding the dying share to the tumour channel alone gives the same
-    visible[:, problem.tumour:problem.tumour + 1] += p[:, k:k + 1]  # values as adding dying × one-hot (x + 0 = x)
+    if problem.dying is None:
+        return p if into is None else into.copy_(p)
+    visible = p[:, :k].clone() if into is None else into.copy_(p[:, :k])  # one copy; adding the dying share
+    visible[:, problem.tumour:problem.tumour + 1] += p[:, k:k + 1]  # to the tumour alone = adding dying × one-hot
     return visible
 
 
@@ -662,9 +663,12 @@ class _Integrator:
             self._rescale_cohorts(dying_before, p_new[:, pr.dying:pr.dying + 1])
         return p_new
 
-    def run(self, p: torch.Tensor, output_days: list[float], *, private: bool = False) -> list[torch.Tensor]:
+    def run(self, p: torch.Tensor, output_days: list[float], *, private: bool = False,
+            out: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The fields at ``output_days``. ``private``: ``p`` is the solver's own tensor (built from
-        p0, not the caller's), which the no-grad path may then change in place without a copy."""
+        p0, not the caller's), which the no-grad path may then change in place without a copy.
+        ``out`` (no-grad only; (T, B, K, *S)): the fields are written into ``out[i]``, which the
+        returned list then holds, so a trajectory needs no stacking copy."""
         if torch.is_grad_enabled():
             return self._run(p, output_days)
         from .inference import InferenceStepper
@@ -680,13 +684,13 @@ class _Integrator:
             self.stepper.fused.threads = threads
             torch.set_num_threads(1)
         try:
-            return self._run(p, output_days)
+            return self._run(p, output_days, out)
         finally:
             torch.set_num_threads(threads)
             if flushing:
                 torch.set_flush_denormal(False)
 
-    def _run(self, p: torch.Tensor, output_days: list[float]) -> list[torch.Tensor]:
+    def _run(self, p: torch.Tensor, output_days: list[float], out: torch.Tensor | None = None) -> list[torch.Tensor]:
         horizon = output_days[-1]
         plan = self.problem.plan
         cuts = {0.0, horizon, *[d for d in output_days if d < horizon], *plan.breakpoints(horizon),
@@ -697,7 +701,8 @@ class _Integrator:
         for i, t0 in enumerate(cuts):
             final = t0 >= horizon - _EVENT_TIME_TOLERANCE  # nothing changes p after this
             while pending_outputs and abs(pending_outputs[0][1] - t0) <= _EVENT_TIME_TOLERANCE:
-                snapshots[pending_outputs.pop(0)[0]] = self._snapshot(p, final)
+                index = pending_outputs.pop(0)[0]
+                snapshots[index] = self._snapshot(p, final, None if out is None else out[index])
             if final:
                 break
             p = self._apply_events(p, t0)
@@ -710,16 +715,19 @@ class _Integrator:
                 if self.progress is not None:
                     self.progress(t0 + (s + 1) * h, horizon)  # may raise Cancelled to stop the run
         for index, _ in pending_outputs:  # output days equal to the horizon
-            snapshots[index] = self._snapshot(p, True)
+            snapshots[index] = self._snapshot(p, True, None if out is None else out[index])
         self.final_state = p
         return [snapshots[i] for i in range(len(output_days))]
 
-    def _snapshot(self, p: torch.Tensor, final: bool) -> torch.Tensor:
+    def _snapshot(self, p: torch.Tensor, final: bool, into: torch.Tensor | None = None) -> torch.Tensor:
         """The imaged classes at an output day, as a tensor later steps do not change.
 
         The no-grad steps work on ``p`` in place, so an earlier day's field is copied; the
         horizon's is ``p`` itself (no step follows), and a merged dying channel is a new tensor
-        already. On a 1 mm brain grid each copy avoided saves ~0.1-0.2 s."""
+        already. On a 1 mm brain grid each copy avoided saves ~0.1-0.2 s. ``into``: write the field
+        there (a slot of the trajectory) and return it."""
+        if into is not None:
+            return _visible(self.problem, p, into)
         visible = _visible(self.problem, p)
         if visible is not p or final:
             return visible
@@ -820,10 +828,16 @@ def simulate(p0, *, spacing, days, dt, diffusion, growth_rate=0.0, carrying_capa
     _limit_cross_diffusion_step(problem, float(dt))
     state, cohorts = _initial_state(problem, p, dying, batched)
     integrator = _Integrator(problem, float(dt), checkpoint, progress, cohorts)
-    snapshots = integrator.run(state, output_days, private=state is not p)  # a dying channel: a new tensor
-    if not batched:
-        snapshots = [s[0] for s in snapshots]
-    result = torch.stack(snapshots) if return_trajectory else snapshots[-1]
+    trajectory = None
+    if return_trajectory and not torch.is_grad_enabled():  # the steps write each day into its slot: no stacking
+        trajectory = state.new_empty((len(output_days), state.shape[0], grid.num_classes, *state.shape[2:]))
+    snapshots = integrator.run(state, output_days, private=state is not p, out=trajectory)  # dying: a new tensor
+    if trajectory is not None:
+        result = trajectory if batched else trajectory[:, 0]
+    else:
+        if not batched:
+            snapshots = [s[0] for s in snapshots]
+        result = torch.stack(snapshots) if return_trajectory else snapshots[-1]
     if not return_dying:
         return result
     carried = integrator.dying_compartment(output_days[-1])
