@@ -78,7 +78,8 @@ def fused_kernel_available() -> bool:
 
 def floored_supports_(p: torch.Tensor, channels: list[int], window, floor: float) -> dict | None:
     """The torch path's ``InferenceStepper._floored_supports_`` in one pass per batch item: zero the
-    listed channels' values below ``floor`` inside ``window`` (three slices) and return
+    listed channels' values below ``floor`` inside ``window`` (three slices; ``floor`` 0 changes
+    nothing, the boxes of the non-zero voxels are only found) and return
     {channel: box of its non-zero voxels, or None}. Returns None when the kernel cannot run here
     (then the caller uses torch)."""
     if not fused_kernel_available() or p.device.type != "cpu" or p.dim() != 5 or p.dtype not in (

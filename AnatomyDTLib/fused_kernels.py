@@ -548,7 +548,8 @@ def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffu
 def _floor_and_bound(p, channels, window, floor, out):
     """For each listed channel: set values of magnitude below ``floor`` to zero (in place) inside
     ``window`` = (z0, z1, y0, y1, x0, x1), and write the bounding box of its non-zero voxels
-    there as out[i] = (z0, z1, y0, y1, x0, x1) in grid indices (z1 = 0 when there are none)."""
+    there as out[i] = (z0, z1, y0, y1, x0, x1) in grid indices (z1 = 0 when there are none).
+    With ``floor`` 0 nothing is zeroed: only the box is found."""
     wz0, wz1, wy0, wy1, wx0, wx1 = window[0], window[1], window[2], window[3], window[4], window[5]
     n_planes = wz1 - wz0
     n = channels.shape[0]
@@ -566,7 +567,7 @@ def _floor_and_bound(p, channels, window, floor, out):
                 first, last = wx1, -1
                 for x in range(wx1 - wx0):
                     v = row[x]
-                    keep = abs(v) >= floor
+                    keep = abs(v) >= floor and v != zero  # floor 0: only find the non-zero voxels
                     row[x] = v if keep else zero
                     first = min(first, x + wx0 if keep else wx1)
                     last = max(last, x + wx0 if keep else -1)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from AnatomyDTLib import fused, simulate
-from AnatomyDTLib.inference import InferenceStepper, support_floor
+from AnatomyDTLib.inference import InferenceStepper, support_box_within, support_floor
 
 pytestmark = pytest.mark.skipif(not fused.fused_kernel_available(), reason="numba is not installed")
 
@@ -193,6 +193,13 @@ def test_floored_supports_match_the_torch_search(monkeypatch):
     q = p.clone()
     fused.floored_supports_(q, [1], window, floor)
     assert float(q[0, 1, 12, 15, 1]) == 0.0 and torch.equal(q[:, 2], p[:, 2])
+    # floor 0: the boxes of every non-zero voxel (the tiny one included), the field unchanged
+    r = p.clone()
+    boxes = fused.floored_supports_(r, [1, 2, 3], window, 0.0)
+    assert torch.equal(r, p)
+    for c in (1, 2, 3):
+        assert boxes[c] == support_box_within(p.narrow(1, c, 1), window, 0, (16, 18, 20))
+    assert boxes[1] == (slice(3, 13), slice(2, 16), slice(1, 19))
 
 
 def test_many_classes_and_no_diffusion_take_the_kernels_other_branches(monkeypatch):
