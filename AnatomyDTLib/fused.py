@@ -17,9 +17,8 @@ classes, so they stay in the caches), so main memory sees the state read once an
 the step's unavoidable traffic. Every stage runs over a whole plane per call, a vectorised loop
 along x per row (docs/performance.md, benchmarks/perf_row_length.py). The output lags the input by
 L = max(m, 1) planes, so every input plane has been copied into the ring before its plane of p is
-overwritten. The box
-is split into one slab of planes per thread; each slab recomputes m + 1 planes of halo around it
-from a copy of its neighbours' input planes, taken before any slab writes.
+overwritten. The box is split into one slab of planes per thread; each slab recomputes m + 1
+planes of halo around it from a copy of its neighbours' input planes, taken before any slab writes.
 
 What it computes is the torch path's step exactly (same discretisation, same order: reaction,
 then the cross-diffusion increment from p^n, the m Jacobi sweeps, then the projection of the

@@ -13,8 +13,8 @@ loop per row of the box with helper calls per row, was 1.74× slower on the brai
 ≈ 90 voxels (``python benchmarks/perf_stages.py --baseline 74645ad``; docs/performance.md). Inner
 loops index through views, or through unsigned flat indices (the input planes' rows of p), never
 ``[offset + x]`` with a signed run-time offset: numba's wraparound test on it stops LLVM from
-vectorising (benchmarks/numba_wraparound.py). Lines of grid-sized arrays are rows from the box's first x on
-(views ``[ox:]``). Scalars reach the kernels in two small arrays, ``par`` (floats, in the state's
+vectorising (benchmarks/numba_wraparound.py). Lines of grid-sized arrays are rows from the box's
+first x on (views ``[ox:]``). Scalars reach the kernels in two small arrays, ``par`` (floats, in the state's
 dtype so that float32 stays float32) and ``fl`` (int flags); :func:`parameter_array` and
 :func:`flag_array` fill them by name.
 
@@ -386,9 +386,8 @@ def _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals):
 def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, ny, ox, nx, lanes, work,
                   reciprocals):
     """Write plane z back into p: diffused classes from the last sweep, the others from q (both
-    flat planes: channel × cell). The
-    voxels that left the simplex (channel sum off 1 by more than the slack, or a negative value)
-    are projected — θ from a sorting network, as :func:`AnatomyDTLib.simplex.simplex_threshold`
+    flat planes: channel × cell). The voxels that left the simplex (channel sum off 1 by more than
+    the slack, or a negative value) are projected — θ from a sorting network, as :func:`AnatomyDTLib.simplex.simplex_threshold`
     — the others are written as computed; outside the domain nothing changes."""
     n_channels = q.shape[0]
     dying = fl[_DYING]

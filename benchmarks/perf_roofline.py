@@ -120,6 +120,14 @@ def step_split(steps: list[float], calls: dict) -> dict | None:
     return {"kernel": statistics.median(kernel), "floor": statistics.median(floor), "rest": statistics.median(rest)}
 
 
+def problem(case: str):
+    """(p0, spacing in mm, simulate keyword arguments) of the ``brain`` or the ``dense`` case."""
+    if case == "brain":
+        return _brain_problem()
+    p0, kwargs = _dense_problem(tuple(reversed(SHAPE_XYZ)))
+    return p0, (1.0, 1.0, 1.0), kwargs
+
+
 def child(case: str, days: int) -> dict:
     import torch
 
@@ -128,11 +136,7 @@ def child(case: str, days: int) -> dict:
     calls = _timed_kernel_calls()
     structure: dict = {}
     boxes = pc.record_step_boxes(structure)
-    if case == "brain":
-        p0, spacing, kwargs = _brain_problem()
-    else:
-        p0, kwargs = _dense_problem(tuple(reversed(SHAPE_XYZ)))
-        spacing = (1.0, 1.0, 1.0)
+    p0, spacing, kwargs = problem(case)
     stamps = []
     t0 = time.perf_counter()
     c0 = time.process_time()

@@ -56,11 +56,7 @@ def capture_step(step: int, case: str = "brain") -> dict:
     kernels = fused._kernels()
     if kernels is None:
         raise SystemExit("numba is not installed (or ANATOMYDT_FUSED=0): the fused kernel cannot run here")
-    if case == "dense":
-        p0, kwargs = perf_roofline._dense_problem(tuple(reversed(perf_roofline.SHAPE_XYZ)))
-        spacing = (1.0, 1.0, 1.0)
-    else:
-        p0, spacing, kwargs = perf_roofline._brain_problem()
+    p0, spacing, kwargs = perf_roofline.problem(case)
     original = kernels._fused_step
     captured: dict = {}
     calls = [0]
@@ -102,14 +98,16 @@ def time_variants(calls: list[dict], repeats: int, kernels: list | None = None) 
     return times
 
 
-FLAG_SLOTS = ("_TUMOUR", "_DYING", "_SINK", "_HAS_GROWTH", "_GROWTH_FIELD", "_KAPPA_FIELD", "_HAS_DOMAIN",
-              "_HAS_CLEARABLE", "_DIFF_FIELD", "_SCALE_FIELD", "_SWEEPS", "_THREADS")
+def _slot_constants(module) -> dict:
+    """The kernel module's slot constants (``_DT``, ``_TUMOUR``, …: upper-case module-level ints)."""
+    return {name: value for name, value in vars(module).items()
+            if name.startswith("_") and name[1:].isupper() and isinstance(value, int)}
 
 
 def baseline_kernel(revision: str):
     """``_fused_step`` of ``AnatomyDTLib/fused_kernels.py`` as it was at git ``revision``, compiled
-    from a temporary copy (first call ≈ 20 s, not cached). Refused when that version's flag slots
-    differ from this checkout's: the captured arguments would mean something else to it."""
+    from a temporary copy (first call ≈ 20 s, not cached). Refused when that version's parameter or
+    flag slots differ from this checkout's: the captured arguments would mean something else to it."""
     import importlib.util
     import subprocess
     import tempfile
@@ -129,8 +127,8 @@ def baseline_kernel(revision: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     current = fused._kernels()
-    if any(getattr(module, slot, None) != getattr(current, slot) for slot in FLAG_SLOTS):
-        raise SystemExit(f"--baseline {revision}: its kernel's flag slots differ from this checkout's; "
+    if _slot_constants(module) != _slot_constants(current):
+        raise SystemExit(f"--baseline {revision}: its kernel's parameter or flag slots differ from this checkout's; "
                          "compare it with a checkout of its own instead")
     return module._fused_step
 
