@@ -13,7 +13,9 @@ loop per row of the box with helper calls per row, was 1.74× slower on the brai
 ≈ 90 voxels (``python benchmarks/perf_stages.py --baseline 74645ad``; docs/performance.md). Inner
 loops index through views, or through unsigned flat indices (the input planes' rows of p), never
 ``[offset + x]`` with a signed run-time offset: numba's wraparound test on it stops LLVM from
-vectorising (benchmarks/numba_wraparound.py). Lines of grid-sized arrays are rows from the box's
+vectorising (benchmarks/numba_wraparound.py). Every kernel compiles with numba's ``numpy`` error
+model: a division by zero gives inf or nan, as in torch, instead of a zero test per division that
+raises, which kept the growth loop scalar (7.7 % of the brain step, A/B). Lines of grid-sized arrays are rows from the box's
 first x on (views ``[ox:]``). Scalars reach the kernels in two small arrays, ``par`` (floats, in the state's
 dtype so that float32 stays float32) and ``fl`` (int flags); :func:`parameter_array` and
 :func:`flag_array` fill them by name.
@@ -62,7 +64,7 @@ def flag_array(*, tumour, dying, sink, has_growth, growth_field, kappa_field, ha
 
 
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, dst):
     """dst (C, ny, nx) = the box's part of input plane z: the slab's own planes from p, its
     neighbours' planes from the copies taken before any slab wrote. Every stencil of the
@@ -86,7 +88,7 @@ def _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, dst):
             for x in range(nx):
                 out[x] = flat[base + _u(x)]
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _potential_plane(plane, chi, cols, ny, nx, out):
     """out[r] = Σ_c χ[r, c]·p[cols[c]] on one input plane (C, ny, nx): the drift potential of each row of χ."""
     zero = chi[0, 0] - chi[0, 0]
@@ -101,7 +103,7 @@ def _potential_plane(plane, chi, cols, ny, nx, out):
                 for x in range(nx):
                     o[x] += w * src[x]
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _gather_plane(field, z, y0, ny, ox, nx, out):
     """out (ny·nx, flat) = the box's part of plane z of a grid-sized (Z, Y, X) field."""
     for ly in range(ny):
@@ -109,7 +111,7 @@ def _gather_plane(field, z, y0, ny, ox, nx, out):
         for x in range(nx):
             dst[x] = src[x]
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _reaction_plane(q, rate, capacity, mask, fl, par, tmp):
     """Logistic growth and chemotherapy on one plane of q (C, n cells flat; in place), as the torch
     path. Growth takes the tumour's gain from the tissue classes in proportion to their share;
@@ -152,7 +154,7 @@ def _reaction_plane(q, rate, capacity, mask, fl, par, tmp):
             viable[i] -= killed
             sink_line[i] += killed
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx):
     """Clearance of the dying cells whose delay has passed, on plane e of q (C, n flat; in place)."""
     dying_line, sink_line, fraction = q[fl[_DYING]], q[fl[_SINK]], par[_CLEAR]
@@ -164,7 +166,7 @@ def _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx):
             dying_row[x] -= cleared
             sink_row[x] += cleared
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, par, bz0, bz1, nx, tmp):
     """q += Δt·(cross-diffusion tendency at p^n) on plane e: Σ_axes (flux in through the lower face
     − out through the upper) / h, flux = upwind(Δφ/h) of each pushed class.
@@ -236,7 +238,7 @@ def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, 
                 out_z = max(v_zu, zero) * here[i] + min(v_zu, zero) * rho_zu[i]
                 acc[i] += fz * (in_z - out_z) + (y_flux[i] - y_next[i]) + (x_flux[i] - x_next[i])
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, rows, growth, kappa, clearable, fl,
                     par, bz0, bz1, y0, ny, ox, nx, tmp):
     """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on plane e of the box (q: C × n
@@ -259,7 +261,7 @@ def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, row
     if rows.shape[0] > 0:
         _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, par, bz0, bz1, nx, tmp)
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, wx, scale, fl, par, bz0, bz1,
                  y0, y1, ox, nx, constants, lap):
     """One Jacobi sweep u ← u + ω/(1 + Δt·c)·(rhs − u + Δt·∇·(D∇u)) on plane z of the box.
@@ -303,12 +305,12 @@ def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, w
                        + w_yu[x] * (u_yu[x] - u[x]) + lap[x + 1] - lap[x])
                 o[x] = u[x] + s[x] * (r[x] - u[x] + dt * div)
 
-@njit(cache=True, fastmath=True, nogil=True, inline="always")
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy", inline="always")
 def _exchange(a, b):
     """Compare-exchange of a sorting network: (larger, smaller)."""
     return max(a, b), min(a, b)
 
-@njit(cache=True, fastmath=True, nogil=True, inline="always")
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy", inline="always")
 def _threshold_candidate(running, theta, u_j, reciprocal, one):
     """One step j of the threshold search: running sum of the sorted values, c_j, and θ = c_j
     if u_j > c_j (``reciprocal`` = 1/j)."""
@@ -316,7 +318,7 @@ def _threshold_candidate(running, theta, u_j, reciprocal, one):
     c_j = (running - one) * reciprocal
     return running, (c_j if u_j > c_j else theta)
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _threshold_network(lanes, theta, nx, one, reciprocals):
     """θ of the simplex projection for up to 8 classes per voxel: the lanes sorted in registers by
     Batcher's 19-comparator network (branch-free, so the x loop vectorises), then
@@ -356,7 +358,7 @@ def _threshold_network(lanes, theta, nx, one, reciprocals):
         run, th = _threshold_candidate(run, th, v7, r8, one)
         theta[x] = th
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals):
     """θ of the simplex projection for any class count (odd-even transposition sort of a copy)."""
     order = lanes[n_channels:2 * n_channels]
@@ -382,7 +384,7 @@ def _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals):
             c_j = (running[x] - one) * count
             theta[x] = c_j if u_j[x] > c_j else theta[x]
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, ny, ox, nx, lanes, work,
                   reciprocals):
     """Write plane z back into p: diffused classes from the last sweep, the others from q (both
@@ -438,7 +440,7 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
             for x in range(nx):
                 dst[x] = row_project[x] * max(row[x] - row_theta[x], zero) + (one - row_project[x]) * row[x]
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, domain, clearable, diffused,
               is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants):
     """Advance the output planes [z0, z1) of the box by one step (the pipeline of the module
@@ -513,7 +515,7 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
             _finish_plane(zf, q_flat[zf % q_slots], u_flat[lag - 1, zf % 3], p, dying_out, is_diffused, domain, fl,
                           par, y0, ny, ox, nx, lanes, work, reciprocals)
 
-@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True)
 def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffused, is_diffused, wz, wy, wx,
                 scale, dying_out, fl, par, constants):
     """One IMEX step of a (C, Z, Y, X) state, in place, on ``box`` = (z0, z1, y0, y1, x0, x1):
@@ -543,7 +545,7 @@ def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffu
                   clearable, diffused, is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants)
 
 
-@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True)
 def _floor_and_bound(p, channels, window, floor, out):
     """For each listed channel: set values of magnitude below ``floor`` to zero (in place) inside
     ``window`` = (z0, z1, y0, y1, x0, x1), and write the bounding box of its non-zero voxels
