@@ -6,8 +6,9 @@ Every stage is a function over one whole plane of the box, called once per plane
 the cross-diffusion and the projection run over the plane as one flat line of ny·nx cells
 (neighbours across y are the shifted views ±nx, a face-open mask closes the x-faces at row starts);
 the explicit part reads its stencils from a ring of compact copies of the input planes. The
-Jacobi sweeps keep a loop per row, reading the face weights straight from the grid-sized arrays
-(flat sweeps were tried: 1.5 % faster on the brain step, 43 % slower on the dense one, whose
+Jacobi sweeps keep a loop per row, reading the face weights from arrays that cover a region
+around the box (their first voxel's grid index is in ``fl``; ``FusedStep`` packs them there
+because short pieces of grid-sized rows read nearly as slowly as whole rows) (flat sweeps were tried: 1.5 % faster on the brain step, 43 % slower on the dense one, whose
 constant weights would have to be spread over whole planes). The earlier layout, every stage a
 loop per row of the box with helper calls per row, was 1.74× slower on the brain case's rows of
 ≈ 90 voxels (``python benchmarks/perf_stages.py --baseline 74645ad``; docs/performance.md). Inner
@@ -15,9 +16,9 @@ loops index through views, or through unsigned flat indices (the input planes' r
 ``[offset + x]`` with a signed run-time offset: numba's wraparound test on it stops LLVM from
 vectorising (benchmarks/numba_wraparound.py). Every kernel compiles with numba's ``numpy`` error
 model: a division by zero gives inf or nan, as in torch, instead of a zero test per division that
-raises, which kept the growth loop scalar (7.7 % of the brain step, A/B). Lines of grid-sized arrays are rows from the box's
-first x on (views ``[ox:]``). Scalars reach the kernels in two small arrays, ``par`` (floats, in the state's
-dtype so that float32 stays float32) and ``fl`` (int flags); :func:`parameter_array` and
+raises, which kept the growth loop scalar (7.7 % of the brain step, A/B). Lines of grid-sized
+arrays are rows from the box's first x on (views ``[ox:]``). Scalars reach the kernels in two
+small arrays, ``par`` (floats, in the state's dtype so that float32 stays float32) and ``fl`` (int flags); :func:`parameter_array` and
 :func:`flag_array` fill them by name.
 
 Units: Δt in days, spacing in mm, χ and D in mm²/day, rates in 1/day.
@@ -35,7 +36,7 @@ _NETWORK_LANES = 8  # class counts up to this are projected by the register sort
 _DT, _OMEGA, _CHEMO, _CLEAR, _SLACK, _INV_HZ, _INV_HY, _INV_HX, _ZERO, _ONE = range(10)
 # flag slots of the kernel's int array
 (_TUMOUR, _DYING, _SINK, _HAS_GROWTH, _GROWTH_FIELD, _KAPPA_FIELD, _HAS_DOMAIN, _HAS_CLEARABLE,
- _DIFF_FIELD, _SCALE_FIELD, _SWEEPS, _THREADS) = range(12)
+ _DIFF_FIELD, _SCALE_FIELD, _SWEEPS, _THREADS, _WEIGHTS_Z0, _WEIGHTS_Y0, _WEIGHTS_X0) = range(15)
 
 
 
@@ -51,15 +52,18 @@ def parameter_array(dtype, *, dt, omega, chemo_fraction, clearance_fraction, sla
 
 
 def flag_array(*, tumour, dying, sink, has_growth, growth_field, kappa_field, has_domain, has_clearable,
-               diffusion_field, scale_field, sweeps, threads):
+               diffusion_field, scale_field, sweeps, threads, weights_origin=(0, 0, 0)):
     """``fl``: channel indices (dying −1 when there is none), which coefficients are per-voxel
-    fields, the number of Jacobi sweeps and of parallel slabs."""
-    values = [0] * 12
+    fields, the number of Jacobi sweeps and of parallel slabs, and the grid index (z, y, x) of the
+    first voxel of the arrays of per-face weights and Jacobi scales (they may hold only a region of
+    the grid that contains the box: see ``FusedStep``)."""
+    values = [0] * 15
     values[_TUMOUR], values[_DYING], values[_SINK] = tumour, dying, sink
     values[_HAS_GROWTH], values[_GROWTH_FIELD], values[_KAPPA_FIELD] = int(has_growth), int(growth_field), int(kappa_field)
     values[_HAS_DOMAIN], values[_HAS_CLEARABLE] = int(has_domain), int(has_clearable)
     values[_DIFF_FIELD], values[_SCALE_FIELD] = int(diffusion_field), int(scale_field)
     values[_SWEEPS], values[_THREADS] = sweeps, threads
+    values[_WEIGHTS_Z0], values[_WEIGHTS_Y0], values[_WEIGHTS_X0] = weights_origin
     return np.array(values, dtype=np.int64)
 
 
@@ -269,8 +273,10 @@ def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, w
     Diffused class d is channel ``channels[d]`` of the planes ``u_ring[plane % u_slots]`` and
     channel ``rhs_channels[d]`` of ``rhs``; the result goes to ``out[d]``. Faces across the box
     border carry no flux: the box holds every non-zero value of the diffused classes plus a
-    margin of m + 1 voxels. Face weights are D/h² (1/day) on faces (z-, y-, x-faces arrays)."""
+    margin of m + 1 voxels. Face weights are D/h² (1/day) on faces (z-, y-, x-faces arrays), which
+    like ``scale`` start at the grid index (fl[_WEIGHTS_Z0], fl[_WEIGHTS_Y0], fl[_WEIGHTS_X0])."""
     dt = par[_DT]
+    oz, oy, wx0 = fl[_WEIGHTS_Z0], fl[_WEIGHTS_Y0], ox - fl[_WEIGHTS_X0]
     field = fl[_DIFF_FIELD] == 1
     scale_field = fl[_SCALE_FIELD] == 1
     u_here = u_ring[z % u_slots]
@@ -288,16 +294,16 @@ def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, w
             u_yl, u_yu = u_here[c, south - y0], u_here[c, north - y0]
             # per-face weights where they vary, else the class's constant row (no call per row);
             # a face across the box border gets any weight: its difference is zero
-            w_zl = wz[d, z - 1, y, ox:] if field and z > bz0 else constants[1 + d, 0]
-            w_zu = wz[d, z, y, ox:] if field and z < bz1 - 1 else constants[1 + d, 0]
-            w_yl = wy[d, z, y - 1, ox:] if field and y > y0 else constants[1 + d, 1]
-            w_yu = wy[d, z, y, ox:] if field and y < y1 - 1 else constants[1 + d, 1]
-            w_x = wx[d, z, y, ox:] if field and nx > 1 else constants[1 + d, 2]
+            w_zl = wz[d, z - 1 - oz, y - oy, wx0:] if field and z > bz0 else constants[1 + d, 0]
+            w_zu = wz[d, z - oz, y - oy, wx0:] if field and z < bz1 - 1 else constants[1 + d, 0]
+            w_yl = wy[d, z - oz, y - 1 - oy, wx0:] if field and y > y0 else constants[1 + d, 1]
+            w_yu = wy[d, z - oz, y - oy, wx0:] if field and y < y1 - 1 else constants[1 + d, 1]
+            w_x = wx[d, z - oz, y - oy, wx0:] if field and nx > 1 else constants[1 + d, 2]
             lap[0] = zero  # lap[i] = flow through the face left of cell i; lap[0] = lap[nx] = 0
             lap[nx] = zero
             for x in range(nx - 1):
                 lap[x + 1] = w_x[x] * (u[x + 1] - u[x])
-            s = scale[d, z, y, ox:] if scale_field else constants[1 + d, 3]
+            s = scale[d, z - oz, y - oy, wx0:] if scale_field else constants[1 + d, 3]
             o = out[d, ly]
             r = rhs[rhs_channels[d], ly]
             for x in range(nx):

@@ -99,6 +99,38 @@ def test_brain_like_step_with_every_treatment_matches_the_torch_path(monkeypatch
     assert torch.equal(fast[-1][:, outside], p0[:, outside])  # nothing changes outside the domain
 
 
+@pytest.mark.parametrize("margin", [0, 2])
+@pytest.mark.parametrize("variant", ["conservative", "classic"])
+def test_diffusion_coefficients_packed_around_a_growing_box_match_the_torch_path(monkeypatch, margin, variant):
+    """The kernel reads per-face weights (and the classic variant's per-voxel Jacobi scales) from
+    copies restricted to a region around the box, renewed when the box outgrows it. With a small
+    margin the region is renewed while the tumour spreads, and is smaller than the grid: every
+    offset between the grid's and the region's indices is exercised."""
+    p0 = torch.roll(_brain_like((40, 40, 40)), shifts=(0, 10, 10), dims=(1, 2, 3))  # tumour mid-grid
+    diffusion = torch.zeros_like(p0)
+    torch.manual_seed(3)
+    diffusion[TUMOUR] = 0.02 + 0.18 * torch.rand(p0.shape[1:], dtype=torch.float64)  # no two faces alike
+    chi = torch.zeros(K, K, dtype=torch.float64)
+    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[2.0, 4.0], dt=1.0, diffusion=diffusion, growth_rate=0.1,
+                  cross_diffusion=chi, tumor_class=TUMOUR, plan=PLAN, jacobi_iters=2, jacobi_variant=variant)
+    built = []
+    original = InferenceStepper.__init__
+
+    def recording(self, problem, state):
+        original(self, problem, state)
+        built.append(self)
+
+    monkeypatch.setattr(InferenceStepper, "__init__", recording)
+    monkeypatch.setattr(fused.FusedStep, "PACK_MARGIN", margin)
+    reference = _run(p0, monkeypatch, False, **kwargs)
+    fast = _run(p0, monkeypatch, True, threads=2, **kwargs)
+    _assert_agree(fast, reference, 1e-12)
+    packing = built[-1].fused
+    assert packing.regions_built >= 2
+    assert all(r.start > 0 for r in packing._region)  # the region's origin is off the grid's on every axis
+
+
 @pytest.mark.parametrize("shape", [(1, 6, 7), (5, 1, 9), (6, 5, 1), (2, 2, 2), (9, 3, 2)])
 @pytest.mark.parametrize("variant", ["conservative", "classic"])
 def test_grids_one_or_two_voxels_thick_match_the_torch_path(monkeypatch, shape, variant):

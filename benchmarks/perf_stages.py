@@ -16,7 +16,10 @@ with each stage switched off through the kernel's own flags:
 * ``no growth``: no logistic growth;
 * ``plumbing only``: all three off — what is left is reading the box's planes, the chemotherapy
   and clearance terms, the simplex check and projection, and writing the planes back;
-* ``one slab``: everything on, one thread (the two-core speed-up is the ratio to the first row).
+* ``one slab``: everything on, one thread (the two-core speed-up is the ratio to the first row);
+* ``grid-sized coefficients``: everything on, but the per-face diffusion weights read from
+  grid-sized arrays (the call of the same step captured with ``FusedStep.PACK_MARGIN`` larger than
+  the grid), as before they were packed onto a region around the box.
 
 With ``--baseline REV`` it times, instead, this kernel against ``fused_kernels.py`` as it was at
 git revision REV on the same captured call (taking turns, so the machine's drift hits both), and
@@ -42,17 +45,27 @@ import perf_common as pc  # noqa: E402
 ARGUMENTS = ("p", "box", "chi", "rows", "cols", "growth", "kappa", "domain", "clearable", "diffused", "is_diffused",
              "wz", "wy", "wx", "scale", "dying_out", "fl", "par", "constants")
 ONE_SLAB = "one slab (1 thread)"
+GRID_SIZED = "grid-sized coefficients"
 
 
-def capture_step(step: int, case: str = "brain") -> dict:
+def capture_step(step: int, case: str = "brain", pack_margin: int | None = None) -> dict:
     """The keyword arguments of the kernel call of solver step ``step`` (1-based) of the brain case
-    (or of the dense worst case of perf_roofline.py: ``case="dense"``)."""
+    (or of the dense worst case of perf_roofline.py: ``case="dense"``). ``pack_margin``: the
+    ``FusedStep.PACK_MARGIN`` to run with (a huge one gives the kernel grid-sized diffusion
+    coefficients, as before they were packed around the box)."""
     import numpy as np
     import torch
 
     import perf_roofline
     from AnatomyDTLib import fused, simulate
 
+    if pack_margin is not None:
+        default_margin = fused.FusedStep.PACK_MARGIN
+        fused.FusedStep.PACK_MARGIN = pack_margin
+        try:
+            return capture_step(step, case)
+        finally:
+            fused.FusedStep.PACK_MARGIN = default_margin
     kernels = fused._kernels()
     if kernels is None:
         raise SystemExit("numba is not installed (or ANATOMYDT_FUSED=0): the fused kernel cannot run here")
@@ -133,8 +146,9 @@ def baseline_kernel(revision: str):
     return module._fused_step
 
 
-def variants(arguments: dict) -> list[tuple[str, dict]]:
-    """(label, arguments) of the full step and of the step with stages switched off."""
+def variants(arguments: dict, grid_sized: dict | None = None) -> list[tuple[str, dict]]:
+    """(label, arguments) of the full step and of the step with stages switched off; ``grid_sized``:
+    the same call captured with grid-sized diffusion coefficients."""
     import numpy as np
 
     from AnatomyDTLib import fused
@@ -155,7 +169,7 @@ def variants(arguments: dict) -> list[tuple[str, dict]]:
         ("no growth", dict(arguments, fl=with_flags(_HAS_GROWTH=0))),
         ("plumbing only", dict(arguments, rows=no_rows, fl=with_flags(_SWEEPS=0, _HAS_GROWTH=0))),
         (ONE_SLAB, dict(arguments, fl=with_flags(_THREADS=1))),
-    ]
+    ] + ([(GRID_SIZED, grid_sized)] if grid_sized is not None else [])
 
 
 def main() -> None:
@@ -182,7 +196,7 @@ def main() -> None:
     threads = int(arguments["fl"][fused._kernels()._THREADS])
     print(f"{args.case} case step {args.step}: box z {box[0]}:{box[1]}, y {box[2]}:{box[3]}, x {box[4]}:{box[5]} "
           f"= {voxels / 1e6:.2f} M voxels, kernel threads {threads}")
-    labelled = variants(arguments)
+    labelled = variants(arguments, capture_step(args.step, args.case, pack_margin=10 ** 9))
     all_times = time_variants([call for _, call in labelled], args.repeats)
     full = statistics.median(all_times[0])
     for (label, call), times in zip(labelled, all_times):
@@ -193,7 +207,7 @@ def main() -> None:
             cost = f"   two-slab speed-up {median / full:.2f}"
         else:
             cost = f"   difference to the full step {1e3 * (full - median):+.2f} ms"
-        print(f"  {label:22s} {1e3 * median:7.2f} ms [{1e3 * min(times):.2f}–{1e3 * max(times):.2f}] "
+        print(f"  {label:24s} {1e3 * median:7.2f} ms [{1e3 * min(times):.2f}–{1e3 * max(times):.2f}] "
               f"{1e9 * median / voxels:5.1f} ns/voxel{cost}")
     print(f"load average after: {pc.load_text()}")
 
