@@ -115,11 +115,11 @@ class FusedStep:
 
     Built once per solve; :meth:`applies` says per step whether the kernel can compute it, and
     :meth:`step_` computes it in place on a box. Arrays that do not change between steps (χ, the
-    face weights, α, κ, the domain) are converted once; the per-face weights (and per-voxel Jacobi
-    scales) are copied onto a region around the box, renewed when the box outgrows it.
+    face weights, α, κ, the domain) are converted once; those that are per-voxel fields are copied
+    onto a region around the box, renewed when the box outgrows it.
     """
 
-    PACK_MARGIN = 8  # voxels by which the region of the packed diffusion coefficients exceeds the box
+    PACK_MARGIN = 8  # voxels by which the region of the packed coefficient fields exceeds the box
 
     def __init__(self, stepper):
         self.stepper = stepper
@@ -153,9 +153,14 @@ class FusedStep:
             for d, c in enumerate(stepper.diffused):
                 is_diffused[c] = d
         self.is_diffused = is_diffused
-        self._region = None  # see _coefficient_region
+        # the coefficient fields that do not change during the solve, packed on a region (see _coefficient_region)
+        self.diffusion_field = bool(stepper.diffused) and not stepper.uniform
+        self.scale_field = bool(stepper.diffused) and any(n > 1 for n in stepper._diag.shape[2:])
+        self.needs_region = (self.diffusion_field or self.scale_field or self.growth[1] or self.kappa[1]
+                             or self.domain is not None)
+        self._region = None
         self.regions_built = 0  # how often that region was (re)built in this solve
-        self._packed: dict = {}  # compact copies of the diffusion coefficients on that region
+        self._packed: dict = {}  # compact copies of those fields on that region
         self.dummy3 = np.zeros((1, 1, 1), dtype=np_dtype)
         self.dummy4 = np.zeros((1, 1, 1, 1), dtype=np_dtype)
 
@@ -173,23 +178,16 @@ class FusedStep:
         lim = self.stepper.limiter_free_dt
         return not self.stepper.cross_rows or (lim is not None and dt <= lim)
 
-    def _item(self, value, b: int, is_field: bool):
-        """Batch item b of a coefficient: a contiguous (Z, Y, X) array for a field, else a float."""
-        t = torch.as_tensor(value)
-        if is_field:
-            return _as_numpy(t[min(b, t.shape[0] - 1), 0].to(self.stepper.dtype).contiguous())
-        per_item = t.reshape(t.shape[0], -1)[:, 0] if t.dim() > 0 else t.reshape(1)  # one value per batch item
-        return float(per_item[min(b, per_item.shape[0] - 1)])
-
     def _coefficient_region(self, box) -> tuple[slice, ...]:
-        """The region of the grid whose per-face weights and Jacobi scales the kernel reads, as
-        compact arrays: the box grown by ``PACK_MARGIN`` voxels, kept while later boxes lie inside
-        it (a box grows by at most m + 2 voxels per step, so it is rebuilt every few steps).
+        """The region of the grid on which the kernel gets the coefficient fields that do not change
+        during a solve (per-face weights, per-voxel Jacobi scales, α, κ, the domain) as compact
+        arrays: the box grown by ``PACK_MARGIN`` voxels, kept while later boxes lie inside it (a
+        box grows by at most m + 2 voxels per step, so it is rebuilt every few steps).
 
         Why: the box's rows are short pieces of the grid's rows (≈ 90 of 240 voxels on the brain
         case), and reading them from grid-sized arrays costs nearly as much as reading whole rows
-        (docs/performance.md); the weights never change during a solve, so they are copied once
-        into arrays whose rows are barely longer than the box's."""
+        (``benchmarks/strided_rows.py``); these fields are copied once into arrays whose rows are
+        barely longer than the box's."""
         if self._region is None or any(b.start < r.start or b.stop > r.stop for b, r in zip(box, self._region)):
             spatial = self.stepper.shape[2:]
             self._region = tuple(slice(max(0, b.start - self.PACK_MARGIN), min(n, b.stop + self.PACK_MARGIN))
@@ -198,45 +196,52 @@ class FusedStep:
             self.regions_built += 1
         return self._region
 
-    def _packed_array(self, t: torch.Tensor, region) -> np.ndarray:
-        """``t`` (Kd, *S or a face shape) restricted to ``region`` (clipped to its own extent along
-        each axis: a face array has one fewer face than cells), as a compact array in the state's dtype."""
-        crop = (slice(None),) + tuple(slice(r.start, min(r.stop, n)) for r, n in zip(region, t.shape[1:]))
-        return _as_numpy(t[crop].to(self.stepper.dtype).contiguous())
+    def _on_region(self, key, t: torch.Tensor, region) -> np.ndarray:
+        """``t`` (leading axis, then *S or a face shape) restricted to ``region`` (clipped to its own
+        extent along each axis: a face array has one fewer face than cells), as a compact array in
+        the state's dtype; built once per region and ``key``."""
+        if key not in self._packed:
+            crop = (slice(None),) + tuple(slice(r.start, min(r.stop, n)) for r, n in zip(region, t.shape[1:]))
+            self._packed[key] = _as_numpy(t[crop].to(self.stepper.dtype).contiguous())
+        return self._packed[key]
 
-    def _diffusion_arrays(self, b: int, dt: float, constants: np.ndarray, box):
+    def _field_item(self, name: str, value, b: int, region) -> np.ndarray:
+        """Batch item b of a per-voxel field (B|1, 1, *S) on the region, as a (Z, Y, X) array."""
+        t = torch.as_tensor(value)
+        item = min(b, t.shape[0] - 1)
+        return self._on_region((name, item), t[item], region)[0]
+
+    @staticmethod
+    def _scalar_item(value, b: int) -> float:
+        """Batch item b of a coefficient that is one number per batch item (or one in all)."""
+        t = torch.as_tensor(value)
+        per_item = t.reshape(t.shape[0], -1)[:, 0] if t.dim() > 0 else t.reshape(1)
+        return float(per_item[min(b, per_item.shape[0] - 1)])
+
+    def _diffusion_arrays(self, b: int, dt: float, constants: np.ndarray, region):
         """Face weights D/h² per axis (1/day) and the Jacobi scale ω/(1 + Δt·c) of the diffused
-        classes for batch item b: per-face arrays when they vary (restricted to the region of
-        :meth:`_coefficient_region`, whose first voxel is returned as the origin), else written
-        into ``constants``."""
+        classes for batch item b: per-face arrays on ``region`` when they vary, else written into
+        ``constants``."""
         st = self.stepper
         if not st.diffused:
-            return self.dummy4, self.dummy4, self.dummy4, self.dummy4, False, False, (0, 0, 0)
-        field = not st.uniform
-        diag = st._diag[min(b, st._diag.shape[0] - 1)]  # (Kd, 1, 1, 1) conservative or (Kd, *S) classic
-        scale_field = any(s > 1 for s in diag.shape[1:])
-        region = self._coefficient_region(box) if field or scale_field else None
-        origin = (0, 0, 0) if region is None else tuple(r.start for r in region)
+            return self.dummy4, self.dummy4, self.dummy4, self.dummy4, False, False
         arrays = []
         for axis, w in enumerate(st.weights):
-            item = w[min(b, w.shape[0] - 1)]  # (Kd, faces) or (Kd, 1, 1, 1)
-            if not field:
-                constants[1:, axis, :] = _as_numpy(item.reshape(-1, 1).to(st.dtype))
+            item = min(b, w.shape[0] - 1)  # (Kd, faces) or (Kd, 1, 1, 1) per batch item
+            if self.diffusion_field:
+                arrays.append(self._on_region(("weights", axis, item), w[item], region))
+            else:
+                constants[1:, axis, :] = _as_numpy(w[item].reshape(-1, 1).to(st.dtype))
                 arrays.append(self.dummy4)
-                continue
-            key = ("weights", axis, min(b, w.shape[0] - 1))
-            if key not in self._packed:
-                self._packed[key] = self._packed_array(item, region)
-            arrays.append(self._packed[key])
-        if not scale_field:
-            scale = st.pr.omega / (1.0 + dt * diag)
-            constants[1:, 3, :] = _as_numpy(scale.reshape(-1, 1).to(st.dtype))
-            return arrays[0], arrays[1], arrays[2], self.dummy4, field, False, origin
-        key = ("scale", min(b, st._diag.shape[0] - 1))
-        if key not in self._packed or self._packed[key][0] != dt:
+        diag = st._diag[min(b, st._diag.shape[0] - 1)]  # (Kd, 1, 1, 1) conservative or (Kd, *S) classic
+        if not self.scale_field:
+            constants[1:, 3, :] = _as_numpy((st.pr.omega / (1.0 + dt * diag)).reshape(-1, 1).to(st.dtype))
+            return arrays[0], arrays[1], arrays[2], self.dummy4, self.diffusion_field, False
+        key = ("scale", min(b, st._diag.shape[0] - 1), dt)
+        if key not in self._packed:
             crop = (slice(None),) + tuple(region)
-            self._packed[key] = (dt, _as_numpy((st.pr.omega / (1.0 + dt * diag[crop])).to(st.dtype).contiguous()))
-        return arrays[0], arrays[1], arrays[2], self._packed[key][1], field, True, origin
+            self._packed[key] = _as_numpy((st.pr.omega / (1.0 + dt * diag[crop])).to(st.dtype).contiguous())
+        return arrays[0], arrays[1], arrays[2], self._packed[key], self.diffusion_field, True
 
     def step_(self, p: torch.Tensor, box, dt: float, chemo_rate: float, clearable, dying_out) -> None:
         """One step of ``p`` (B, C, Z, Y, X), in place, on ``box`` (three slices); writes the dying
@@ -256,27 +261,32 @@ class FusedStep:
                              dtype=np.int64)
         growth, growth_field = self.growth
         kappa, kappa_field = self.kappa
+        region = self._coefficient_region(box) if self.needs_region else None
+        origin = (0, 0, 0) if region is None else tuple(r.start for r in region)
         row_length = p.shape[-1]
         for b in range(p.shape[0]):
             # constant rows: [0] ones, α, κ; [1 + d] face weights z, y, x and Jacobi scale of class d
             constants = np.ones((1 + max(1, len(st.diffused)), 4, row_length), dtype=self.np_dtype)
-            wz, wy, wx, scale, diff_field, scale_field, origin = self._diffusion_arrays(b, dt, constants, box)
-            growth_b = self._item(growth, b, growth_field)
-            kappa_b = self._item(kappa, b, kappa_field)
-            if not growth_field:
-                constants[0, 1, :], growth_b = growth_b, self.dummy3
-            if not kappa_field:
-                constants[0, 2, :], kappa_b = kappa_b, self.dummy3
-            domain = self.dummy3 if self.domain is None else self._item(self.domain, b, True)
-            clear = self.dummy3 if clearable is None else self._item(clearable, b, True)
+            wz, wy, wx, scale, diff_field, scale_field = self._diffusion_arrays(b, dt, constants, region)
+            growth_b, kappa_b = self.dummy3, self.dummy3
+            if growth_field:
+                growth_b = self._field_item("growth", growth, b, region)
+            else:
+                constants[0, 1, :] = self._scalar_item(growth, b)
+            if kappa_field:
+                kappa_b = self._field_item("kappa", kappa, b, region)
+            else:
+                constants[0, 2, :] = self._scalar_item(kappa, b)
+            domain = self.dummy3 if self.domain is None else self._field_item("domain", self.domain, b, region)
+            clear = self.dummy3 if clearable is None else _as_numpy(clearable[b, 0].to(st.dtype).contiguous())
             dying = self.dummy3 if dying_out is None else _as_numpy(dying_out[b, 0])
             fl = kernels.flag_array(tumour=pr.tumour, dying=-1 if pr.dying is None else pr.dying, sink=pr.sink,
                                     has_growth=self.has_growth, growth_field=growth_field, kappa_field=kappa_field,
                                     has_domain=self.domain is not None, has_clearable=clearable is not None,
                                     diffusion_field=diff_field, scale_field=scale_field, sweeps=self.sweeps,
-                                    threads=_kernel_threads(self.threads), weights_origin=origin)
-            kernels._fused_step(_as_numpy(p[b]), box_array, self.chi, self.rows, self.cols, growth_b, kappa_b, domain, clear,
-                        self.diffused, self.is_diffused, wz, wy, wx, scale, dying, fl, par, constants)
+                                    threads=_kernel_threads(self.threads), region_origin=origin)
+            kernels._fused_step(_as_numpy(p[b]), box_array, self.chi, self.rows, self.cols, growth_b, kappa_b, domain,
+                                clear, self.diffused, self.is_diffused, wz, wy, wx, scale, dying, fl, par, constants)
 
 
 def _is_zero(value) -> bool:

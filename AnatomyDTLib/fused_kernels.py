@@ -36,7 +36,7 @@ _NETWORK_LANES = 8  # class counts up to this are projected by the register sort
 _DT, _OMEGA, _CHEMO, _CLEAR, _SLACK, _INV_HZ, _INV_HY, _INV_HX, _ZERO, _ONE = range(10)
 # flag slots of the kernel's int array
 (_TUMOUR, _DYING, _SINK, _HAS_GROWTH, _GROWTH_FIELD, _KAPPA_FIELD, _HAS_DOMAIN, _HAS_CLEARABLE,
- _DIFF_FIELD, _SCALE_FIELD, _SWEEPS, _THREADS, _WEIGHTS_Z0, _WEIGHTS_Y0, _WEIGHTS_X0) = range(15)
+ _DIFF_FIELD, _SCALE_FIELD, _SWEEPS, _THREADS, _REGION_Z0, _REGION_Y0, _REGION_X0) = range(15)
 
 
 
@@ -52,18 +52,19 @@ def parameter_array(dtype, *, dt, omega, chemo_fraction, clearance_fraction, sla
 
 
 def flag_array(*, tumour, dying, sink, has_growth, growth_field, kappa_field, has_domain, has_clearable,
-               diffusion_field, scale_field, sweeps, threads, weights_origin=(0, 0, 0)):
+               diffusion_field, scale_field, sweeps, threads, region_origin=(0, 0, 0)):
     """``fl``: channel indices (dying −1 when there is none), which coefficients are per-voxel
     fields, the number of Jacobi sweeps and of parallel slabs, and the grid index (z, y, x) of the
-    first voxel of the arrays of per-face weights and Jacobi scales (they may hold only a region of
-    the grid that contains the box: see ``FusedStep``)."""
+    first voxel of the coefficient fields that do not change during a solve (face weights, Jacobi
+    scales, growth rate, capacity, domain): they may cover only a region of the grid that contains
+    the box (see ``FusedStep``). The state, ``clearable`` and ``dying_out`` are grid-sized."""
     values = [0] * 15
     values[_TUMOUR], values[_DYING], values[_SINK] = tumour, dying, sink
     values[_HAS_GROWTH], values[_GROWTH_FIELD], values[_KAPPA_FIELD] = int(has_growth), int(growth_field), int(kappa_field)
     values[_HAS_DOMAIN], values[_HAS_CLEARABLE] = int(has_domain), int(has_clearable)
     values[_DIFF_FIELD], values[_SCALE_FIELD] = int(diffusion_field), int(scale_field)
     values[_SWEEPS], values[_THREADS] = sweeps, threads
-    values[_WEIGHTS_Z0], values[_WEIGHTS_Y0], values[_WEIGHTS_X0] = weights_origin
+    values[_REGION_Z0], values[_REGION_Y0], values[_REGION_X0] = region_origin
     return np.array(values, dtype=np.int64)
 
 
@@ -255,10 +256,11 @@ def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, row
         src, dst = plane[c], q[c]
         for i in range(n):
             dst[i] = src[i]
+    oz, oy, ox0 = fl[_REGION_Z0], fl[_REGION_Y0], fl[_REGION_X0]  # growth and kappa cover a region from there
     if fl[_HAS_GROWTH] == 1 and fl[_GROWTH_FIELD] == 1:
-        _gather_plane(growth, e, y0, ny, ox, nx, coefficients[0])
+        _gather_plane(growth, e - oz, y0 - oy, ny, ox - ox0, nx, coefficients[0])
     if fl[_HAS_GROWTH] == 1 and fl[_KAPPA_FIELD] == 1:
-        _gather_plane(kappa, e, y0, ny, ox, nx, coefficients[1])
+        _gather_plane(kappa, e - oz, y0 - oy, ny, ox - ox0, nx, coefficients[1])
     _reaction_plane(q, coefficients[0], coefficients[1], mask_ring[e % 3], fl, par, tmp)
     if fl[_HAS_CLEARABLE] == 1:
         _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx)
@@ -274,9 +276,9 @@ def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, w
     channel ``rhs_channels[d]`` of ``rhs``; the result goes to ``out[d]``. Faces across the box
     border carry no flux: the box holds every non-zero value of the diffused classes plus a
     margin of m + 1 voxels. Face weights are D/h² (1/day) on faces (z-, y-, x-faces arrays), which
-    like ``scale`` start at the grid index (fl[_WEIGHTS_Z0], fl[_WEIGHTS_Y0], fl[_WEIGHTS_X0])."""
+    like ``scale`` start at the grid index (fl[_REGION_Z0], fl[_REGION_Y0], fl[_REGION_X0])."""
     dt = par[_DT]
-    oz, oy, wx0 = fl[_WEIGHTS_Z0], fl[_WEIGHTS_Y0], ox - fl[_WEIGHTS_X0]
+    oz, oy, wx0 = fl[_REGION_Z0], fl[_REGION_Y0], ox - fl[_REGION_X0]
     field = fl[_DIFF_FIELD] == 1
     scale_field = fl[_SCALE_FIELD] == 1
     u_here = u_ring[z % u_slots]
@@ -433,7 +435,8 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
         project[i] = one if off else zero
     if has_domain:  # ... and only inside the domain
         for ly in range(ny):
-            mask, row = domain[z, y0 + ly, ox:], project[ly * nx:(ly + 1) * nx]
+            mask = domain[z - fl[_REGION_Z0], y0 + ly - fl[_REGION_Y0], ox - fl[_REGION_X0]:]
+            row = project[ly * nx:(ly + 1) * nx]
             for x in range(nx):
                 row[x] = row[x] if mask[x] > zero else zero
     # Outside the domain every term is masked, so the lanes equal p there exactly: writing
@@ -488,11 +491,12 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
     coefficients[0, :] = constants[0, 1, 0]
     coefficients[1, :] = constants[0, 2, 0]
     has_domain = fl[_HAS_DOMAIN] == 1
+    oz, oy, ox0 = fl[_REGION_Z0], fl[_REGION_Y0], fl[_REGION_X0]  # the domain covers a region from there
     # the input planes (and their potentials) the first explicit plane needs: e_first - 1 and e_first
     for z in range(max(e_first - 1, bz0), min(e_first + 1, bz1)):
         _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[z % 3])
         if has_domain:
-            _gather_plane(domain, z, y0, ny, ox, nx, mask_ring[z % 3])
+            _gather_plane(domain, z - oz, y0 - oy, ny, ox - ox0, nx, mask_ring[z % 3])
         if has_cross:
             _potential_plane(p_ring[z % 3], chi, cols, ny, nx, phi_ring[z % 3])
     for e in range(z0 - m, z1 + lag):
@@ -500,7 +504,7 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
             if e + 1 < bz1:  # the plane above e joins the ring (it replaces e - 2, no longer read)
                 _load_plane(p, e + 1, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[(e + 1) % 3])
                 if has_domain:
-                    _gather_plane(domain, e + 1, y0, ny, ox, nx, mask_ring[(e + 1) % 3])
+                    _gather_plane(domain, e + 1 - oz, y0 - oy, ny, ox - ox0, nx, mask_ring[(e + 1) % 3])
                 if has_cross:
                     _potential_plane(p_ring[(e + 1) % 3], chi, cols, ny, nx, phi_ring[(e + 1) % 3])
             _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q_flat[e % q_slots], rows, growth,

@@ -102,18 +102,23 @@ def test_brain_like_step_with_every_treatment_matches_the_torch_path(monkeypatch
 @pytest.mark.parametrize("margin", [0, 2])
 @pytest.mark.parametrize("variant", ["conservative", "classic"])
 def test_diffusion_coefficients_packed_around_a_growing_box_match_the_torch_path(monkeypatch, margin, variant):
-    """The kernel reads per-face weights (and the classic variant's per-voxel Jacobi scales) from
-    copies restricted to a region around the box, renewed when the box outgrows it. With a small
-    margin the region is renewed while the tumour spreads, and is smaller than the grid: every
-    offset between the grid's and the region's indices is exercised."""
+    """The kernel reads the fields that do not change during a solve (per-face weights, the classic
+    variant's per-voxel Jacobi scales, growth rate, capacity, domain) from copies restricted to a
+    region around the box, renewed when the box outgrows it. With a small margin the region is
+    renewed while the tumour spreads, and is smaller than the grid: every offset between the grid's
+    and the region's indices is exercised (random fields: no two voxels alike)."""
     p0 = torch.roll(_brain_like((40, 40, 40)), shifts=(0, 10, 10), dims=(1, 2, 3))  # tumour mid-grid
     diffusion = torch.zeros_like(p0)
     torch.manual_seed(3)
-    diffusion[TUMOUR] = 0.02 + 0.18 * torch.rand(p0.shape[1:], dtype=torch.float64)  # no two faces alike
+    diffusion[TUMOUR] = 0.02 + 0.18 * torch.rand(p0.shape[1:], dtype=torch.float64)
+    growth = 0.05 + 0.1 * torch.rand((1,) + p0.shape[1:], dtype=torch.float64)
+    capacity = 0.8 + 0.2 * torch.rand((1,) + p0.shape[1:], dtype=torch.float64)
+    mask = torch.rand(p0.shape[1:]) > 0.1
     chi = torch.zeros(K, K, dtype=torch.float64)
     chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
-    kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[2.0, 4.0], dt=1.0, diffusion=diffusion, growth_rate=0.1,
-                  cross_diffusion=chi, tumor_class=TUMOUR, plan=PLAN, jacobi_iters=2, jacobi_variant=variant)
+    kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[2.0, 4.0], dt=1.0, diffusion=diffusion, growth_rate=growth,
+                  carrying_capacity=capacity, cross_diffusion=chi, tumor_class=TUMOUR, plan=PLAN, mask=mask,
+                  jacobi_iters=2, jacobi_variant=variant)
     built = []
     original = InferenceStepper.__init__
 
