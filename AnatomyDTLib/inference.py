@@ -86,7 +86,6 @@ class InferenceStepper:
         # (``dying_box``, set before each step; None = the whole grid).
         self.dying_box = None
         self.dying_before_projection = None
-        self.spare_cohort_masses: list[torch.Tensor] = []  # buffers of expired cohorts, see _new_cohort_mass
         # Start exactly on the simplex: p0 is accepted within a small tolerance, and later steps only
         # re-project the voxels they change.
         self._project_off_simplex_(state, self.full_box)
@@ -259,15 +258,18 @@ class InferenceStepper:
         """One radiotherapy fraction in place, on the box of the viable tumour only: the same transfer as
         :func:`treatments.radiation_fraction` (elsewhere the tumour is zero and nothing changes).
 
-        Returns the killed probability as a full (B, 1, *S) tensor when the solver keeps delayed-death
-        cohorts (``target`` is the dying channel), else None.
+        Returns (box, killed probability on that box: (B, 1, *box's shape)) when the solver keeps
+        delayed-death cohorts (``target`` is the dying channel), else None; outside the box nothing
+        was killed. Without tumour the box is empty.
         """
         pr = self.pr
         box = self._nonzero_box(p, pr.tumour, self.search_window())
         keep_killed = pr.dying is not None and target == pr.dying
-        killed_full = self._new_cohort_mass(p) if keep_killed else None
         if box is None:
-            return killed_full
+            if not keep_killed:
+                return None
+            empty = tuple(slice(0, 0) for _ in self.shape[2:])
+            return empty, p.new_zeros((p.shape[0], 1) + (0,) * len(empty))
         dose = dose_gy if isinstance(dose_gy, torch.Tensor) else torch.as_tensor(float(dose_gy), dtype=p.dtype,
                                                                                   device=p.device)
         region = _crop(p, box)
@@ -282,9 +284,7 @@ class InferenceStepper:
         if target != pr.tumour:
             region[:, pr.tumour:pr.tumour + 1].sub_(killed)
             region[:, target:target + 1].add_(killed)
-        if killed_full is not None:
-            _crop(killed_full, box).copy_(killed)
-        return killed_full
+        return (box, killed) if keep_killed else None
 
     def _nonzero_box(self, p: torch.Tensor, channel: int, window) -> tuple[slice, ...] | None:
         """The box of ``channel``'s non-zero voxels inside ``window`` (global slices), or None: one
@@ -295,15 +295,6 @@ class InferenceStepper:
             if boxes is not None:
                 return boxes[channel]
         return support_box_within(p.narrow(1, channel, 1), window, 0, self.shape[2:])
-
-    def _new_cohort_mass(self, p: torch.Tensor) -> torch.Tensor:
-        """A zeroed (B, 1, *S) buffer for the cohort of a new fraction: the buffer of a cohort of this
-        solve that has expired, when there is one, else a new one. At 240×240×155 a new buffer costs
-        10–40 ms (36 MB of fresh pages), zeroing a recycled one about 1 ms; with daily fractions and
-        a delay of two weeks about a third of the fractions need a new one."""
-        if self.spare_cohort_masses:
-            return self.spare_cohort_masses.pop().zero_()
-        return torch.zeros_like(p[:, :1])
 
     # -- explicit part --------------------------------------------------------------------
     def _reaction_(self, p, dt, chemo_rate, clearable, box) -> None:

@@ -246,11 +246,38 @@ def _output_days(days) -> list[float]:
 
 @dataclass
 class _Cohort:
-    """Tumour probability lethally hit by one fraction, waiting out the delay before clearance."""
+    """Tumour probability lethally hit by one fraction, waiting out the delay before clearance.
+
+    On the no-grad path a cohort is kept on the box of the tumour it was cut from (``box``): its
+    mass is zero outside that box for good (later steps only rescale it), so a fraction costs a
+    tumour-sized tensor, not a grid-sized one (36 MB at 240×240×155 in float32)."""
 
     expiry_day: float
-    mass: torch.Tensor  # (B, 1, *S)
-    recyclable: bool = False  # made by this solve's no-grad stepper: its buffer may serve a later cohort
+    mass: torch.Tensor  # (B, 1, *S), or (B, 1, *box's shape) when ``box`` is set
+    box: tuple[slice, ...] | None = None  # where ``mass`` lies in the grid; None: it is grid-sized
+
+    def part_in(self, box) -> tuple[torch.Tensor, tuple[slice, ...]] | None:
+        """(view of the mass, where that view lies relative to ``box``) for the part of the cohort
+        inside ``box``; None when the cohort has no voxel there."""
+        if self.box is None:
+            return _crop(self.mass, box), tuple(slice(0, b.stop - b.start) for b in box)
+        common = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(self.box, box))
+        if any(c.start >= c.stop for c in common):
+            return None
+        return (_crop(self.mass, _relative(common, self.box)), _relative(common, box))
+
+    def on_grid(self, spatial_shape) -> torch.Tensor:
+        """The mass as a grid-sized (B, 1, *S) tensor (a new one)."""
+        if self.box is None:
+            return self.mass.clone()
+        full = self.mass.new_zeros(tuple(self.mass.shape[:2]) + tuple(spatial_shape))
+        _crop(full, self.box).copy_(self.mass)
+        return full
+
+
+def _relative(inner, outer) -> tuple[slice, ...]:
+    """The box ``inner`` (grid slices) in the coordinates of the box ``outer`` that contains it."""
+    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
 
 
 @dataclass
@@ -577,15 +604,18 @@ class _Integrator:
         pr = self.problem
         rt = pr.plan.radiotherapy
         target = pr.dying if pr.dying is not None else pr.sink
+        box = None
         if self.stepper is not None:  # in place, on the tumour's box only (same arithmetic, see inference.py)
             killed = self.stepper.radiation_fraction_(p, pr.dose_per_fraction, rt.alpha_per_gy, rt.beta_per_gy2, target,
                                                       hypoxia=rt.hypoxia)
+            if killed is not None:
+                box, killed = killed
         else:
             p, killed = tx.radiation_fraction(p, pr.dose_per_fraction, rt.alpha_per_gy, rt.beta_per_gy2, pr.tumour,
                                               target, pr.domain, hypoxia=rt.hypoxia, dying=pr.dying)
         if pr.dying is not None:
             delay = rt.delayed_death.delay_days
-            self.cohorts.append(_Cohort(day + delay, killed, recyclable=self.stepper is not None))
+            self.cohorts.append(_Cohort(day + delay, killed, box))
         return p
 
     def _rescale_cohorts(self, before: torch.Tensor, after: torch.Tensor, box=None) -> None:
@@ -603,23 +633,40 @@ class _Integrator:
         ratio = torch.where(live, after / torch.where(live, before, torch.ones_like(before)), torch.zeros_like(before))
         for cohort in self.cohorts:
             if box is None:
-                cohort.mass = cohort.mass * ratio
-            else:
-                _crop(cohort.mass, box).mul_(ratio)
+                cohort.mass = cohort.mass * (ratio if cohort.box is None else _crop(ratio, cohort.box))
+                continue
+            part = cohort.part_in(box)
+            if part is not None:
+                mass, where = part
+                mass.mul_(_crop(ratio, where))
 
     def _clearable(self, p: torch.Tensor, day: float) -> torch.Tensor | None:
         """The part of the dying channel whose delay has passed by ``day``."""
         pr = self.problem
         if pr.dying is None:
             return None
-        expired = [c for c in self.cohorts if c.expiry_day <= day + _EVENT_TIME_TOLERANCE]
         self.cohorts = [c for c in self.cohorts if c.expiry_day > day + _EVENT_TIME_TOLERANCE]
-        if self.stepper is not None:  # expired cohorts of this solve: nothing refers to their buffers any more
-            self.stepper.spare_cohort_masses.extend(c.mass for c in expired if c.recyclable)
         if self.cohort_box is not None:
             return self._clearable_in_box(p, self.cohort_box)
-        pending = sum((c.mass for c in self.cohorts), torch.zeros_like(p[:, :1]))
-        return torch.clamp(p[:, pr.dying:pr.dying + 1] - pending, min=0.0)
+        dying = p[:, pr.dying:pr.dying + 1]
+        pending = self._pending_in(tuple(slice(0, n) for n in dying.shape[2:]), torch.zeros_like(dying))
+        return torch.clamp(dying - pending, min=0.0)
+
+    def _pending_in(self, box, start: torch.Tensor) -> torch.Tensor:
+        """``start`` plus the pending cohorts' masses on ``box`` (in cohort order, as a sum; a
+        cohort kept on its own box adds to its part of ``box`` only: elsewhere it is zero)."""
+        pending = start
+        for cohort in self.cohorts:
+            if cohort.box is None:
+                pending = pending + _crop(cohort.mass, box)
+                continue
+            part = cohort.part_in(box)
+            if part is not None:
+                mass, where = part
+                if pending is start:
+                    pending = start.clone()
+                _crop(pending, where).add_(mass)
+        return pending
 
     def _clearable_in_box(self, p: torch.Tensor, box) -> torch.Tensor:
         """:meth:`_clearable` computed inside ``box`` only (the dying channel is zero elsewhere, so
@@ -630,7 +677,7 @@ class _Integrator:
         elif self._clearable_box is not None:
             _crop(self._clearable_buffer, self._clearable_box).zero_()  # the last step's values
         region = _crop(self._clearable_buffer, box)
-        pending = sum((_crop(c.mass, box) for c in self.cohorts), torch.zeros_like(region))
+        pending = self._pending_in(box, torch.zeros_like(region))
         torch.clamp(_crop(dying, box) - pending, min=0.0, out=region)
         self._clearable_box = box
         return self._clearable_buffer
@@ -739,7 +786,7 @@ class _Integrator:
         pr = self.problem
         if pr.dying is None or self.final_state is None:
             return None
-        pending = [(c.expiry_day - horizon, c.mass.clone()) for c in self.cohorts
+        pending = [(c.expiry_day - horizon, c.on_grid(self.final_state.shape[2:])) for c in self.cohorts
                    if c.expiry_day > horizon + _EVENT_TIME_TOLERANCE]
         return DyingCompartment(self.final_state[:, pr.dying:pr.dying + 1].clone(), pending,
                                 float(pr.clearance_rate_per_day))

@@ -99,12 +99,12 @@ def test_support_boxes_are_exact_and_respect_the_search_window():
     assert support_box(p2, margin=3) == (slice(0, 4), slice(1, 5))
 
 
-def test_cohort_buffers_recycled_after_expiry_carry_nothing_into_later_fractions():
-    """The no-grad path reuses the buffer of an expired cohort for the next fraction's cohort. Here
-    the fractions wipe the tumour out (20 Gy each), so later fractions find no tumour and their
-    cohorts must be empty: a recycled buffer that kept its old mass would count as pending dying
-    mass and hold back the clearance. The trajectory and the dying compartment must match the
-    reference path, which allocates every cohort anew."""
+def test_fractions_that_find_no_tumour_leave_empty_cohorts():
+    """The no-grad path keeps each fraction's cohort on the box of the tumour it was cut from. Here
+    the fractions wipe the tumour out (20 Gy each), so later fractions find no tumour: their
+    cohorts have an empty box and must count as nothing (any pending mass would hold back the
+    clearance). The trajectory and the dying compartment must match the reference path, which
+    keeps every cohort on the whole grid."""
     p0 = _compact_tumour_field()
     plan = {"radiotherapy": {"fraction_days": [0, 1, 2, 3, 4, 5], "dose_per_fraction_gy": 20.0,
                              "alpha_per_gy": 1.0, "alpha_beta_gy": 10.0,
@@ -157,3 +157,29 @@ def test_delayed_death_bookkeeping_on_the_tumours_box_matches_the_reference():
     assert float(fast_dying.dying.sum()) > 0   # something is still dying at the horizon
     for before, after in zip(given, [m for _, m in carried.pending] + [carried.dying]):
         assert torch.equal(before, after)
+
+
+def test_a_cohort_on_its_box_answers_for_any_box_of_the_grid():
+    """_Cohort with a box: the part inside another box (overlapping, containing, disjoint) is a
+    view of its mass placed where it lies in that box, and on the grid it is zero outside its box."""
+    from AnatomyDTLib.solver import _Cohort
+
+    grid = (8, 9, 10)
+    box = (slice(2, 5), slice(1, 4), slice(4, 7))
+    mass = torch.arange(1.0, 28.0, dtype=torch.float64).reshape(1, 1, 3, 3, 3)
+    cohort = _Cohort(5.0, mass.clone(), box)
+    full = cohort.on_grid(grid)
+    assert full.shape == (1, 1) + grid
+    assert torch.equal(full[..., 2:5, 1:4, 4:7], mass) and float(full.sum()) == float(mass.sum())
+    for other in [(slice(0, 8), slice(0, 9), slice(0, 10)), (slice(3, 7), slice(0, 2), slice(5, 10)),
+                  (slice(4, 5), slice(2, 3), slice(6, 7))]:
+        part = cohort.part_in(other)
+        assert part is not None
+        view, where = part
+        expected = full[(slice(None), slice(None)) + other][(slice(None), slice(None)) + where]
+        assert torch.equal(view, expected)
+        assert torch.equal(full[(slice(None), slice(None)) + other].sum(), view.sum())  # all of it
+    assert cohort.part_in((slice(5, 8), slice(0, 9), slice(0, 10))) is None
+    part = cohort.part_in((slice(0, 8), slice(0, 9), slice(0, 10)))
+    part[0].mul_(2.0)  # a view: rescaling the part rescales the cohort
+    assert torch.equal(cohort.mass, 2.0 * mass)
