@@ -70,7 +70,9 @@ def _dense_problem(shape_zyx):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    p0 = torch.distributions.Dirichlet(torch.full((K,), 0.7)).sample(shape_zyx).permute(3, 0, 1, 2).contiguous()
+    with torch.random.fork_rng():  # the same field in every process (Dirichlet.sample takes no generator)
+        torch.manual_seed(0)
+        p0 = torch.distributions.Dirichlet(torch.full((K,), 0.7)).sample(shape_zyx).permute(3, 0, 1, 2).contiguous()
     chi = (torch.rand(K, K, generator=g, dtype=torch.float64) - 0.5) * 0.04  # |χ| <= 0.02 < D_j + D_k: well-posed
     chi.fill_diagonal_(0)
     kwargs = dict(diffusion=[0.05, 0.2, 0.1, 0.1, 0.05], growth_rate=0.05, cross_diffusion=chi, dt=1.0,

@@ -118,9 +118,11 @@ def _slot_constants(module) -> dict:
 
 
 def baseline_kernel(revision: str):
-    """``_fused_step`` of ``AnatomyDTLib/fused_kernels.py`` as it was at git ``revision``, compiled
-    from a temporary copy (first call ≈ 20 s, not cached). Refused when that version's parameter or
-    flag slots differ from this checkout's: the captured arguments would mean something else to it."""
+    """(``_fused_step`` of ``AnatomyDTLib/fused_kernels.py`` as it was at git ``revision``, the flag
+    slots this checkout has and that version lacks), compiled from a temporary copy (first call
+    ≈ 20 s, not cached). Refused when a slot both versions have differs: the captured arguments
+    would mean something else to it. Slots it lacks are appended ones (the region origin of
+    4f963c2); its call must hold 0 there (see :func:`compare_with_baseline`)."""
     import importlib.util
     import subprocess
     import tempfile
@@ -139,11 +141,13 @@ def baseline_kernel(revision: str):
     spec = importlib.util.spec_from_file_location("baseline_fused_kernels", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    current = fused._kernels()
-    if _slot_constants(module) != _slot_constants(current):
+    theirs, ours = _slot_constants(module), _slot_constants(fused._kernels())
+    lacking = ours.keys() - theirs.keys()
+    if (any(theirs[name] != ours[name] for name in theirs.keys() & ours.keys()) or theirs.keys() - ours.keys()
+            or lacking - {"_REGION_Z0", "_REGION_Y0", "_REGION_X0"}):
         raise SystemExit(f"--baseline {revision}: its kernel's parameter or flag slots differ from this checkout's; "
                          "compare it with a checkout of its own instead")
-    return module._fused_step
+    return module._fused_step, sorted(ours[name] for name in lacking)
 
 
 def variants(arguments: dict, grid_sized: dict | None = None) -> list[tuple[str, dict]]:
@@ -219,10 +223,16 @@ def compare_with_baseline(arguments: dict, revision: str, repeats: int, step: in
 
     from AnatomyDTLib import fused
 
-    current, baseline = fused._kernels()._fused_step, baseline_kernel(revision)
+    current = fused._kernels()._fused_step
+    baseline, missing_slots = baseline_kernel(revision)
+    baseline_arguments = arguments
+    if missing_slots:  # an older kernel reads grid-sized coefficient fields: give it the call captured that way
+        baseline_arguments = capture_step(step, case, pack_margin=10 ** 9)
+        if any(int(baseline_arguments["fl"][slot]) != 0 for slot in missing_slots):
+            raise SystemExit(f"--baseline {revision}: the call for it still has a region origin off the grid's")
     results = []
-    for kernel in (baseline, current):
-        call = dict(arguments, p=arguments["p"].copy())
+    for kernel, call in ((baseline, baseline_arguments), (current, arguments)):
+        call = dict(call, p=call["p"].copy())
         kernel(*(call[name] for name in ARGUMENTS))
         results.append(call["p"])
     difference = float(np.abs(results[0].astype(np.float64) - results[1]).max())
@@ -231,7 +241,7 @@ def compare_with_baseline(arguments: dict, revision: str, repeats: int, step: in
     print(f"machine: {pc.machine_text()}; {pc.load_text()}")
     print(f"{case} case step {step}: box of {voxels / 1e6:.2f} M voxels; largest difference of the two results "
           f"{difference:.2e}")
-    times = time_variants([arguments, arguments], repeats, kernels=[baseline, current])
+    times = time_variants([baseline_arguments, arguments], repeats, kernels=[baseline, current])
     old, new = statistics.median(times[0]), statistics.median(times[1])
     for label, median, spread in ((f"kernel at {revision}", old, times[0]), ("this kernel", new, times[1])):
         print(f"  {label:22s} {1e3 * median:7.2f} ms [{1e3 * min(spread):.2f}–{1e3 * max(spread):.2f}] "
