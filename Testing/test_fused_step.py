@@ -59,6 +59,19 @@ def _run(p0, monkeypatch, fused_on: bool, threads: int | None = None, **kwargs):
         return simulate(p0, return_trajectory=True, **kwargs)
 
 
+def _record_steppers(monkeypatch) -> list:
+    """A list that every InferenceStepper built from now on (one per no-grad solve) is appended to."""
+    built = []
+    original = InferenceStepper.__init__
+
+    def recording(self, problem, state):
+        original(self, problem, state)
+        built.append(self)
+
+    monkeypatch.setattr(InferenceStepper, "__init__", recording)
+    return built
+
+
 def _assert_agree(a, b, tol):
     assert a.shape == b.shape
     assert float((a - b).abs().max()) <= tol
@@ -119,14 +132,7 @@ def test_diffusion_coefficients_packed_around_a_growing_box_match_the_torch_path
     kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[2.0, 4.0], dt=1.0, diffusion=diffusion, growth_rate=growth,
                   carrying_capacity=capacity, cross_diffusion=chi, tumor_class=TUMOUR, plan=PLAN, mask=mask,
                   jacobi_iters=2, jacobi_variant=variant)
-    built = []
-    original = InferenceStepper.__init__
-
-    def recording(self, problem, state):
-        original(self, problem, state)
-        built.append(self)
-
-    monkeypatch.setattr(InferenceStepper, "__init__", recording)
+    built = _record_steppers(monkeypatch)
     monkeypatch.setattr(fused.FusedStep, "PACK_MARGIN", margin)
     reference = _run(p0, monkeypatch, False, **kwargs)
     fast = _run(p0, monkeypatch, True, threads=2, **kwargs)
@@ -189,14 +195,7 @@ def test_the_kernel_steps_aside_where_it_does_not_apply(monkeypatch):
     chi[WM, TUMOUR] = -0.08  # well-posed with the tumour's D = 0.1; the limiter can act above Δt ≈ 1 day
     stepper_kwargs = dict(spacing=(1.0, 1.0, 1.0), days=1.0, dt=1.0, diffusion=[0, 0.1, 0, 0, 0],
                           cross_diffusion=chi, tumor_class=TUMOUR)
-    built = []
-    original = InferenceStepper.__init__
-
-    def recording(self, problem, state):
-        original(self, problem, state)
-        built.append(self)
-
-    monkeypatch.setattr(InferenceStepper, "__init__", recording)
+    built = _record_steppers(monkeypatch)
     with torch.no_grad():
         simulate(p0, **stepper_kwargs)
     stepper = built[-1]
