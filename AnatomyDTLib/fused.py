@@ -161,6 +161,8 @@ class FusedStep:
         self._region = None
         self.regions_built = 0  # how often that region was (re)built in this solve
         self._packed: dict = {}  # compact copies of those fields on that region
+        # per batch item, class and plane: (y_lo, y_hi, x_lo, x_hi) of the watched classes' non-zero voxels
+        self.extents = np.zeros((stepper.shape[0], stepper.shape[1], stepper.shape[2], 4), dtype=np.int64)
         self.dummy3 = np.zeros((1, 1, 1), dtype=np_dtype)
         self.dummy4 = np.zeros((1, 1, 1, 1), dtype=np_dtype)
 
@@ -243,9 +245,14 @@ class FusedStep:
             self._packed[key] = (dt, _as_numpy((st.pr.omega / (1.0 + dt * diag[crop])).to(st.dtype).contiguous()))
         return arrays[0], arrays[1], arrays[2], self._packed[key][1]
 
-    def step_(self, p: torch.Tensor, box, dt: float, chemo_rate: float, clearable, dying_out) -> None:
+    def step_(self, p: torch.Tensor, box, dt: float, chemo_rate: float, clearable, dying_out) -> dict:
         """One step of ``p`` (B, C, Z, Y, X), in place, on ``box`` (three slices); writes the dying
-        channel before the projection into ``dying_out`` (B, 1, Z, Y, X) when there is one."""
+        channel before the projection into ``dying_out`` (B, 1, Z, Y, X) when there is one.
+
+        Returns what the stepper's support search would find at the start of the next step, had
+        nothing else changed ``p``: {watched class: box of its non-zero voxels, or None}. The
+        kernel has already set the watched classes' values below the support floor to zero (they
+        could be non-zero only inside ``box``, so that is all the search would do)."""
         st = self.stepper
         pr = st.pr
         spacing = st.spacing
@@ -256,7 +263,7 @@ class FusedStep:
         par = kernels.parameter_array(self.np_dtype, dt=dt, omega=pr.omega,
                                       chemo_fraction=1.0 - math.exp(-chemo_rate * dt) if chemo_rate > 0 else 0.0,
                                       clearance_fraction=clearance, slack=st.slack,
-                                      inverse_spacing=[1.0 / h for h in spacing])
+                                      inverse_spacing=[1.0 / h for h in spacing], floor=st.floor)
         box_array = np.array([box[0].start, box[0].stop, box[1].start, box[1].stop, box[2].start, box[2].stop],
                              dtype=np.int64)
         region = self._coefficient_region(box) if self.needs_region else None
@@ -270,9 +277,33 @@ class FusedStep:
                                     kappa_field=self.kappa[1], has_domain=self.domain is not None,
                                     has_clearable=clearable is not None, diffusion_field=self.diffusion_field,
                                     scale_field=self.scale_field, sweeps=self.sweeps,
-                                    threads=_kernel_threads(self.threads), region_origin=origin)
+                                    threads=_kernel_threads(self.threads), region_origin=origin,
+                                    watched=st.watched)
             kernels._fused_step(_as_numpy(p[b]), box_array, self.chi, self.rows, self.cols, growth_b, kappa_b, domain,
-                                clear, self.diffused, self.is_diffused, wz, wy, wx, scale, dying, fl, par, constants)
+                                clear, self.diffused, self.is_diffused, wz, wy, wx, scale, dying, fl, par, constants,
+                                self.extents[b])
+        return self._supports_found(box, p.shape[0])
+
+    def _supports_found(self, box, batch: int) -> dict:
+        """{watched class: the box of its non-zero voxels over the batch, or None} from the kernel's
+        per-plane extents of the planes of ``box`` (outside it the watched classes are zero)."""
+        z0 = box[0].start
+        supports = {}
+        for c in self.stepper.watched:
+            found = None
+            for b in range(batch):
+                extents = self.extents[b, c, z0:box[0].stop]
+                planes = np.nonzero(extents[:, 1] >= 0)[0]
+                if planes.size == 0:
+                    continue
+                rows = extents[planes]
+                item = (slice(z0 + int(planes[0]), z0 + int(planes[-1]) + 1),
+                        slice(int(rows[:, 0].min()), int(rows[:, 1].max()) + 1),
+                        slice(int(rows[:, 2].min()), int(rows[:, 3].max()) + 1))
+                found = item if found is None else tuple(slice(min(a.start, i.start), max(a.stop, i.stop))
+                                                         for a, i in zip(found, item))
+            supports[c] = found
+        return supports
 
     def _coefficients(self, b: int, dt: float, region, row_length: int) -> tuple:
         """The kernel's coefficient arguments for batch item b and step Δt: the constant rows

@@ -33,17 +33,19 @@ from numba import uint64 as _u  # unsigned indices: no wraparound test, so the l
 _NETWORK_LANES = 8  # class counts up to this are projected by the register sorting network
 
 # parameter slots of the kernel's float array (kept in the state's dtype so float32 stays float32)
-_DT, _OMEGA, _CHEMO, _CLEAR, _SLACK, _INV_HZ, _INV_HY, _INV_HX, _ZERO, _ONE = range(10)
+_DT, _OMEGA, _CHEMO, _CLEAR, _SLACK, _INV_HZ, _INV_HY, _INV_HX, _ZERO, _ONE, _FLOOR = range(11)
 # flag slots of the kernel's int array
 (_TUMOUR, _DYING, _SINK, _HAS_GROWTH, _GROWTH_FIELD, _KAPPA_FIELD, _HAS_DOMAIN, _HAS_CLEARABLE,
- _DIFF_FIELD, _SCALE_FIELD, _SWEEPS, _THREADS, _REGION_Z0, _REGION_Y0, _REGION_X0) = range(15)
+ _DIFF_FIELD, _SCALE_FIELD, _SWEEPS, _THREADS, _REGION_Z0, _REGION_Y0, _REGION_X0, _WATCHED) = range(16)
 
 
 
-def parameter_array(dtype, *, dt, omega, chemo_fraction, clearance_fraction, slack, inverse_spacing):
+def parameter_array(dtype, *, dt, omega, chemo_fraction, clearance_fraction, slack, inverse_spacing, floor=0.0):
     """``par``: Δt (days), ω, the chemotherapy kill fraction 1 − exp(−c·Δt) of this step, the
-    clearance fraction of the dying cells, the simplex slack, 1/h per axis (1/mm), 0 and 1."""
-    values = [0.0] * 10
+    clearance fraction of the dying cells, the simplex slack, 1/h per axis (1/mm), 0, 1 and the
+    support floor of the watched channels (see :func:`flag_array`)."""
+    values = [0.0] * 11
+    values[_FLOOR] = floor
     values[_DT], values[_OMEGA], values[_CHEMO], values[_CLEAR], values[_SLACK] = (
         dt, omega, chemo_fraction, clearance_fraction, slack)
     values[_INV_HZ], values[_INV_HY], values[_INV_HX] = inverse_spacing
@@ -52,13 +54,16 @@ def parameter_array(dtype, *, dt, omega, chemo_fraction, clearance_fraction, sla
 
 
 def flag_array(*, tumour, dying, sink, has_growth, growth_field, kappa_field, has_domain, has_clearable,
-               diffusion_field, scale_field, sweeps, threads, region_origin=(0, 0, 0)):
+               diffusion_field, scale_field, sweeps, threads, region_origin=(0, 0, 0), watched=()):
     """``fl``: channel indices (dying −1 when there is none), which coefficients are per-voxel
     fields, the number of Jacobi sweeps and of parallel slabs, and the grid index (z, y, x) of the
     first voxel of the coefficient fields that do not change during a solve (face weights, Jacobi
     scales, growth rate, capacity, domain): they may cover only a region of the grid that contains
-    the box (see ``FusedStep``). The state, ``clearable`` and ``dying_out`` are grid-sized."""
-    values = [0] * 15
+    the box (see ``FusedStep``). The state, ``clearable`` and ``dying_out`` are grid-sized.
+    ``watched``: the channels whose written values below the support floor are set to zero and
+    whose extent per plane goes to ``extents`` (what the stepper's support search would find next)."""
+    values = [0] * 16
+    values[_WATCHED] = sum(1 << c for c in watched)
     values[_TUMOUR], values[_DYING], values[_SINK] = tumour, dying, sink
     values[_HAS_GROWTH], values[_GROWTH_FIELD], values[_KAPPA_FIELD] = int(has_growth), int(growth_field), int(kappa_field)
     values[_HAS_DOMAIN], values[_HAS_CLEARABLE] = int(has_domain), int(has_clearable)
@@ -394,7 +399,7 @@ def _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals):
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, ny, ox, nx, lanes, work,
-                  reciprocals):
+                  reciprocals, extents):
     """Write plane z back into p: diffused classes from the last sweep, the others from q (both
     flat planes: channel × cell). The voxels that left the simplex (channel sum off 1 by more than
     the slack, or a negative value) are projected — θ from a sorting network, as :func:`AnatomyDTLib.simplex.simplex_threshold`
@@ -441,17 +446,40 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
                 row[x] = row[x] if mask[x] > zero else zero
     # Outside the domain every term is masked, so the lanes equal p there exactly: writing
     # them unprojected leaves p unchanged. The blend is exact for project in {0, 1}.
+    floor = par[_FLOOR]
+    if fl[_WATCHED] != 0:  # plane z's extents start empty: no row (y_hi = -1), x_lo past the last x
+        for c in range(n_channels):
+            extents[c, z, 0], extents[c, z, 1], extents[c, z, 2], extents[c, z, 3] = 0, -1, p.shape[3], -1
     for c in range(n_channels):
         lane = lanes[c]
+        watched = (fl[_WATCHED] >> c) & 1 == 1
         for ly in range(ny):
             dst, offset = p[c, z, y0 + ly, ox:], ly * nx
             row, row_theta, row_project = lane[offset:offset + nx], theta[offset:offset + nx], project[offset:offset + nx]
+            if not watched:
+                for x in range(nx):
+                    dst[x] = row_project[x] * max(row[x] - row_theta[x], zero) + (one - row_project[x]) * row[x]
+                continue
+            # a watched channel: values below the support floor become zero, and the row's non-zero
+            # extent joins the plane's (the stepper's support search, done while the row is in cache)
+            first, last = nx, -1
             for x in range(nx):
-                dst[x] = row_project[x] * max(row[x] - row_theta[x], zero) + (one - row_project[x]) * row[x]
+                v = row_project[x] * max(row[x] - row_theta[x], zero) + (one - row_project[x]) * row[x]
+                keep = abs(v) >= floor and v != zero
+                dst[x] = v if keep else zero
+                first = min(first, x if keep else nx)
+                last = max(last, x if keep else -1)
+            if last >= 0:
+                extent = extents[c, z]
+                if extent[1] < 0:
+                    extent[0] = y0 + ly
+                extent[1] = y0 + ly
+                extent[2] = min(extent[2], ox + first)
+                extent[3] = max(extent[3], ox + last)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, domain, clearable, diffused,
-              is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants):
+              is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants, extents):
     """Advance the output planes [z0, z1) of the box by one step (the pipeline of the module
     docstring): explicit part at plane e, sweep s at e - s, output at e - max(m, 1)."""
     bz0, bz1, y0, y1, ox, x1 = box[0], box[1], box[2], box[3], box[4], box[5]
@@ -523,14 +551,16 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
         zf = e - lag
         if z0 <= zf < z1:
             _finish_plane(zf, q_flat[zf % q_slots], u_flat[lag - 1, zf % 3], p, dying_out, is_diffused, domain, fl,
-                          par, y0, ny, ox, nx, lanes, work, reciprocals)
+                          par, y0, ny, ox, nx, lanes, work, reciprocals, extents)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True)
 def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffused, is_diffused, wz, wy, wx,
-                scale, dying_out, fl, par, constants):
+                scale, dying_out, fl, par, constants, extents):
     """One IMEX step of a (C, Z, Y, X) state, in place, on ``box`` = (z0, z1, y0, y1, x0, x1):
     one slab of planes per thread, each with copies of the input planes it reads beyond its own
-    range (taken before any slab writes)."""
+    range (taken before any slab writes). For each watched channel (``fl``) and plane z of the
+    box, ``extents[c, z]`` receives (y_lo, y_hi, x_lo, x_hi) of its non-zero voxels after the
+    support floor (y_hi −1: none), in grid indices, inclusive."""
     bz0, bz1 = box[0], box[1]
     halo = fl[_SWEEPS] + 1
     n_planes = bz1 - bz0
@@ -552,7 +582,7 @@ def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffu
                 uppers[i, :, h] = p[:, above, y0:y1, x0:x1]
     for i in prange(slabs):
         _run_slab(p, starts[i], starts[i + 1], lowers[i], uppers[i], box, chi, rows, cols, growth, kappa, domain,
-                  clearable, diffused, is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants)
+                  clearable, diffused, is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants, extents)
 
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True)

@@ -65,6 +65,7 @@ class InferenceStepper:
         self._prepare_cross_diffusion()
         self._prepare_limiter_check()
         self.fused = FusedStep(self)  # the one-pass CPU kernel, where it applies (see fused.py)
+        self._supports_after_kernel = None  # (p's address, p's version, supports) after a fused step
         n_face = max(int(math.prod(self._face_shape(d, (1, 1) + self.shape[2:]))) for d in range(2, len(self.shape)))
         self.face_buffer = torch.empty(n_face * self.shape[0] * max(1, len(self.diffused)), dtype=self.dtype,
                                        device=self.device)
@@ -192,9 +193,10 @@ class InferenceStepper:
         if pr.dying is not None:
             self._keep_dying_before_projection(p, changed)
         if changed is not None:
-            self.fused.step_(p, changed, dt, chemo_rate, clearable,
-                             self.dying_before_projection if pr.dying is not None else None)
+            supports = self.fused.step_(p, changed, dt, chemo_rate, clearable,
+                                        self.dying_before_projection if pr.dying is not None else None)
             self.window = changed
+            self._supports_after_kernel = (p.data_ptr(), p._version, supports)
         return p
 
     def search_window(self) -> tuple[slice, ...]:
@@ -234,8 +236,14 @@ class InferenceStepper:
 
     def _floored_supports_(self, p: torch.Tensor, window) -> dict:
         """Per watched class, the box of its non-zero voxels inside ``window`` (global slices), after
-        setting its values of magnitude below the support floor to zero (in place); one numba pass
-        when the fused kernel is usable, torch otherwise."""
+        setting its values of magnitude below the support floor to zero (in place). Right after a
+        fused step nothing is left to do: the kernel floored the watched classes as it wrote them
+        and returned their boxes, which hold as long as nothing has changed ``p`` since (torch bumps
+        a tensor's version counter at every in-place change, events included; the kernel's own
+        writes do not). Otherwise one numba pass when the fused kernel is usable, torch if not."""
+        after_kernel, self._supports_after_kernel = self._supports_after_kernel, None
+        if after_kernel is not None and after_kernel[:2] == (p.data_ptr(), p._version):
+            return after_kernel[2]
         if self.fused.usable:
             boxes = floored_supports_(p, self.watched, window, self.floor)
             if boxes is not None:

@@ -271,3 +271,41 @@ def test_a_solve_that_cannot_use_the_kernel_does_not_import_numba():
             "print('numba' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("variant", ["conservative", "classic"])
+def test_supports_found_by_the_kernel_equal_the_support_search_and_yield_to_later_changes(monkeypatch, variant):
+    """The kernel floors the watched classes as it writes them and reports their boxes, which the
+    next step uses instead of its support search. Those boxes must be exactly what the search finds
+    on the same state; and once anything else has changed the state (here mass added far from the
+    tumour, as an event would through torch), the search must run again and find it. A faint
+    patch of tumour just above the support floor, beside the lesion, falls below it under
+    chemotherapy in the first step: the kernel must floor it as the search would."""
+    p0 = torch.roll(_brain_like((40, 40, 40)), shifts=(0, 10, 10), dims=(1, 2, 3))[None]
+    floor = support_floor(p0.dtype)
+    p0[0, TUMOUR, 14:18, 27:29, 18:20] = 2.0 * floor  # 4 voxels beyond the lesion's rows
+    p0[0, GM, 14:18, 27:29, 18:20] -= 2.0 * floor
+    diffusion = torch.zeros_like(p0[0])
+    torch.manual_seed(5)
+    diffusion[TUMOUR] = 0.02 + 0.18 * torch.rand(p0.shape[2:], dtype=torch.float64)
+    chi = torch.zeros(K, K, dtype=torch.float64)
+    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    built = _record_steppers(monkeypatch)
+    monkeypatch.setenv(fused.ENV_SWITCH, "1")
+    with torch.no_grad():
+        simulate(p0, spacing=(1.0, 1.0, 1.5), days=1.0, dt=1.0, diffusion=diffusion, growth_rate=0.1,
+                 cross_diffusion=chi, tumor_class=TUMOUR, jacobi_iters=2, jacobi_variant=variant)
+    stepper = built[-1]
+    p = p0.clone()
+    with torch.no_grad():
+        for day in range(4):
+            stepper.step(p, float(day), 1.0, 1.0, None)  # chemotherapy: kill rate 1/day
+            if day == 0:
+                assert float(p[0, TUMOUR, 14:18, 27:29, 18:20].abs().max()) == 0.0  # the faint patch was floored
+            searched = fused.floored_supports_(p.clone(), stepper.watched, stepper.search_window(), stepper.floor)
+            assert stepper._floored_supports_(p, stepper.search_window()) == searched
+        stepper.step(p, 4.0, 1.0, 0.0, None)
+        p[0, TUMOUR, 1, 1, 1] += 0.25  # an in-place torch change after the kernel, outside every box
+        p[0, GM, 1, 1, 1] -= 0.25
+        found = stepper._floored_supports_(p, stepper.full_box)
+    assert found[TUMOUR][0].start == 1 and found[TUMOUR][1].start == 1 and found[TUMOUR][2].start == 1

@@ -93,13 +93,12 @@ def child(folder: Path, case: str, step: int, seconds: float) -> None:
 
     kernel = fused._kernels()._fused_step
     call = dict(arguments, p=arguments["p"].copy())
-    values = [call[name] for name in perf_stages.ARGUMENTS]
-    kernel(*values)  # compiled by now; the state just evolves step after step on the same box
+    perf_stages.call_kernel(kernel, call)  # compiled by now; the state just evolves step after step on the same box
     _dump_kernel_code(kernel, folder)
     (folder / "ready").write_text(str(os.getpid()))
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        kernel(*values)
+        perf_stages.call_kernel(kernel, call)
         calls += 1
     (folder / "calls").write_text(f"{calls} {time.perf_counter() - start}")
 

@@ -93,9 +93,10 @@ def _brain_problem():
 
 
 def _timed_kernel_calls() -> dict:
-    """Record the wall time of every call of the fused kernel's step and of its floor-and-bound pass
-    (when the kernel is in use), so that a solver step's time splits into the kernel, the pass that
-    finds the next box, and the rest (Python, torch, events): {"kernel": [s, ...], "floor": [...]}."""
+    """Record (start time, duration) of every call of the fused kernel's step and of its
+    floor-and-bound pass (when the kernel is in use), so that a solver step's time splits into the
+    kernel, the pass that finds the next box (run only when the kernel could not report the boxes,
+    e.g. after an event), and the rest (Python, torch, events): {"kernel": [(t, s), ...], ...}."""
     from AnatomyDTLib import fused
 
     calls: dict = {"kernel": [], "floor": [], "event": []}
@@ -108,20 +109,32 @@ def _timed_kernel_calls() -> dict:
             result = _original(*args)
             # the pass at floor 0 is a radiotherapy fraction finding the tumour's box: an event, not the step's
             key = "event" if _key == "floor" and args[3] == 0 else _key
-            calls[key].append(time.perf_counter() - t0)
+            calls[key].append((t0, time.perf_counter() - t0))
             return result
         setattr(kernels, name, timed)  # this child process only
     return calls
 
 
-def step_split(steps: list[float], calls: dict) -> dict | None:
-    """Medians over the steps (the first excluded) of the kernel's time, the floor pass's and the
-    rest, when every step made one call of each; else None (e.g. the torch path)."""
-    if not (len(calls["kernel"]) == len(calls["floor"]) == len(steps) > 1):
+def step_split(bounds: list[float], calls: dict) -> dict | None:
+    """Per step (between consecutive ``bounds``, the first step excluded): the kernel's time, the
+    floor pass's (0 in a step that did not need it) and the rest; medians of each, and the share of
+    steps that ran the floor pass. None when a step made no kernel call (e.g. the torch path)."""
+    steps = list(zip(bounds[:-1], bounds[1:]))[1:]
+
+    def per_step(key):
+        totals = [0.0] * len(steps)
+        for start, seconds in calls[key]:
+            for i, (a, b) in enumerate(steps):
+                if a <= start < b:
+                    totals[i] += seconds
+        return totals
+
+    kernel, floor = per_step("kernel"), per_step("floor")
+    if not steps or any(k == 0.0 for k in kernel):
         return None
-    kernel, floor = calls["kernel"][1:], calls["floor"][1:]
-    rest = [s - k - f for s, k, f in zip(steps[1:], kernel, floor)]
-    return {"kernel": statistics.median(kernel), "floor": statistics.median(floor), "rest": statistics.median(rest)}
+    rest = [(b - a) - k - f for (a, b), k, f in zip(steps, kernel, floor)]
+    return {"kernel": statistics.median(kernel), "floor": statistics.median(floor), "rest": statistics.median(rest),
+            "floor_steps": sum(f > 0 for f in floor) / len(steps)}
 
 
 def problem(case: str):
@@ -150,7 +163,7 @@ def child(case: str, days: int) -> dict:
     total = time.perf_counter() - t0
     cpu = time.process_time() - c0
     steps = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
-    return {"case": case, "steps": steps, "split": step_split(steps, calls), "boxes": boxes, "total_s": total,
+    return {"case": case, "steps": steps, "split": step_split([t0] + stamps, calls), "boxes": boxes, "total_s": total,
             "cpu_s": cpu, "structure": structure,
             "voxels": int(p0[0].numel()), "threads": torch.get_num_threads()}
 
@@ -324,7 +337,8 @@ def print_summary(s: dict, bandwidth: float, peak_gflops: float | None) -> None:
     if s.get("split"):
         split = s["split"]
         print(f"  per step (medians): fused kernel {split['kernel'] * 1e3:.2f} ms, floor-and-bound pass "
-              f"{split['floor'] * 1e3:.2f} ms, the rest (Python, torch, events) {split['rest'] * 1e3:.2f} ms")
+              f"{split['floor'] * 1e3:.2f} ms (run in {100 * split['floor_steps']:.0f} % of the steps), "
+              f"the rest (Python, torch, events) {split['rest'] * 1e3:.2f} ms")
     for scope, key in (("full-grid", "traffic_full"), ("box", "traffic_box")):
         if s["case"] == "dense" and scope == "box":
             continue

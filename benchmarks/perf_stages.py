@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perf_common as pc  # noqa: E402
 
 ARGUMENTS = ("p", "box", "chi", "rows", "cols", "growth", "kappa", "domain", "clearable", "diffused", "is_diffused",
-             "wz", "wy", "wx", "scale", "dying_out", "fl", "par", "constants")
+             "wz", "wy", "wx", "scale", "dying_out", "fl", "par", "constants", "extents")
 ONE_SLAB = "one slab (1 thread)"
 GRID_SIZED = "grid-sized coefficients"
 
@@ -105,10 +105,17 @@ def time_variants(calls: list[dict], repeats: int, kernels: list | None = None) 
         for i, arguments in enumerate(calls):
             call = dict(arguments, p=arguments["p"].copy())
             t0 = time.perf_counter()
-            kernels[i](*(call[name] for name in ARGUMENTS))
+            call_kernel(kernels[i], call)
             if round_ > 0:
                 times[i].append(time.perf_counter() - t0)
     return times
+
+
+def call_kernel(kernel, arguments: dict) -> None:
+    """Call a ``_fused_step`` with the captured arguments it takes (by its own parameter names: a
+    kernel from an older revision may take fewer, e.g. no ``extents`` before 2026-12-04)."""
+    code = kernel.py_func.__code__
+    kernel(*(arguments[name] for name in code.co_varnames[:code.co_argcount]))
 
 
 def _slot_constants(module) -> dict:
@@ -122,7 +129,8 @@ def baseline_kernel(revision: str):
     slots this checkout has and that version lacks), compiled from a temporary copy (first call
     ≈ 20 s, not cached). Refused when a slot both versions have differs: the captured arguments
     would mean something else to it. Slots it lacks are appended ones (the region origin of
-    4f963c2); its call must hold 0 there (see :func:`compare_with_baseline`)."""
+    4f963c2: its call must hold 0 there, see :func:`compare_with_baseline`; and the support floor
+    of the watched channels, which a kernel older than 2026-12-04 evening does not apply)."""
     import importlib.util
     import subprocess
     import tempfile
@@ -144,10 +152,10 @@ def baseline_kernel(revision: str):
     theirs, ours = _slot_constants(module), _slot_constants(fused._kernels())
     lacking = ours.keys() - theirs.keys()
     if (any(theirs[name] != ours[name] for name in theirs.keys() & ours.keys()) or theirs.keys() - ours.keys()
-            or lacking - {"_REGION_Z0", "_REGION_Y0", "_REGION_X0"}):
+            or lacking - {"_REGION_Z0", "_REGION_Y0", "_REGION_X0", "_WATCHED", "_FLOOR"}):
         raise SystemExit(f"--baseline {revision}: its kernel's parameter or flag slots differ from this checkout's; "
                          "compare it with a checkout of its own instead")
-    return module._fused_step, sorted(ours[name] for name in lacking)
+    return module._fused_step, sorted(ours[name] for name in lacking & {"_REGION_Z0", "_REGION_Y0", "_REGION_X0"})
 
 
 def variants(arguments: dict, grid_sized: dict | None = None) -> list[tuple[str, dict]]:
@@ -233,7 +241,7 @@ def compare_with_baseline(arguments: dict, revision: str, repeats: int, step: in
     results = []
     for kernel, call in ((baseline, baseline_arguments), (current, arguments)):
         call = dict(call, p=call["p"].copy())
-        kernel(*(call[name] for name in ARGUMENTS))
+        call_kernel(kernel, call)
         results.append(call["p"])
     difference = float(np.abs(results[0].astype(np.float64) - results[1]).max())
     box = arguments["box"]
