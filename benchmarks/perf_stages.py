@@ -19,7 +19,10 @@ with each stage switched off through the kernel's own flags:
 * ``one slab``: everything on, one thread (the two-core speed-up is the ratio to the first row);
 * ``grid-sized coefficients``: everything on, but the per-face diffusion weights read from
   grid-sized arrays (the call of the same step captured with ``FusedStep.PACK_MARGIN`` larger than
-  the grid), as before they were packed onto a region around the box.
+  the grid), as before they were packed onto a region around the box;
+* ``packed state``: everything on, the state (and the other grid-sized arrays) copied to the box
+  first, so that its rows are contiguous: what keeping the state packed between steps would give
+  the kernel (the copy is not timed; nothing in the product does this yet).
 
 With ``--baseline REV`` it times, instead, this kernel against ``fused_kernels.py`` as it was at
 git revision REV on the same captured call (taking turns, so the machine's drift hits both), and
@@ -46,6 +49,7 @@ ARGUMENTS = ("p", "box", "chi", "rows", "cols", "growth", "kappa", "domain", "cl
              "wz", "wy", "wx", "scale", "dying_out", "fl", "par", "constants", "extents")
 ONE_SLAB = "one slab (1 thread)"
 GRID_SIZED = "grid-sized coefficients"
+PACKED_STATE = "packed state"
 
 
 def capture_step(step: int, case: str = "brain", pack_margin: int | None = None) -> dict:
@@ -181,7 +185,47 @@ def variants(arguments: dict, grid_sized: dict | None = None) -> list[tuple[str,
         ("no growth", dict(arguments, fl=with_flags(_HAS_GROWTH=0))),
         ("plumbing only", dict(arguments, rows=no_rows, fl=with_flags(_SWEEPS=0, _HAS_GROWTH=0))),
         (ONE_SLAB, dict(arguments, fl=with_flags(_THREADS=1))),
-    ] + ([(GRID_SIZED, grid_sized)] if grid_sized is not None else [])
+    ] + ([(GRID_SIZED, grid_sized)] if grid_sized is not None else []) + [(PACKED_STATE, packed_state(arguments))]
+
+
+def packed_state_difference(arguments: dict) -> float:
+    """Largest difference between the step on the grid-sized state and on the packed copy (0: the
+    packed call computes the same step)."""
+    import numpy as np
+
+    from AnatomyDTLib import fused
+
+    kernel = fused._kernels()._fused_step
+    on_grid = dict(arguments, p=arguments["p"].copy(), extents=arguments["extents"].copy())
+    packed = packed_state(arguments)
+    call_kernel(kernel, on_grid)
+    call_kernel(kernel, packed)
+    z0, z1, y0, y1, x0, x1 = (int(v) for v in arguments["box"])
+    return float(np.abs(on_grid["p"][:, z0:z1, y0:y1, x0:x1] - packed["p"]).max())
+
+
+def packed_state(arguments: dict) -> dict:
+    """The captured call on a copy of the state restricted to its box (and of the per-step
+    grid-sized arrays: clearable, dying_out), the box moved to the origin; the coefficient fields
+    keep their region, whose origin is moved by the same amount."""
+    import numpy as np
+
+    from AnatomyDTLib import fused
+
+    k = fused._kernels()
+    z0, z1, y0, y1, x0, x1 = (int(v) for v in arguments["box"])
+    crop = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
+    packed = dict(arguments, box=np.array([0, z1 - z0, 0, y1 - y0, 0, x1 - x0], dtype=np.int64))
+    packed["p"] = np.ascontiguousarray(arguments["p"][(slice(None),) + crop])
+    for name in ("clearable", "dying_out"):  # grid-sized when in use, (1, 1, 1) dummies otherwise
+        if arguments[name].shape != (1, 1, 1):
+            packed[name] = np.ascontiguousarray(arguments[name][crop])
+    flags = arguments["fl"].copy()
+    for slot, start in ((k._REGION_Z0, z0), (k._REGION_Y0, y0), (k._REGION_X0, x0)):
+        flags[slot] -= start
+    packed["fl"] = flags
+    packed["extents"] = np.zeros((arguments["extents"].shape[0], z1 - z0, 4), dtype=np.int64)
+    return packed
 
 
 def main() -> None:
@@ -209,6 +253,7 @@ def main() -> None:
     print(f"{args.case} case step {args.step}: box z {box[0]}:{box[1]}, y {box[2]}:{box[3]}, x {box[4]}:{box[5]} "
           f"= {voxels / 1e6:.2f} M voxels, kernel threads {threads}")
     labelled = variants(arguments, capture_step(args.step, args.case, pack_margin=10 ** 9))
+    print(f"  the packed-state call's result differs from the full step's by {packed_state_difference(arguments):.2e}")
     all_times = time_variants([call for _, call in labelled], args.repeats)
     full = statistics.median(all_times[0])
     for (label, call), times in zip(labelled, all_times):
