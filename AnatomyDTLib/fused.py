@@ -9,7 +9,8 @@ the same step voxel by voxel in one compiled kernel (numba), pipelined along the
         explicit part at plane e          reaction + cross-diffusion from p^n     -> q[e]
         Jacobi sweep s at plane e - s     for s = 1..m, from sweep s-1's planes   -> u_s[e - s]
         finish plane e - L                diffused classes from u_m, the others from q,
-                                          simplex projection, written back into p (in place)
+                                          simplex projection, written back into p (in place);
+                                          the watched classes floored, their extents recorded
 
 Only a few planes live at a time (ring buffers of the input planes e − 1, e, e + 1, of q and of
 each sweep: ≈ 1.5 MB per slab for a brain tumour's box, ≈ 20 MB for full 240×240 planes of 5
@@ -19,6 +20,9 @@ along x per row (docs/performance.md, benchmarks/perf_row_length.py). The output
 L = max(m, 1) planes, so every input plane has been copied into the ring before its plane of p is
 overwritten. The box is split into one slab of planes per thread; each slab recomputes m + 1
 planes of halo around it from a copy of its neighbours' input planes, taken before any slab writes.
+As it writes, the kernel also does the next step's support search (values of the watched classes
+below the support floor set to zero, the box of each found), so that search needs no pass of its
+own unless something else changes the state in between (an event).
 
 What it computes is the torch path's step exactly (same discretisation, same order: reaction,
 then the cross-diffusion increment from p^n, the m Jacobi sweeps, then the projection of the
