@@ -132,6 +132,7 @@ class FusedStep:
         # cheap conditions first: a solve that cannot use the kernel never imports numba
         self.usable = (stepper.device.type == "cpu" and stepper.dtype in (torch.float32, torch.float64)
                        and pr.reaction_hook is None and stepper.cross_rows is not None and len(stepper.shape) == 5
+                       and stepper.shape[1] <= 63  # the kernel's watched classes are bits of one int64
                        and fused_kernel_available())
         if not self.usable:
             return

@@ -8,8 +8,9 @@ the cross-diffusion and the projection run over the plane as one flat line of ny
 the explicit part reads its stencils from a ring of compact copies of the input planes. The
 Jacobi sweeps keep a loop per row, reading the face weights from arrays that cover a region
 around the box (their first voxel's grid index is in ``fl``; ``FusedStep`` packs them there
-because short pieces of grid-sized rows read nearly as slowly as whole rows) (flat sweeps were tried: 1.5 % faster on the brain step, 43 % slower on the dense one, whose
-constant weights would have to be spread over whole planes). The earlier layout, every stage a
+because short pieces of grid-sized rows read nearly as slowly as whole rows). Flat sweeps were
+tried: 1.5 % faster on the brain step, 43 % slower on the dense one, whose constant weights
+would have to be spread over whole planes. The earlier layout, every stage a
 loop per row of the box with helper calls per row, was 1.74× slower on the brain case's rows of
 ≈ 90 voxels (``python benchmarks/perf_stages.py --baseline 74645ad``; docs/performance.md). Inner
 loops index through views, or through unsigned flat indices (the input planes' rows of p), never
@@ -18,8 +19,8 @@ vectorising (benchmarks/numba_wraparound.py). Every kernel compiles with numba's
 model: a division by zero gives inf or nan, as in torch, instead of a zero test per division that
 raises, which kept the growth loop scalar (7.7 % of the brain step, A/B). Lines of grid-sized
 arrays are rows from the box's first x on (views ``[ox:]``). Scalars reach the kernels in two
-small arrays, ``par`` (floats, in the state's dtype so that float32 stays float32) and ``fl`` (int flags); :func:`parameter_array` and
-:func:`flag_array` fill them by name.
+small arrays, ``par`` (floats, in the state's dtype so that float32 stays float32) and ``fl``
+(int flags); :func:`parameter_array` and :func:`flag_array` fill them by name.
 
 Units: Δt in days, spacing in mm, χ and D in mm²/day, rates in 1/day.
 """
@@ -63,6 +64,8 @@ def flag_array(*, tumour, dying, sink, has_growth, growth_field, kappa_field, ha
     ``watched``: the channels whose written values below the support floor are set to zero and
     whose extent per plane goes to ``extents`` (what the stepper's support search would find next)."""
     values = [0] * 16
+    if any(c >= 63 for c in watched):
+        raise ValueError(f"the kernel's watched-channel mask holds channels 0-62, got {sorted(watched)}")
     values[_WATCHED] = sum(1 << c for c in watched)
     values[_TUMOUR], values[_DYING], values[_SINK] = tumour, dying, sink
     values[_HAS_GROWTH], values[_GROWTH_FIELD], values[_KAPPA_FIELD] = int(has_growth), int(growth_field), int(kappa_field)
