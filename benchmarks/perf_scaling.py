@@ -114,6 +114,14 @@ def plot(grid_rows: dict, horizon_rows: dict, exponents: dict, path: Path) -> No
             label = "brain 240×240×155 (days)" if kind == "brain" else "dense 96³ (steps = days)"
             b.loglog([r["days"] for r in rows], [r["total_s"] for r in rows], "o-",
                      label=f"{label}, exponent {exponents['horizon_' + kind]:.2f}")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    horizons = sorted({r["days"] for rows in horizon_rows.values() for r in rows})
+    if horizons:  # label the horizons measured, in plain numbers (log-axis minor labels overlap)
+        b.set_xticks(horizons)
+        b.xaxis.set_major_formatter(ScalarFormatter())
+    b.xaxis.set_minor_formatter(NullFormatter())
+    b.yaxis.set_minor_formatter(NullFormatter())
     _style(b, "horizon (days, Δt = 1 day)", "forecast time (s)", "forecast time vs horizon")
     fig.suptitle(f"AnatomyDT no-grad solver, {pc.machine_text()}", fontsize=8)
     fig.tight_layout()
