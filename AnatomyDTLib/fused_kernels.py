@@ -322,6 +322,13 @@ def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, w
                 o[x] = u[x] + s[x] * (r[x] - u[x] + dt * div)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", inline="always")
+def _in_support(value, floor, zero):
+    """Whether a value of a watched class counts as support: non-zero and of magnitude at least the
+    support floor (floor 0: every non-zero value). Both the step's write-back and the separate
+    floor-and-bound pass decide with this, so their boxes agree."""
+    return abs(value) >= floor and value != zero
+
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy", inline="always")
 def _exchange(a, b):
     """Compare-exchange of a sorting network: (larger, smaller)."""
     return max(a, b), min(a, b)
@@ -468,7 +475,7 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
             first, last = nx, -1
             for x in range(nx):
                 v = row_project[x] * max(row[x] - row_theta[x], zero) + (one - row_project[x]) * row[x]
-                keep = abs(v) >= floor and v != zero
+                keep = _in_support(v, floor, zero)
                 dst[x] = v if keep else zero
                 first = min(first, x if keep else nx)
                 last = max(last, x if keep else -1)
@@ -611,7 +618,7 @@ def _floor_and_bound(p, channels, window, floor, out):
                 first, last = wx1, -1
                 for x in range(wx1 - wx0):
                     v = row[x]
-                    keep = abs(v) >= floor and v != zero  # floor 0: only find the non-zero voxels
+                    keep = _in_support(v, floor, zero)  # floor 0: only find the non-zero voxels
                     row[x] = v if keep else zero
                     first = min(first, x + wx0 if keep else wx1)
                     last = max(last, x + wx0 if keep else -1)
