@@ -228,7 +228,7 @@ class FusedStep:
     def _diffusion_arrays(self, b: int, dt: float, constants: np.ndarray, region):
         """Face weights D/h² per axis (1/day) and the Jacobi scale ω/(1 + Δt·c) of the diffused
         classes for batch item b: per-face arrays on ``region`` when they vary, else written into
-        ``constants``."""
+        ``constants``. Called by :meth:`_coefficients`, which keeps the result for its Δt."""
         st = self.stepper
         if not st.diffused:
             return self.dummy4, self.dummy4, self.dummy4, self.dummy4
@@ -244,11 +244,8 @@ class FusedStep:
         if not self.scale_field:
             constants[1:, 3, :] = _as_numpy((st.pr.omega / (1.0 + dt * diag)).reshape(-1, 1).to(st.dtype))
             return arrays[0], arrays[1], arrays[2], self.dummy4
-        key = ("scale", min(b, st._diag.shape[0] - 1))  # for the last Δt only: a region-sized array each
-        if key not in self._packed or self._packed[key][0] != dt:
-            crop = (slice(None),) + tuple(region)
-            self._packed[key] = (dt, _as_numpy((st.pr.omega / (1.0 + dt * diag[crop])).to(st.dtype).contiguous()))
-        return arrays[0], arrays[1], arrays[2], self._packed[key][1]
+        scale = st.pr.omega / (1.0 + dt * diag[(slice(None),) + tuple(region)])  # depends on Δt: not kept here
+        return arrays[0], arrays[1], arrays[2], _as_numpy(scale.to(st.dtype).contiguous())
 
     def step_(self, p: torch.Tensor, box, dt: float, chemo_rate: float, clearable, dying_out) -> dict:
         """One step of ``p`` (B, C, Z, Y, X), in place, on ``box`` (three slices); writes the dying
