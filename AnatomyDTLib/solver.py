@@ -649,13 +649,14 @@ class _Integrator:
         if self.cohort_box is not None:
             return self._clearable_in_box(p, self.cohort_box)
         dying = p[:, pr.dying:pr.dying + 1]
-        pending = self._pending_in(tuple(slice(0, n) for n in dying.shape[2:]), torch.zeros_like(dying))
+        pending = self._pending_in(tuple(slice(0, n) for n in dying.shape[2:]), dying)
         return torch.clamp(dying - pending, min=0.0)
 
-    def _pending_in(self, box, start: torch.Tensor) -> torch.Tensor:
-        """``start`` plus the pending cohorts' masses on ``box`` (in cohort order, as a sum; a
-        cohort kept on its own box adds to its part of ``box`` only: elsewhere it is zero)."""
-        pending = start
+    def _pending_in(self, box, like: torch.Tensor) -> torch.Tensor:
+        """The sum of the pending cohorts' masses on ``box``, a new tensor shaped like ``like``
+        (added in cohort order; a cohort kept on its own box adds to its part of ``box`` only:
+        elsewhere it is zero)."""
+        pending = torch.zeros_like(like)
         for cohort in self.cohorts:
             if cohort.box is None:
                 pending = pending + _crop(cohort.mass, box)
@@ -663,8 +664,6 @@ class _Integrator:
             part = cohort.part_in(box)
             if part is not None:
                 mass, where = part
-                if pending is start:
-                    pending = start.clone()
                 _crop(pending, where).add_(mass)
         return pending
 
@@ -677,7 +676,7 @@ class _Integrator:
         elif self._clearable_box is not None:
             _crop(self._clearable_buffer, self._clearable_box).zero_()  # the last step's values
         region = _crop(self._clearable_buffer, box)
-        pending = self._pending_in(box, torch.zeros_like(region))
+        pending = self._pending_in(box, region)
         torch.clamp(_crop(dying, box) - pending, min=0.0, out=region)
         self._clearable_box = box
         return self._clearable_buffer
