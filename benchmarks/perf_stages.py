@@ -131,7 +131,7 @@ def _slot_constants(module) -> dict:
 def baseline_kernel(revision: str):
     """(``_fused_step`` of ``AnatomyDTLib/fused_kernels.py`` as it was at git ``revision``, the flag
     slots this checkout has and that version lacks), compiled from a temporary copy (first call
-    ≈ 20 s, not cached). Refused when a slot both versions have differs: the captured arguments
+    ≈ 40 s, not cached). Refused when a slot both versions have differs: the captured arguments
     would mean something else to it. Slots it lacks are appended ones (the region origin of
     4f963c2: its call must hold 0 there, see :func:`compare_with_baseline`; and the support floor
     of the watched channels, which a kernel older than 2026-12-04 evening does not apply)."""
