@@ -123,7 +123,8 @@ class FusedStep:
     onto a region around the box, renewed when the box outgrows it.
     """
 
-    PACK_MARGIN = 8  # voxels by which the region of the packed coefficient fields exceeds the box
+    PACK_MARGIN = 8  # voxels by which the region of the packed coefficient fields and state exceeds the box
+    PACK_STATE = True  # the stepper keeps the state packed on that region between steps (inference.PackedState)
 
     def __init__(self, stepper):
         self.stepper = stepper
@@ -158,7 +159,7 @@ class FusedStep:
             for d, c in enumerate(stepper.diffused):
                 is_diffused[c] = d
         self.is_diffused = is_diffused
-        # the coefficient fields that do not change during the solve, packed on a region (see _coefficient_region)
+        # the coefficient fields that do not change during the solve, packed on a region (see region_for)
         self.diffusion_field = bool(stepper.diffused) and not stepper.uniform
         self.scale_field = bool(stepper.diffused) and any(n > 1 for n in stepper._diag.shape[2:])
         self.needs_region = (self.diffusion_field or self.scale_field or self.growth[1] or self.kappa[1]
@@ -185,16 +186,17 @@ class FusedStep:
         lim = self.stepper.limiter_free_dt
         return not self.stepper.cross_rows or (lim is not None and dt <= lim)
 
-    def _coefficient_region(self, box) -> tuple[slice, ...]:
+    def region_for(self, box) -> tuple[slice, ...]:
         """The region of the grid on which the kernel gets the coefficient fields that do not change
         during a solve (per-face weights, per-voxel Jacobi scales, α, κ, the domain) as compact
-        arrays: the box grown by ``PACK_MARGIN`` voxels, kept while later boxes lie inside it (a
-        box grows by at most m + 2 voxels per step, so it is rebuilt every few steps).
+        arrays, and on which the stepper keeps the state packed: the box grown by ``PACK_MARGIN``
+        voxels, kept while later boxes lie inside it (a box grows by at most m + 2 voxels per
+        step; on the brain case the region is built 4 times in 90 steps).
 
         Why: the box's rows are short pieces of the grid's rows (≈ 90 of 240 voxels on the brain
         case), and reading them from grid-sized arrays costs nearly as much as reading whole rows
         (``benchmarks/strided_rows.py``); these fields are copied once into arrays whose rows are
-        barely longer than the box's."""
+        barely longer than the box's. The state's own box rows cost the same, hence its packed copy."""
         if self._region is None or any(b.start < r.start or b.stop > r.stop for b, r in zip(box, self._region)):
             spatial = self.stepper.shape[2:]
             self._region = tuple(slice(max(0, b.start - self.PACK_MARGIN), min(n, b.stop + self.PACK_MARGIN))
@@ -247,14 +249,17 @@ class FusedStep:
         scale = st.pr.omega / (1.0 + dt * diag[(slice(None),) + tuple(region)])  # depends on Δt: not kept here
         return arrays[0], arrays[1], arrays[2], _as_numpy(scale.to(st.dtype).contiguous())
 
-    def step_(self, p: torch.Tensor, box, dt: float, chemo_rate: float, clearable, dying_out) -> dict:
-        """One step of ``p`` (B, C, Z, Y, X), in place, on ``box`` (three slices); writes the dying
-        channel before the projection into ``dying_out`` (B, 1, Z, Y, X) when there is one.
+    def step_(self, p: torch.Tensor, box, dt: float, chemo_rate: float, clearable, dying_out,
+              state_region=None) -> dict:
+        """One step of ``p`` (B, C, Z, Y, X), in place, on ``box`` (three slices of the grid); writes
+        the dying channel before the projection into ``dying_out`` (B, 1, Z, Y, X) when there is one.
+        ``state_region``: ``p``, ``clearable`` and ``dying_out`` cover only this region of the grid
+        (it must be :meth:`region_for` of the box); None: they are grid-sized.
 
         Returns what the stepper's support search would find at the start of the next step, had
-        nothing else changed ``p``: {watched class: box of its non-zero voxels, or None}. The
-        kernel has already set the watched classes' values below the support floor to zero (they
-        could be non-zero only inside ``box``, so that is all the search would do)."""
+        nothing else changed ``p``: {watched class: box of its non-zero voxels (grid slices), or
+        None}. The kernel has already set the watched classes' values below the support floor to
+        zero (they could be non-zero only inside ``box``, so that is all the search would do)."""
         st = self.stepper
         pr = st.pr
         spacing = st.spacing
@@ -266,10 +271,19 @@ class FusedStep:
                                       chemo_fraction=1.0 - math.exp(-chemo_rate * dt) if chemo_rate > 0 else 0.0,
                                       clearance_fraction=clearance, slack=st.slack,
                                       inverse_spacing=[1.0 / h for h in spacing], floor=st.floor)
-        box_array = np.array([box[0].start, box[0].stop, box[1].start, box[1].stop, box[2].start, box[2].stop],
-                             dtype=np.int64)
-        region = self._coefficient_region(box) if self.needs_region else None
-        origin = (0, 0, 0) if region is None else tuple(r.start for r in region)
+        if state_region is not None:  # everything the kernel reads covers the region: its indices start at 0
+            region = self.region_for(box)
+            if tuple(state_region) != region:
+                raise ValueError(f"the packed state covers {state_region}, but the box {box} needs the region {region}")
+            state_origin = tuple(r.start for r in region)
+            origin = (0, 0, 0)
+        else:
+            region = self.region_for(box) if self.needs_region else None
+            state_origin = (0, 0, 0)
+            origin = (0, 0, 0) if region is None else tuple(r.start for r in region)
+        local = tuple(slice(b.start - o, b.stop - o) for b, o in zip(box, state_origin))
+        box_array = np.array([local[0].start, local[0].stop, local[1].start, local[1].stop, local[2].start,
+                              local[2].stop], dtype=np.int64)
         for b in range(p.shape[0]):
             constants, wz, wy, wx, scale, growth_b, kappa_b, domain = self._coefficients(b, dt, region, p.shape[-1])
             clear = self.dummy3 if clearable is None else _as_numpy(clearable[b, 0].to(st.dtype).contiguous())
@@ -284,11 +298,14 @@ class FusedStep:
             kernels._fused_step(_as_numpy(p[b]), box_array, self.chi, self.rows, self.cols, growth_b, kappa_b, domain,
                                 clear, self.diffused, self.is_diffused, wz, wy, wx, scale, dying, fl, par, constants,
                                 self.extents[b])
-        return self._supports_found(box, p.shape[0])
+        supports = self._supports_found(local, p.shape[0])
+        return {c: None if found is None else tuple(slice(f.start + o, f.stop + o) for f, o in zip(found, state_origin))
+                for c, found in supports.items()}
 
     def _supports_found(self, box, batch: int) -> dict:
         """{watched class: the box of its non-zero voxels over the batch, or None} from the kernel's
-        per-plane extents of the planes of ``box`` (outside it the watched classes are zero)."""
+        per-plane extents of the planes of ``box`` (outside it the watched classes are zero), in the
+        coordinates of the kernel's state."""
         z0 = box[0].start
         supports = {}
         for c in self.stepper.watched:

@@ -33,6 +33,13 @@ economies:
   at α = 0.05/day, far below what any output shows (tested against the reference path). It also keeps the arithmetic away from
   denormal floats, which are 10–100× slower on CPUs, independently of which thread computes what
   (``torch.set_flush_denormal`` acts on the calling thread only).
+* **packed state** (fused kernel only): the kernel steps a compact copy of the state on a region
+  around the box (:class:`PackedState`) instead of the grid-sized tensor, whose box rows are short
+  pieces of long rows and read about 2.5× slower (``benchmarks/strided_rows.py``). The copy is
+  kept between steps and written back only when something outside the stepper needs the whole
+  grid (an output day, surgery, a torch-path step, the end of the solve): everything the
+  integrator does between steps goes through :meth:`InferenceStepper.current` and
+  :meth:`InferenceStepper.unpacked`.
 """
 
 from __future__ import annotations
@@ -86,7 +93,13 @@ class InferenceStepper:
         # window and changes only there; the integrator keeps its cohorts' bookkeeping to that box
         # (``dying_box``, set before each step; None = the whole grid).
         self.dying_box = None
-        self.dying_before_projection = None
+        self._grid_dying_before = None  # grid-sized buffers of the dying bookkeeping, kept across steps
+        self._grid_clearable = None
+        self._clearable_box = None  # the box where the current clearable buffer was last written
+        # The fused kernel's compact copy of the state on a region around the box, kept between
+        # steps (see the module docstring); None: ``p`` itself is current everywhere.
+        self.packed: PackedState | None = None
+        self.packings = 0  # how often a packed copy was built in this solve (once per region, and after write-backs)
         # Start exactly on the simplex: p0 is accepted within a small tolerance, and later steps only
         # re-project the voxels they change.
         self._project_off_simplex_(state, self.full_box)
@@ -131,9 +144,12 @@ class InferenceStepper:
         pr = self.pr
         spatial = self.shape[2:]
         m = pr.jacobi_iters
+        fused = self.fused.applies(dt)
+        if not fused and self.packed is not None:  # the torch path works on the grid-sized state
+            clearable = self._unpack_with_clearable(p, clearable)
         window = self.search_window()
         support = self._floored_supports_(p, window)  # class -> box of its non-zero voxels (or None)
-        if self.fused.applies(dt):
+        if fused:
             return self._fused_step_(p, support, dt, chemo_rate, clearable)
         changed = None  # the box of every voxel this step may change
         cross = None
@@ -190,14 +206,130 @@ class InferenceStepper:
             diffusion_box = _dilate_or_none(self._diffused_support(support, cross_box, tumour_box), pr.jacobi_iters + 1,
                                             spatial)
             changed = _union(changed, diffusion_box)
+        if changed is None:
+            if pr.dying is not None:
+                self._keep_dying_before_projection(p, changed)
+            return p
+        state, region = self._kernel_state(p, changed)
         if pr.dying is not None:
             self._keep_dying_before_projection(p, changed)
-        if changed is not None:
-            supports = self.fused.step_(p, changed, dt, chemo_rate, clearable,
-                                        self.dying_before_projection if pr.dying is not None else None)
-            self.window = changed
-            self._supports_after_kernel = (p.data_ptr(), p._version, supports)
+        if clearable is not None:
+            clearable = self.clearable_buffer()  # in the kernel's coordinates (a repack carried it over)
+        supports = self.fused.step_(state, changed, dt, chemo_rate, clearable,
+                                    self.dying_before_projection if pr.dying is not None else None, region)
+        self.window = changed
+        self._supports_after_kernel = (state.data_ptr(), state._version, supports)
         return p
+
+    # -- the packed state ---------------------------------------------------------------------
+    def _kernel_state(self, p: torch.Tensor, box) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
+        """The tensor the fused kernel steps on ``box`` and the grid region it covers (None: it is
+        ``p``, grid-sized). The packed copy is (re)built when the fused step's region changes
+        (``FusedStep.region_for``: the box grown by a margin, renewed when the box outgrows it,
+        a few times per solve)."""
+        if not self._packs_state():
+            self.unpacked(p)
+            return p, None
+        region = self.fused.region_for(box)
+        if self.packed is None or self.packed.region != region:
+            previous = self.packed
+            self.unpacked(p, keep_clearable=False)
+            self.packed = PackedState(p, region, self.pr.dying is not None)
+            self.packings += 1
+            self._move_clearable(previous)
+        return self.packed.data, region
+
+    def _move_clearable(self, previous: PackedState | None) -> None:
+        """Carry the clearable cells the integrator wrote before this step into the new packed copy:
+        from the previous packed copy, or from the grid-sized buffer, which is emptied (it must not
+        clear them twice). Outside the new region they are zero (the dying channel is)."""
+        box = self._clearable_box
+        if box is None or self.packed.clearable is None:
+            return
+        if previous is not None:
+            self.packed.take_clearable(previous.clearable, previous.region, box)
+        elif self._grid_clearable is not None:
+            self.packed.take_clearable(self._grid_clearable, self.full_box, box)
+            _crop(self._grid_clearable, box).zero_()
+        self._clearable_box = self.clip(box)
+
+    def _packs_state(self) -> bool:
+        """Whether the fused kernel keeps a packed copy of the state: with delayed death only when the
+        integrator bounds the dying channel's bookkeeping by a box (``dying_box``)."""
+        return self.fused.PACK_STATE and (self.pr.dying is None or self.dying_box is not None)
+
+    def current(self, p: torch.Tensor, box) -> torch.Tensor:
+        """The state's current values on ``box`` (grid slices; (B, C, *box)), as a view through
+        which in-place changes reach the state: a view of the packed copy when it holds the box,
+        else of ``p`` (the packed copy is then written back first)."""
+        if self.packed is not None:
+            if self.packed.holds(box):
+                return _crop(self.packed.data, self.packed.local(box))
+            self.unpacked(p)
+        return _crop(p, box)
+
+    def clip(self, box):
+        """``box`` restricted to the packed region, where every non-zero value of the watched
+        classes (the dying channel and its cohorts included) lies while the state is packed; ``box``
+        itself when it is not packed."""
+        if self.packed is None or box is None:
+            return box
+        clipped = []
+        for b, r in zip(box, self.packed.region):
+            start = min(max(b.start, r.start), r.stop)
+            clipped.append(slice(start, max(start, min(b.stop, r.stop))))
+        return tuple(clipped)
+
+    def on(self, buffer: torch.Tensor, box) -> torch.Tensor:
+        """The view on ``box`` (grid slices) of a buffer in the kernel's coordinates (packed region or grid)."""
+        return _crop(buffer, box if self.packed is None else self.packed.local(box))
+
+    def unpacked(self, p: torch.Tensor, keep_clearable: bool = True) -> torch.Tensor:
+        """``p`` made current everywhere: the packed copy written back into it and dropped. Call
+        it before reading or changing ``p`` other than through :meth:`current`. The clearable
+        buffer moves to the grid-sized one (``keep_clearable``), so a step that follows uses it."""
+        packed, self.packed = self.packed, None
+        if packed is None:
+            return p
+        _crop(p, packed.region).copy_(packed.data)
+        if packed.clearable is not None and keep_clearable and self._clearable_box is not None:
+            grid = self._grid_clearable_buffer()
+            _crop(grid, self._clearable_box).copy_(_crop(packed.clearable, packed.local(self._clearable_box)))
+        if self._supports_after_kernel is not None and self._supports_after_kernel[:2] == (
+                packed.data.data_ptr(), packed.data._version):  # the kernel's boxes hold for p now
+            self._supports_after_kernel = (p.data_ptr(), p._version, self._supports_after_kernel[2])
+        return p
+
+    def _unpack_with_clearable(self, p: torch.Tensor, clearable):
+        """Write the packed copy back before a torch-path step; returns the clearable buffer in the
+        grid's coordinates (it moved there) when the step has one."""
+        self.unpacked(p)
+        return None if clearable is None else self.clearable_buffer()
+
+    def clearable_buffer(self) -> torch.Tensor:
+        """The buffer (B, 1, *kernel coordinates) that holds the dying cells whose delay has passed:
+        zero outside the box given to the last :meth:`clearable_on_`."""
+        if self.packed is not None:
+            return self.packed.clearable
+        return self._grid_clearable_buffer()
+
+    def _grid_clearable_buffer(self) -> torch.Tensor:
+        if self._grid_clearable is None:  # one buffer per solve (a stepper is built per solve)
+            self._grid_clearable = self._grid_channel()
+        return self._grid_clearable
+
+    def _grid_channel(self) -> torch.Tensor:
+        """A new grid-sized single-channel buffer of zeros (B, 1, *S)."""
+        return torch.zeros((self.shape[0], 1) + tuple(self.shape[2:]), dtype=self.dtype, device=self.device)
+
+    def clearable_on_(self, box) -> torch.Tensor:
+        """The clearable buffer's view on ``box`` (grid slices), to be filled; the values written on
+        the previous box are zeroed first, so the buffer is zero outside ``box``."""
+        buffer = self.clearable_buffer()
+        if self._clearable_box is not None:
+            self.on(buffer, self._clearable_box).zero_()
+        self._clearable_box = box
+        return self.on(buffer, box)
 
     def search_window(self) -> tuple[slice, ...]:
         """The box the next step searches for supports: it holds every non-zero value of the watched
@@ -207,17 +339,29 @@ class InferenceStepper:
     def _keep_dying_before_projection(self, p: torch.Tensor, changed) -> None:
         """``dying_before_projection``: the dying channel as it is now (before the projection), for
         the integrator's cohort rescaling. With a ``dying_box`` only that box and the step's
-        ``changed`` box are copied, into a buffer kept across steps: the integrator reads only
-        there (the fused kernel then writes the changed box's pre-projection values itself)."""
-        dying = p[:, self.pr.dying:self.pr.dying + 1]
+        ``changed`` box are copied, into a buffer kept across steps (in the kernel's coordinates):
+        the integrator reads only there (the fused kernel then writes the changed box's
+        pre-projection values itself)."""
+        d = self.pr.dying
         if self.dying_box is None:
-            self.dying_before_projection = dying.clone()
+            self.unpacked(p)
+            self._grid_dying_before = p[:, d:d + 1].clone()
             return
-        if self.dying_before_projection is None:  # one buffer per solve (a stepper is built per solve)
-            self.dying_before_projection = torch.zeros_like(dying)
+        buffer = self.dying_before_projection
         for box in (self.dying_box, changed):
             if box is not None:
-                _crop(self.dying_before_projection, box).copy_(_crop(dying, box))
+                box = self.clip(box)
+                self.on(buffer, box).copy_(self.current(p, box)[:, d:d + 1])
+
+    @property
+    def dying_before_projection(self) -> torch.Tensor:
+        """The dying channel before this step's projection (B, 1, *kernel coordinates): valid on the
+        step's ``dying_box`` and ``changed`` box (see :meth:`_keep_dying_before_projection`)."""
+        if self.packed is not None:
+            return self.packed.dying_before
+        if self._grid_dying_before is None:  # one buffer per solve (a stepper is built per solve)
+            self._grid_dying_before = self._grid_channel()
+        return self._grid_dying_before
 
     def _diffused_support(self, support, cross_box, tumour_box):
         """A box containing every non-zero voxel of the diffused classes after the explicit part.
@@ -238,17 +382,19 @@ class InferenceStepper:
         """Per watched class, the box of its non-zero voxels inside ``window`` (global slices), after
         setting its values of magnitude below the support floor to zero (in place). Right after a
         fused step nothing is left to do: the kernel floored the watched classes as it wrote them
-        and returned their boxes, which hold as long as nothing has changed ``p`` since (torch bumps
-        a tensor's version counter at every in-place change, events included; the kernel's own
-        writes do not). Otherwise one numba pass when the fused kernel is usable, torch if not."""
+        and returned their boxes, which hold as long as nothing has changed the state since (torch
+        bumps a tensor's version counter at every in-place change, events included; the kernel's
+        own writes do not). Otherwise one numba pass when the fused kernel is usable, torch if not;
+        on the packed copy while there is one (outside its region the watched classes are zero)."""
         after_kernel, self._supports_after_kernel = self._supports_after_kernel, None
-        if after_kernel is not None and after_kernel[:2] == (p.data_ptr(), p._version):
+        state, window, origin = self._searched(p, window)
+        if after_kernel is not None and after_kernel[:2] == (state.data_ptr(), state._version):
             return after_kernel[2]
         if self.fused.usable:
-            boxes = floored_supports_(p, self.watched, window, self.floor)
+            boxes = floored_supports_(state, self.watched, window, self.floor)
             if boxes is not None:
-                return boxes
-        region = _crop(p, window)
+                return {c: _shifted(box, origin) for c, box in boxes.items()}
+        region = _crop(state, window)
         boxes = {}
         for c in self.watched:
             values = region[:, c]
@@ -257,8 +403,16 @@ class InferenceStepper:
                 values.mul_(keep)  # exact: x * 1 = x, and x * 0 = 0 for the finite values of a field
             local = _true_box(keep.any(dim=0) if keep.shape[0] > 1 else keep[0])
             boxes[c] = None if local is None else tuple(
-                slice(w.start + b.start, w.start + b.stop) for w, b in zip(window, local))
+                slice(o + w.start + b.start, o + w.start + b.stop) for o, w, b in zip(origin, window, local))
         return boxes
+
+    def _searched(self, p: torch.Tensor, window):
+        """(tensor, window in its coordinates, its origin in the grid) for a search of the watched
+        classes inside ``window`` (grid slices): the packed copy and the window clipped to its
+        region while there is one, else ``p``."""
+        if self.packed is None:
+            return p, window, (0,) * len(window)
+        return self.packed.data, self.packed.local(self.clip(window)), tuple(r.start for r in self.packed.region)
 
     # -- events -----------------------------------------------------------------------------
     def radiation_fraction_(self, p: torch.Tensor, dose_gy, alpha_per_gy: float, beta_per_gy2: float, target: int,
@@ -280,7 +434,7 @@ class InferenceStepper:
             return empty, p.new_zeros((p.shape[0], 1) + (0,) * len(empty))
         dose = dose_gy if isinstance(dose_gy, torch.Tensor) else torch.as_tensor(float(dose_gy), dtype=p.dtype,
                                                                                   device=p.device)
-        region = _crop(p, box)
+        region = self.current(p, box)
         dose = _crop(dose, box) if dose.dim() > 0 else dose
         if hypoxia is not None:  # outside the box the tumour share is 0: OER 1, and nothing to kill
             dose = tx.effective_dose(dose, tx.tumour_total(region, pr.tumour, pr.dying), hypoxia)
@@ -298,11 +452,12 @@ class InferenceStepper:
         """The box of ``channel``'s non-zero voxels inside ``window`` (global slices), or None: one
         numba pass when the fused kernel is usable (floor 0: nothing is changed), else torch (a
         boolean copy and a reduction per axis: several ms per radiotherapy fraction at 240×240×155)."""
+        state, window, origin = self._searched(p, window)
         if self.fused.usable:
-            boxes = floored_supports_(p, [channel], window, 0.0)
+            boxes = floored_supports_(state, [channel], window, 0.0)
             if boxes is not None:
-                return boxes[channel]
-        return support_box_within(p.narrow(1, channel, 1), window, 0, self.shape[2:])
+                return _shifted(boxes[channel], origin)
+        return _shifted(support_box_within(state.narrow(1, channel, 1), window, 0, state.shape[2:]), origin)
 
     # -- explicit part --------------------------------------------------------------------
     def _reaction_(self, p, dt, chemo_rate, clearable, box) -> None:
@@ -556,6 +711,53 @@ class InferenceStepper:
             lanes.sub_(simplex_threshold(lanes, dim=0)).clamp_(min=0.0)
             for c in range(p.shape[1]):
                 flat[item, c].index_copy_(0, lin, lanes[c])
+
+
+class PackedState:
+    """A compact copy of the state on a region of the grid, which the fused kernel steps instead of
+    the grid-sized tensor (see the module docstring), with the delayed-death buffers the kernel
+    reads and writes on the same region.
+
+    Attributes:
+        region: the grid slices it covers.
+        data: (B, C, *region's shape), contiguous: the state's current values there.
+        dying_before, clearable: (B, 1, *region's shape), or None without a dying channel.
+    """
+
+    def __init__(self, p: torch.Tensor, region, dying: bool):
+        self.region = tuple(region)
+        self.data = _crop(p, self.region).contiguous()
+        shape = (p.shape[0], 1) + tuple(self.data.shape[2:])
+        self.dying_before = p.new_zeros(shape) if dying else None
+        self.clearable = p.new_zeros(shape) if dying else None
+
+    def holds(self, box) -> bool:
+        return all(r.start <= b.start and b.stop <= r.stop for b, r in zip(box, self.region))
+
+    def local(self, box) -> tuple[slice, ...]:
+        """``box`` (grid slices, inside the region) in the region's coordinates."""
+        return tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, self.region))
+
+    def take_clearable(self, source: torch.Tensor, source_region, box) -> None:
+        """Copy the clearable cells of ``source`` (a buffer covering ``source_region`` of the grid) on
+        ``box`` (grid slices, inside ``source_region``): the part inside this region."""
+        inside = _intersection(box, self.region)
+        if inside is not None:
+            within_source = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(inside, source_region))
+            _crop(self.clearable, self.local(inside)).copy_(_crop(source, within_source))
+
+
+def _intersection(a, b):
+    """The common part of two boxes, or None when they do not overlap."""
+    common = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b))
+    return None if any(c.start >= c.stop for c in common) else common
+
+
+def _shifted(box, origin):
+    """A box in a region's coordinates moved to the grid's (``origin``: the region's first voxel)."""
+    if box is None:
+        return None
+    return tuple(slice(b.start + o, b.stop + o) for b, o in zip(box, origin))
 
 
 def _true_box(mask: torch.Tensor) -> tuple[slice, ...] | None:

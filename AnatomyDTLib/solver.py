@@ -565,8 +565,6 @@ class _Integrator:
         # No-grad path: the box that holds every non-zero value of the dying channel and of the
         # cohorts this step (the stepper's search window); None = the whole grid (with gradients).
         self.cohort_box = None
-        self._clearable_buffer = None  # zero outside ``_clearable_box``, reused across steps
-        self._clearable_box = None
 
     # -- events ---------------------------------------------------------------------------
     def _apply_events(self, p: torch.Tensor, day: float) -> torch.Tensor:
@@ -583,6 +581,7 @@ class _Integrator:
 
     def _surgery(self, p: torch.Tensor, surgery, removal) -> torch.Tensor:
         pr = self.problem
+        p = self._current(p)  # surgery reads and rewrites the whole grid
         target = _removed_class(pr, surgery.removed_to)
         if removal is None:
             tumour = tx.tumour_total(p, pr.tumour, pr.dying).detach().cpu().numpy()
@@ -622,11 +621,10 @@ class _Integrator:
         """Keep pending cohorts a consistent part of the dying channel after it was rescaled.
 
         ``box`` (no-grad path): the dying channel changed only inside it, so only there are the
-        cohorts rescaled, in place (the integrator owns their masses)."""
+        cohorts rescaled, in place (the integrator owns their masses); ``before`` and ``after``
+        are then the dying channel on ``box``."""
         if not self.cohorts:
             return
-        if box is not None:
-            before, after = _crop(before, box), _crop(after, box)
         # Below _COHORT_FLOOR the cohorts are negligible and the ratio is set to 0: dividing by a
         # tiny (denormal) value would make the backward pass's 1/before² overflow to NaN.
         live = before > _COHORT_FLOOR
@@ -669,17 +667,14 @@ class _Integrator:
 
     def _clearable_in_box(self, p: torch.Tensor, box) -> torch.Tensor:
         """:meth:`_clearable` computed inside ``box`` only (the dying channel is zero elsewhere, so
-        is the result), in a full-grid buffer kept across steps; same operations in the same order."""
-        dying = p[:, self.problem.dying:self.problem.dying + 1]
-        if self._clearable_buffer is None:
-            self._clearable_buffer = torch.zeros_like(dying)
-        elif self._clearable_box is not None:
-            _crop(self._clearable_buffer, self._clearable_box).zero_()  # the last step's values
-        region = _crop(self._clearable_buffer, box)
+        is the result), in the stepper's buffer (kept across steps, in the coordinates of the state
+        the step works on); same operations in the same order."""
+        stepper, d = self.stepper, self.problem.dying
+        box = stepper.clip(box)  # while the state is packed, the dying channel is zero outside its region
+        region = stepper.clearable_on_(box)
         pending = self._pending_in(box, region)
-        torch.clamp(_crop(dying, box) - pending, min=0.0, out=region)
-        self._clearable_box = box
-        return self._clearable_buffer
+        torch.clamp(stepper.current(p, box)[:, d:d + 1] - pending, min=0.0, out=region)
+        return stepper.clearable_buffer()
 
     # -- stepping -------------------------------------------------------------------------
     def _step(self, p: torch.Tensor, t: float, dt: float) -> torch.Tensor:
@@ -691,8 +686,10 @@ class _Integrator:
         if self.stepper is not None:
             p = self.stepper.step(p, t, dt, chemo, clearable)
             if pr.dying is not None:  # the dying channel changed inside the search window and the step's box
-                box = _union(self.cohort_box, self.stepper.window)
-                self._rescale_cohorts(self.stepper.dying_before_projection, p[:, pr.dying:pr.dying + 1], box)
+                stepper = self.stepper
+                box = stepper.clip(_union(self.cohort_box, stepper.window))
+                self._rescale_cohorts(stepper.on(stepper.dying_before_projection, box),
+                                      stepper.current(p, box)[:, pr.dying:pr.dying + 1], box)
             return p
         explicit = _explicit_reaction(pr, p, t, dt, chemo, clearable)
         # Transport leaves the immobile dying channel unchanged; only the projection rescales it.
@@ -762,8 +759,13 @@ class _Integrator:
                     self.progress(t0 + (s + 1) * h, horizon)  # may raise Cancelled to stop the run
         for index, _ in pending_outputs:  # output days equal to the horizon
             snapshots[index] = self._snapshot(p, True, None if out is None else out[index])
-        self.final_state = p
+        self.final_state = self._current(p)
         return [snapshots[i] for i in range(len(output_days))]
+
+    def _current(self, p: torch.Tensor) -> torch.Tensor:
+        """``p`` with every value current: on the no-grad path the stepper may keep part of the
+        state in a packed copy between steps (see inference.py), which this writes back."""
+        return p if self.stepper is None else self.stepper.unpacked(p)
 
     def _snapshot(self, p: torch.Tensor, final: bool, into: torch.Tensor | None = None) -> torch.Tensor:
         """The imaged classes at an output day, as a tensor later steps do not change.
@@ -772,6 +774,7 @@ class _Integrator:
         horizon's is ``p`` itself (no step follows), and a merged dying channel is a new tensor
         already. On a 1 mm brain grid each copy avoided saves ~0.1-0.2 s. ``into``: write the field
         there (a slot of the trajectory) and return it."""
+        p = self._current(p)
         if into is not None:
             return _visible(self.problem, p, into)
         visible = _visible(self.problem, p)

@@ -72,6 +72,14 @@ def _record_steppers(monkeypatch) -> list:
     return built
 
 
+def _current_copy(stepper, p: torch.Tensor) -> torch.Tensor:
+    """A copy of the state as it is now: ``p`` with the stepper's packed copy, if it keeps one, in its region."""
+    state = p.clone()
+    if stepper.packed is not None:
+        state[(slice(None), slice(None)) + stepper.packed.region] = stepper.packed.data
+    return state
+
+
 def _assert_agree(a, b, tol):
     assert a.shape == b.shape
     assert float((a - b).abs().max()) <= tol
@@ -140,6 +148,76 @@ def test_diffusion_coefficients_packed_around_a_growing_box_match_the_torch_path
     packing = built[-1].fused
     assert packing.regions_built >= 2
     assert all(r.start > 0 for r in packing._region)  # the region's origin is off the grid's on every axis
+
+
+@pytest.mark.parametrize("threads, torch_steps", [(1, False), (2, False), (2, True)])
+def test_the_packed_state_gives_the_grid_sized_kernels_result_bit_for_bit(monkeypatch, threads, torch_steps):
+    """Between steps the kernel keeps the state packed on a region around the box; radiotherapy,
+    the delayed-death bookkeeping and the support search work on that copy, while output days,
+    surgery and the end of the solve write it back. With a small margin the region is renewed as
+    the tumour spreads, the clearable cells are carried from region to region, and every event
+    falls between steps: the result must equal, bit for bit, the kernel stepping the grid-sized
+    state, and agree with the torch path. ``torch_steps``: a χ strong enough for the outflow
+    limiter to act on the 1-day steps (the torch path takes them: the packed copy and the
+    clearable cells go back to the grid) but not on the half-day steps next to events."""
+    p0 = torch.roll(_brain_like((40, 40, 40)), shifts=(0, 10, 10), dims=(1, 2, 3))
+    diffusion = torch.zeros_like(p0)
+    torch.manual_seed(11)
+    diffusion[TUMOUR] = 0.02 + 0.18 * torch.rand(p0.shape[1:], dtype=torch.float64)
+    chi = torch.zeros(K, K, dtype=torch.float64)
+    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    if torch_steps:  # limiter-free below 0.5 / (0.13 · 2 · Σ 1/h²) = 0.79 days; well-posed: D_tumour >= 0.14
+        diffusion[TUMOUR] = 0.14 + 0.06 * torch.rand(p0.shape[1:], dtype=torch.float64)
+        chi.zero_()
+        chi[WM, TUMOUR] = -0.13
+    plan = {"surgery": [{"day": 3.0, "extent": 0.5}],
+            "radiotherapy": {"fraction_days": [1, 2, 4, 5, 7], "dose_per_fraction_gy": 2.0,
+                             "delayed_death": {"delay_days": 1.5, "clearance_half_life_days": 2.0}},
+            "chemotherapy": [{"agent": "tmz", "kill_rate_per_day": 0.1, "windows": [[0.5, 6.0]]}]}
+    kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[1.5, 4.0, 5.5, 8.0], dt=1.0 if torch_steps else 0.5, diffusion=diffusion,
+                  growth_rate=0.1, cross_diffusion=chi, tumor_class=TUMOUR, plan=plan, jacobi_iters=2,
+                  mask=torch.rand(p0.shape[1:]) > 0.05, return_dying=True)
+    built = _record_steppers(monkeypatch)
+    monkeypatch.setattr(fused.FusedStep, "PACK_MARGIN", 2)
+    packed, packed_dying = _run(p0, monkeypatch, True, threads=threads, **kwargs)
+    assert built[-1].packings >= 4 and built[-1].fused.regions_built >= 2
+    monkeypatch.setattr(fused.FusedStep, "PACK_STATE", False)
+    grid_sized, grid_dying = _run(p0, monkeypatch, True, threads=threads, **kwargs)
+    assert built[-1].packings == 0
+    assert torch.equal(packed, grid_sized)
+    assert torch.equal(packed_dying.dying, grid_dying.dying) and len(packed_dying.pending) == len(grid_dying.pending) > 0
+    for (day_a, mass_a), (day_b, mass_b) in zip(packed_dying.pending, grid_dying.pending):
+        assert day_a == day_b and torch.equal(mass_a, mass_b)
+    reference, _ = _run(p0, monkeypatch, False, **kwargs)
+    _assert_agree(packed, reference, 1e-12)
+    assert float(packed[-1, TUMOUR].sum()) > 1.0 and float((packed[-1] - packed[0]).abs().max()) > 1e-2
+
+
+def test_clearable_cells_move_with_the_packed_state(monkeypatch):
+    """The dying cells whose delay has passed are written by the integrator before a step, in the
+    coordinates of the state the step works on. Packing carries them into the packed region; a
+    write-back (before a torch-path step) carries them to the grid-sized buffer, which is zero
+    everywhere else."""
+    p0 = torch.roll(_brain_like((40, 40, 40)), shifts=(0, 10, 10), dims=(1, 2, 3))
+    built = _record_steppers(monkeypatch)
+    monkeypatch.setenv(fused.ENV_SWITCH, "1")
+    with torch.no_grad():
+        simulate(p0, spacing=(1.0, 1.0, 1.0), days=1.0, dt=1.0, diffusion=[0, 0.1, 0, 0, 0], tumor_class=TUMOUR,
+                 plan=PLAN)
+    stepper = built[-1]
+    p = stepper.unpacked(torch.cat([p0, torch.zeros_like(p0[:1])])[None].clone())
+    box = (slice(14, 24), slice(19, 25), slice(18, 25))  # the tumour's
+    stepper.dying_box = box
+    values = torch.rand((1, 1, 10, 6, 7), dtype=torch.float64)
+    stepper.clearable_on_(box).copy_(values)  # on the grid-sized buffer
+    state, region = stepper._kernel_state(p, box)
+    assert region is not None and stepper.packed is not None and state.shape[2:] != p.shape[2:]
+    assert torch.equal(stepper.on(stepper.clearable_buffer(), box), values)
+    assert int(stepper.clearable_buffer().count_nonzero()) == values.numel()  # nothing else
+    assert float(stepper._grid_clearable.abs().sum()) == 0.0  # emptied: it must not clear the cells twice
+    stepper.unpacked(p)
+    assert torch.equal(stepper.clearable_buffer()[(slice(None), slice(None)) + box], values)
+    assert int(stepper.clearable_buffer().count_nonzero()) == values.numel()
 
 
 @pytest.mark.parametrize("shape", [(1, 6, 7), (5, 1, 9), (6, 5, 1), (2, 2, 2), (9, 3, 2)])
@@ -292,6 +370,7 @@ def test_supports_found_by_the_kernel_equal_the_support_search_and_yield_to_late
     chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
     built = _record_steppers(monkeypatch)
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
+    monkeypatch.setattr(fused.FusedStep, "PACK_MARGIN", 2)  # a region that leaves grid corners out
     with torch.no_grad():
         simulate(p0, spacing=(1.0, 1.0, 1.5), days=1.0, dt=1.0, diffusion=diffusion, growth_rate=0.1,
                  cross_diffusion=chi, tumor_class=TUMOUR, jacobi_iters=2, jacobi_variant=variant)
@@ -300,12 +379,27 @@ def test_supports_found_by_the_kernel_equal_the_support_search_and_yield_to_late
     with torch.no_grad():
         for day in range(4):
             stepper.step(p, float(day), 1.0, 1.0, None)  # chemotherapy: kill rate 1/day
+            assert stepper.packed is not None  # the kernel stepped the packed copy; p is stale inside its region
+            state = _current_copy(stepper, p)
             if day == 0:
-                assert float(p[0, TUMOUR, 14:18, 27:29, 18:20].abs().max()) == 0.0  # the faint patch was floored
-            searched = fused.floored_supports_(p.clone(), stepper.watched, stepper.search_window(), stepper.floor)
+                assert float(state[0, TUMOUR, 14:18, 27:29, 18:20].abs().max()) == 0.0  # the faint patch was floored
+            searched = fused.floored_supports_(state, stepper.watched, stepper.search_window(), stepper.floor)
             assert stepper._floored_supports_(p, stepper.search_window()) == searched
         stepper.step(p, 4.0, 1.0, 0.0, None)
-        p[0, TUMOUR, 1, 1, 1] += 0.25  # an in-place torch change after the kernel, outside every box
-        p[0, GM, 1, 1, 1] -= 0.25
+        corner = tuple(slice(r.start, r.start + 1) for r in stepper.packed.region)  # in the region, beyond the lesion
+        inside = stepper.current(p, corner)  # a change through the packed copy, as radiotherapy makes
+        inside[0, TUMOUR] += 0.25
+        inside[0, GM] -= 0.25
         found = stepper._floored_supports_(p, stepper.full_box)
-    assert found[TUMOUR][0].start == 1 and found[TUMOUR][1].start == 1 and found[TUMOUR][2].start == 1
+        assert all(found[TUMOUR][a].start == corner[a].start for a in range(3))
+        stepper.step(p, 5.0, 1.0, 0.0, None)
+        corners = [tuple(slice(i, i + 1) for i in (z, y, x)) for z in (0, 39) for y in (0, 39) for x in (0, 39)]
+        far = next(c for c in corners if not stepper.packed.holds(c))
+        outside = stepper.current(p, far)  # outside the region: the packed copy is written back
+        assert stepper.packed is None
+        outside[0, TUMOUR] += 0.25  # an in-place torch change after the kernel, outside every box
+        outside[0, GM] -= 0.25
+        expected = fused.floored_supports_(p.clone(), stepper.watched, stepper.full_box, stepper.floor)
+        found = stepper._floored_supports_(p, stepper.full_box)
+    assert found == expected
+    assert all(found[TUMOUR][a].start <= far[a].start and far[a].stop <= found[TUMOUR][a].stop for a in range(3))
