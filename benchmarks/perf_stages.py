@@ -17,12 +17,14 @@ with each stage switched off through the kernel's own flags:
 * ``plumbing only``: all three off — what is left is reading the box's planes, the chemotherapy
   and clearance terms, the simplex check and projection, and writing the planes back;
 * ``one slab``: everything on, one thread (the two-core speed-up is the ratio to the first row);
-* ``grid-sized coefficients``: everything on, but the per-face diffusion weights read from
-  grid-sized arrays (the call of the same step captured with ``FusedStep.PACK_MARGIN`` larger than
-  the grid), as before they were packed onto a region around the box;
-* ``packed state``: everything on, the state (and the other grid-sized arrays) copied to the box
-  first, so that its rows are contiguous: what keeping the state packed between steps would give
-  the kernel (the copy is not timed; nothing in the product does this yet).
+* ``grid-sized state and coefficients``: everything on, but the state and the fixed coefficient
+  fields (face weights, α, κ, domain) grid-sized (the call of the same step captured with
+  ``FusedStep.PACK_MARGIN`` larger than the grid, so the packed region is the whole grid), as
+  before either was packed onto a region around the box;
+* ``packed state``: everything on, the state (and the per-step arrays) copied to exactly the box
+  first, without the region's margin of ``FusedStep.PACK_MARGIN`` voxels (the copy is not timed):
+  what a margin costs. (Before the product kept its state packed, this row was the estimate of
+  what packing it would give.)
 
 With ``--baseline REV`` it times, instead, this kernel against ``fused_kernels.py`` as it was at
 git revision REV on the same captured call (taking turns, so the machine's drift hits both), and
@@ -48,15 +50,15 @@ import perf_common as pc  # noqa: E402
 ARGUMENTS = ("p", "box", "chi", "rows", "cols", "growth", "kappa", "domain", "clearable", "diffused", "is_diffused",
              "wz", "wy", "wx", "scale", "dying_out", "fl", "par", "constants", "extents")
 ONE_SLAB = "one slab (1 thread)"
-GRID_SIZED = "grid-sized coefficients"
+GRID_SIZED = "grid-sized state and coefficients"
 PACKED_STATE = "packed state"
 
 
 def capture_step(step: int, case: str = "brain", pack_margin: int | None = None) -> dict:
     """The keyword arguments of the kernel call of solver step ``step`` (1-based) of the brain case
     (or of the dense worst case of perf_roofline.py: ``case="dense"``). ``pack_margin``: the
-    ``FusedStep.PACK_MARGIN`` to run with (a huge one gives the kernel grid-sized diffusion
-    coefficients, as before they were packed around the box)."""
+    ``FusedStep.PACK_MARGIN`` to run with (a huge one makes the packed region the whole grid: the
+    kernel gets a grid-sized state and coefficients, as before they were packed around the box)."""
     import numpy as np
     import torch
 
@@ -164,7 +166,7 @@ def baseline_kernel(revision: str):
 
 def variants(arguments: dict, grid_sized: dict | None = None) -> list[tuple[str, dict]]:
     """(label, arguments) of the full step and of the step with stages switched off; ``grid_sized``:
-    the same call captured with grid-sized diffusion coefficients."""
+    the same call captured with a grid-sized state and coefficient fields."""
     import numpy as np
 
     from AnatomyDTLib import fused
@@ -288,6 +290,11 @@ def compare_with_baseline(arguments: dict, revision: str, repeats: int, step: in
         call = dict(call, p=call["p"].copy())
         call_kernel(kernel, call)
         results.append(call["p"])
+    if results[0].shape != results[1].shape:  # the baseline's state is grid-sized, ours packed on a region
+        grid_box, packed_box = baseline_arguments["box"], arguments["box"]
+        results[0] = results[0][(slice(None),) + tuple(
+            slice(int(grid_box[2 * a] - packed_box[2 * a]), int(grid_box[2 * a] - packed_box[2 * a]) + n)
+            for a, n in enumerate(results[1].shape[1:]))]
     difference = float(np.abs(results[0].astype(np.float64) - results[1]).max())
     box = arguments["box"]
     voxels = int((box[1] - box[0]) * (box[3] - box[2]) * (box[5] - box[4]))
