@@ -226,11 +226,12 @@ class InferenceStepper:
         """The tensor the fused kernel steps on ``box`` and the grid region it covers (None: it is
         ``p``, grid-sized). The packed copy is (re)built when the fused step's region changes
         (``FusedStep.region_for``: the box grown by a margin, renewed when the box outgrows it,
-        a few times per solve)."""
-        if not self._packs_state():
+        a few times per solve). A region that is the whole grid is not copied: its rows are whole
+        rows already, and a copy would only double the state's memory."""
+        region = self.fused.region_for(box) if self._packs_state() else self.full_box
+        if region == self.full_box:
             self.unpacked(p)
             return p, None
-        region = self.fused.region_for(box)
         if self.packed is None or self.packed.region != region:
             previous = self.packed
             self.unpacked(p, keep_clearable=False)

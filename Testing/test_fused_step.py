@@ -92,9 +92,11 @@ def test_dense_step_matches_the_torch_path_with_one_and_several_slabs(monkeypatc
     kwargs = dict(spacing=(1.0, 1.2, 0.9), days=[2.0, 4.0], dt=1.0, diffusion=[0.05, 0.2, 0.1, 0.1, 0.05],
                   growth_rate=0.05, cross_diffusion=_well_posed_chi(), jacobi_iters=2, tumor_class=TUMOUR)
     reference = _run(p0, monkeypatch, False, **kwargs)
+    built = _record_steppers(monkeypatch)
     fast = _run(p0, monkeypatch, True, threads=threads, **kwargs)
     _assert_agree(fast, reference, 1e-12)
     assert float((fast[-1] - p0).abs().max()) > 1e-3  # the problem really evolved
+    assert built[-1].packings == 0  # the box is the whole grid: a packed copy would only double the memory
 
 
 @pytest.mark.parametrize("variant, sweeps", [("conservative", 2), ("classic", 3), ("conservative", 1)])
