@@ -160,39 +160,81 @@ def test_the_packed_state_gives_the_grid_sized_kernels_result_bit_for_bit(monkey
     the tumour spreads, the clearable cells are carried from region to region, and every event
     falls between steps: the result must equal, bit for bit, the kernel stepping the grid-sized
     state, and agree with the torch path. ``torch_steps``: a χ strong enough for the outflow
-    limiter to act on the 1-day steps (the torch path takes them: the packed copy and the
-    clearable cells go back to the grid) but not on the half-day steps next to events."""
+    limiter to act on steps longer than 0.34 days, so the torch path takes most steps and the
+    kernel only the quarter-day steps after day 1 and day 5 (the packed copy is written back
+    before the torch-path step that follows). That needs D_tumour + χ at the edge of well-posedness (0: no
+    stable sub-step exists, so the solver warns and takes the steps as given; with a margin its
+    sub-steps stay below the limiter's bound) and no delayed death (its dying channel, D = 0,
+    would bound the sub-steps too)."""
     p0 = torch.roll(_brain_like((40, 40, 40)), shifts=(0, 10, 10), dims=(1, 2, 3))
     diffusion = torch.zeros_like(p0)
     torch.manual_seed(11)
     diffusion[TUMOUR] = 0.02 + 0.18 * torch.rand(p0.shape[1:], dtype=torch.float64)
     chi = torch.zeros(K, K, dtype=torch.float64)
     chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
-    if torch_steps:  # limiter-free below 0.5 / (0.13 · 2 · Σ 1/h²) = 0.79 days; well-posed: D_tumour >= 0.14
-        diffusion[TUMOUR] = 0.14 + 0.06 * torch.rand(p0.shape[1:], dtype=torch.float64)
-        chi.zero_()
-        chi[WM, TUMOUR] = -0.13
     plan = {"surgery": [{"day": 3.0, "extent": 0.5}],
             "radiotherapy": {"fraction_days": [1, 2, 4, 5, 7], "dose_per_fraction_gy": 2.0,
                              "delayed_death": {"delay_days": 1.5, "clearance_half_life_days": 2.0}},
             "chemotherapy": [{"agent": "tmz", "kill_rate_per_day": 0.1, "windows": [[0.5, 6.0]]}]}
-    kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[1.5, 4.0, 5.5, 8.0], dt=1.0 if torch_steps else 0.5, diffusion=diffusion,
-                  growth_rate=0.1, cross_diffusion=chi, tumor_class=TUMOUR, plan=plan, jacobi_iters=2,
+    days, dt = [1.5, 4.0, 5.5, 8.0], 0.5
+    if torch_steps:  # limiter-free below 0.5 / (0.3 · 2 · Σ 1/h²) = 0.34 days
+        diffusion[TUMOUR] = 0.3
+        chi.zero_()
+        chi[WM, TUMOUR] = -0.3
+        del plan["radiotherapy"]["delayed_death"]
+        plan["chemotherapy"][0]["windows"] = [[0.5, 1.25]]  # a cut at 1.25 with no output day: kernel, then torch
+        days, dt = [4.0, 5.25, 8.0], 1.0
+    kwargs = dict(spacing=(1.0, 1.0, 1.5), days=days, dt=dt, diffusion=diffusion, growth_rate=0.1,
+                  cross_diffusion=chi, tumor_class=TUMOUR, plan=plan, jacobi_iters=2,
                   mask=torch.rand(p0.shape[1:]) > 0.05, return_dying=True)
     built = _record_steppers(monkeypatch)
     monkeypatch.setattr(fused.FusedStep, "PACK_MARGIN", 2)
+    kernel_steps = []
+    original_fused_step = InferenceStepper._fused_step_
+
+    def counting(self, *args):
+        kernel_steps.append(self.packed is not None)
+        return original_fused_step(self, *args)
+
+    monkeypatch.setattr(InferenceStepper, "_fused_step_", counting)
     packed, packed_dying = _run(p0, monkeypatch, True, threads=threads, **kwargs)
-    assert built[-1].packings >= 4 and built[-1].fused.regions_built >= 2
+    assert built[-1].packings >= (1 if torch_steps else 4) and built[-1].fused.regions_built >= 2
+    if torch_steps:  # the kernel took the two quarter-day steps, each after the torch path had the state
+        assert len(kernel_steps) == 2 and not any(kernel_steps)
     monkeypatch.setattr(fused.FusedStep, "PACK_STATE", False)
     grid_sized, grid_dying = _run(p0, monkeypatch, True, threads=threads, **kwargs)
     assert built[-1].packings == 0
     assert torch.equal(packed, grid_sized)
-    assert torch.equal(packed_dying.dying, grid_dying.dying) and len(packed_dying.pending) == len(grid_dying.pending) > 0
-    for (day_a, mass_a), (day_b, mass_b) in zip(packed_dying.pending, grid_dying.pending):
-        assert day_a == day_b and torch.equal(mass_a, mass_b)
+    if not torch_steps:
+        assert torch.equal(packed_dying.dying, grid_dying.dying)
+        assert len(packed_dying.pending) == len(grid_dying.pending) > 0
+        for (day_a, mass_a), (day_b, mass_b) in zip(packed_dying.pending, grid_dying.pending):
+            assert day_a == day_b and torch.equal(mass_a, mass_b)
     reference, _ = _run(p0, monkeypatch, False, **kwargs)
     _assert_agree(packed, reference, 1e-12)
     assert float(packed[-1, TUMOUR].sum()) > 1.0 and float((packed[-1] - packed[0]).abs().max()) > 1e-2
+
+
+def test_a_packed_batch_in_float32_gives_the_grid_sized_kernels_result_bit_for_bit(monkeypatch):
+    """The product's dtype and a batch of two cases whose tumours lie apart: the packed region
+    covers both boxes, each batch item is stepped on its part of the copy."""
+    first = torch.roll(_brain_like((40, 40, 40)), shifts=(0, 10, 10), dims=(1, 2, 3))
+    second = torch.roll(_brain_like((40, 40, 40)), shifts=(-8, 14, 4), dims=(1, 2, 3))
+    p0 = torch.stack([first, second]).float()
+    chi = torch.zeros(K, K)
+    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    kwargs = dict(spacing=(1.0, 1.0, 1.0), days=[2.0, 5.0], dt=1.0, diffusion=[0, 0.15, 0, 0, 0], growth_rate=0.08,
+                  cross_diffusion=chi, tumor_class=TUMOUR, plan=PLAN, jacobi_iters=2)
+    built = _record_steppers(monkeypatch)
+    monkeypatch.setattr(fused.FusedStep, "PACK_MARGIN", 2)
+    packed = _run(p0, monkeypatch, True, threads=2, **kwargs)
+    assert built[-1].packings >= 2
+    monkeypatch.setattr(fused.FusedStep, "PACK_STATE", False)
+    grid_sized = _run(p0, monkeypatch, True, threads=2, **kwargs)
+    assert packed.dtype == torch.float32 and torch.equal(packed, grid_sized)
+    assert not torch.equal(packed[:, 0], packed[:, 1])
+    reference = _run(p0, monkeypatch, False, **kwargs)  # the torch path, in float32 too
+    assert float((packed - reference).abs().max()) < 1e-5
 
 
 def test_clearable_cells_move_with_the_packed_state(monkeypatch):
