@@ -120,7 +120,9 @@ class FusedStep:
     Built once per solve; :meth:`applies` says per step whether the kernel can compute it, and
     :meth:`step_` computes it in place on a box. Arrays that do not change between steps (χ, the
     face weights, α, κ, the domain) are converted once; those that are per-voxel fields are copied
-    onto a region around the box, renewed when the box outgrows it.
+    onto a region around the box (:meth:`region_for`), renewed when the box outgrows it. The
+    stepper keeps the state itself packed on the same region between steps
+    (``inference.PackedState``) and passes it with ``state_region``.
     """
 
     PACK_MARGIN = 8  # voxels by which the region of the packed coefficient fields and state exceeds the box
