@@ -127,6 +127,7 @@ class FusedStep:
 
     PACK_MARGIN = 8  # voxels by which the region of the packed coefficient fields and state exceeds the box
     PACK_STATE = True  # the stepper keeps the state packed on that region between steps (inference.PackedState)
+    STRIP_ROWS = 0  # rows per strip of the kernel's planes; 0: as many as fit fused_kernels.STRIP_CELLS cells
 
     def __init__(self, stepper):
         self.stepper = stepper
@@ -296,7 +297,7 @@ class FusedStep:
                                     has_clearable=clearable is not None, diffusion_field=self.diffusion_field,
                                     scale_field=self.scale_field, sweeps=self.sweeps,
                                     threads=_kernel_threads(self.threads), region_origin=origin,
-                                    watched=st.watched)
+                                    watched=st.watched, strip_rows=self.STRIP_ROWS)
             kernels._fused_step(_as_numpy(p[b]), box_array, self.chi, self.rows, self.cols, growth_b, kappa_b, domain,
                                 clear, self.diffused, self.is_diffused, wz, wy, wx, scale, dying, fl, par, constants,
                                 self.extents[b])

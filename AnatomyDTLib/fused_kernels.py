@@ -37,7 +37,11 @@ _NETWORK_LANES = 8  # class counts up to this are projected by the register sort
 _DT, _OMEGA, _CHEMO, _CLEAR, _SLACK, _INV_HZ, _INV_HY, _INV_HX, _ZERO, _ONE, _FLOOR = range(11)
 # flag slots of the kernel's int array
 (_TUMOUR, _DYING, _SINK, _HAS_GROWTH, _GROWTH_FIELD, _KAPPA_FIELD, _HAS_DOMAIN, _HAS_CLEARABLE,
- _DIFF_FIELD, _SCALE_FIELD, _SWEEPS, _THREADS, _REGION_Z0, _REGION_Y0, _REGION_X0, _WATCHED) = range(16)
+ _DIFF_FIELD, _SCALE_FIELD, _SWEEPS, _THREADS, _REGION_Z0, _REGION_Y0, _REGION_X0, _WATCHED, _STRIP_ROWS) = range(17)
+# A slab's planes are cut into strips of rows when a plane of the box has more cells than this: the
+# ring buffers of a strip (≈ 100 plane-sized arrays of every stage) then take ≈ 10 MB per thread and
+# stay in a 32 MB L3 shared by two cores; whole 240 × 240 planes took ≈ 23 MB per thread.
+STRIP_CELLS = 24576
 
 
 
@@ -55,15 +59,17 @@ def parameter_array(dtype, *, dt, omega, chemo_fraction, clearance_fraction, sla
 
 
 def flag_array(*, tumour, dying, sink, has_growth, growth_field, kappa_field, has_domain, has_clearable,
-               diffusion_field, scale_field, sweeps, threads, region_origin=(0, 0, 0), watched=()):
+               diffusion_field, scale_field, sweeps, threads, region_origin=(0, 0, 0), watched=(), strip_rows=0):
     """``fl``: channel indices (dying −1 when there is none), which coefficients are per-voxel
     fields, the number of Jacobi sweeps and of parallel slabs, and the grid index (z, y, x) of the
     first voxel of the coefficient fields that do not change during a solve (face weights, Jacobi
     scales, growth rate, capacity, domain): they may cover only a region of the grid that contains
     the box (see ``FusedStep``). The state, ``clearable`` and ``dying_out`` are grid-sized.
     ``watched``: the channels whose written values below the support floor are set to zero and
-    whose extent per plane goes to ``extents`` (what the stepper's support search would find next)."""
-    values = [0] * 16
+    whose extent per plane goes to ``extents`` (what the stepper's support search would find next).
+    ``strip_rows``: rows per strip of a slab's planes (0: as many as fit ``STRIP_CELLS`` cells)."""
+    values = [0] * 17
+    values[_STRIP_ROWS] = strip_rows
     if any(c >= 63 for c in watched):
         raise ValueError(f"the kernel's watched-channel mask holds channels 0-62, got {sorted(watched)}")
     values[_WATCHED] = sum(1 << c for c in watched)
@@ -78,25 +84,35 @@ def flag_array(*, tumour, dying, sink, has_growth, growth_field, kappa_field, ha
 
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, dst):
-    """dst (C, ny, nx) = the box's part of input plane z: the slab's own planes from p, its
-    neighbours' planes from the copies taken before any slab wrote. Every stencil of the
-    explicit part then reads the compact copies (the ring of input planes), one array with one
-    layout, and no row needs a function call to find its source."""
+def _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, dst, box_y0, strip_y0, strip_halo):
+    """dst (C, ny, nx) = rows y0 .. y0 + ny of input plane z: the slab's own planes from p, its
+    neighbours' planes from the copies taken before any slab wrote (they hold the box's rows from
+    ``box_y0`` on). In a slab cut into strips of rows, the rows before ``strip_y0`` (this strip's
+    halo) were already written by the strip before it: they come from ``strip_halo``, the copy of
+    rows strip_y0 − h .. strip_y0 of the slab's planes taken before any strip wrote. Every stencil
+    of the explicit part then reads the compact copies (the ring of input planes), one array with
+    one layout, and no row needs a function call to find its source."""
     if z < z0 or z >= z1:
         for c in range(dst.shape[0]):
             for ly in range(ny):
                 out = dst[c, ly]
-                src = lower[c, z - lower_start, ly] if z < z0 else upper[c, z - z1, ly]
+                row = y0 - box_y0 + ly
+                src = lower[c, z - lower_start, row] if z < z0 else upper[c, z - z1, row]
                 for x in range(nx):
                     out[x] = src[x]
         return
     # the slab's own planes: read through flat unsigned indices, not a view of p per row (3 % of
     # the brain step, A/B; a view of an array both threads share is reference-counted on one counter)
     flat, row_size = p.reshape(p.size), p.shape[3]
+    halo_start = strip_y0 - strip_halo.shape[2]
     for c in range(dst.shape[0]):
         for ly in range(ny):
             out = dst[c, ly]
+            if y0 + ly < strip_y0:
+                src = strip_halo[c, z - z0, y0 + ly - halo_start]
+                for x in range(nx):
+                    out[x] = src[x]
+                continue
             base = _u(((c * p.shape[1] + z) * p.shape[2] + y0 + ly) * row_size + ox)
             for x in range(nx):
                 out[x] = flat[base + _u(x)]
@@ -409,8 +425,9 @@ def _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals):
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, ny, ox, nx, lanes, work,
-                  reciprocals, extents):
-    """Write plane z back into p: diffused classes from the last sweep, the others from q (both
+                  reciprocals, extents, write_from, write_to, first_strip):
+    """Write rows ``write_from`` .. ``write_to`` (local to y0: a strip's own rows, not its halo) of
+    plane z back into p: diffused classes from the last sweep, the others from q (both
     flat planes: channel × cell). The voxels that left the simplex (channel sum off 1 by more than
     the slack, or a negative value) are projected — θ from a sorting network, as :func:`AnatomyDTLib.simplex.simplex_threshold`
     — the others are written as computed; outside the domain nothing changes."""
@@ -428,7 +445,7 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
             lane[i] = src[i]
     if dying >= 0:  # the integrator rescales delayed-death cohorts by the projection
         dying_lane = lanes[dying]
-        for ly in range(ny):
+        for ly in range(write_from, write_to):
             out, row = dying_out[z, y0 + ly, ox:], dying_lane[ly * nx:(ly + 1) * nx]
             for x in range(nx):
                 out[x] = row[x]
@@ -457,13 +474,13 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
     # Outside the domain every term is masked, so the lanes equal p there exactly: writing
     # them unprojected leaves p unchanged. The blend is exact for project in {0, 1}.
     floor = par[_FLOOR]
-    if fl[_WATCHED] != 0:  # plane z's extents start empty: no row (y_hi = -1), x_lo past the last x
+    if fl[_WATCHED] != 0 and first_strip:  # plane z's extents start empty: no row (y_hi = -1), x_lo past the last x
         for c in range(n_channels):
             extents[c, z, 0], extents[c, z, 1], extents[c, z, 2], extents[c, z, 3] = 0, -1, p.shape[3], -1
     for c in range(n_channels):
         lane = lanes[c]
         watched = (fl[_WATCHED] >> c) & 1 == 1
-        for ly in range(ny):
+        for ly in range(write_from, write_to):
             dst, offset = p[c, z, y0 + ly, ox:], ly * nx
             row, row_theta, row_project = lane[offset:offset + nx], theta[offset:offset + nx], project[offset:offset + nx]
             if not watched:
@@ -488,11 +505,16 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
                 extent[3] = max(extent[3], ox + last)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, domain, clearable, diffused,
-              is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants, extents):
-    """Advance the output planes [z0, z1) of the box by one step (the pipeline of the module
-    docstring): explicit part at plane e, sweep s at e - s, output at e - max(m, 1)."""
-    bz0, bz1, y0, y1, ox, x1 = box[0], box[1], box[2], box[3], box[4], box[5]
+def _run_slab(p, z0, z1, lower, upper, box, strip_y0, strip_y1, strip_halo, chi, rows, cols, growth, kappa, domain,
+              clearable, diffused, is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants, extents):
+    """Advance rows [strip_y0, strip_y1) of the output planes [z0, z1) of the box by one step (the
+    pipeline of the module docstring): explicit part at plane e, sweep s at e - s, output at
+    e - max(m, 1). The strip is computed with m + 1 rows of halo on each side inside the box
+    (faces across the computed rows' border carry nothing, which reaches m + 1 rows in: the
+    explicit part and the m sweeps each reach one row further), and only its own rows are written."""
+    bz0, bz1, box_y0, box_y1, ox, x1 = box[0], box[1], box[2], box[3], box[4], box[5]
+    halo_rows = fl[_SWEEPS] + 1
+    y0, y1 = max(box_y0, strip_y0 - halo_rows), min(box_y1, strip_y1 + halo_rows)
     ny, nx = y1 - y0, x1 - ox
     n_channels = p.shape[0]
     m = fl[_SWEEPS]
@@ -532,7 +554,8 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
     oz, oy, ox0 = fl[_REGION_Z0], fl[_REGION_Y0], fl[_REGION_X0]  # the domain covers a region from there
     # the input planes (and their potentials) the first explicit plane needs: e_first - 1 and e_first
     for z in range(max(e_first - 1, bz0), min(e_first + 1, bz1)):
-        _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[z % 3])
+        _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[z % 3], box_y0, strip_y0,
+                    strip_halo)
         if has_domain:
             _gather_plane(domain, z - oz, y0 - oy, ny, ox - ox0, nx, mask_ring[z % 3])
         if has_cross:
@@ -540,7 +563,8 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
     for e in range(z0 - m, z1 + lag):
         if e_first <= e < e_stop:
             if e + 1 < bz1:  # the plane above e joins the ring (it replaces e - 2, no longer read)
-                _load_plane(p, e + 1, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[(e + 1) % 3])
+                _load_plane(p, e + 1, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[(e + 1) % 3],
+                            box_y0, strip_y0, strip_halo)
                 if has_domain:
                     _gather_plane(domain, e + 1 - oz, y0 - oy, ny, ox - ox0, nx, mask_ring[(e + 1) % 3])
                 if has_cross:
@@ -561,7 +585,8 @@ def _run_slab(p, z0, z1, lower, upper, box, chi, rows, cols, growth, kappa, doma
         zf = e - lag
         if z0 <= zf < z1:
             _finish_plane(zf, q_flat[zf % q_slots], u_flat[lag - 1, zf % 3], p, dying_out, is_diffused, domain, fl,
-                          par, y0, ny, ox, nx, lanes, work, reciprocals, extents)
+                          par, y0, ny, ox, nx, lanes, work, reciprocals, extents, strip_y0 - y0, strip_y1 - y0,
+                          strip_y0 == box_y0)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True)
 def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffused, is_diffused, wz, wy, wx,
@@ -570,7 +595,9 @@ def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffu
     one slab of planes per thread, each with copies of the input planes it reads beyond its own
     range (taken before any slab writes). For each watched channel (``fl``) and plane z of the
     box, ``extents[c, z]`` receives (y_lo, y_hi, x_lo, x_hi) of its non-zero voxels after the
-    support floor (y_hi −1: none), in grid indices, inclusive."""
+    support floor (y_hi −1: none), in grid indices, inclusive. A slab whose planes have more than
+    ``STRIP_CELLS`` cells is advanced in strips of rows, one after the other, each with m + 1 rows
+    of halo; the halo rows a strip reads from the strip before it are copied before either writes."""
     bz0, bz1 = box[0], box[1]
     halo = fl[_SWEEPS] + 1
     n_planes = bz1 - bz0
@@ -590,9 +617,23 @@ def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffu
             above = starts[i + 1] + h
             if above < bz1:
                 uppers[i, :, h] = p[:, above, y0:y1, x0:x1]
+    ny = y1 - y0
+    strip_rows = fl[_STRIP_ROWS] if fl[_STRIP_ROWS] > 0 else max(1, STRIP_CELLS // max(1, x1 - x0))
+    strips = max(1, -(-ny // strip_rows))
     for i in prange(slabs):
-        _run_slab(p, starts[i], starts[i + 1], lowers[i], uppers[i], box, chi, rows, cols, growth, kappa, domain,
-                  clearable, diffused, is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants, extents)
+        z0, z1 = starts[i], starts[i + 1]
+        # the halo rows of every strip but the first, copied before any strip of this slab writes
+        halos = np.empty((max(strips - 1, 1), n_channels, z1 - z0, halo, x1 - x0), dtype=p.dtype)
+        for k in range(1, strips):
+            first_row = y0 + (ny * k) // strips
+            for h in range(halo):
+                row = first_row - halo + h
+                if row >= y0:
+                    halos[k - 1, :, :, h] = p[:, z0:z1, row, x0:x1]
+        for k in range(strips):
+            _run_slab(p, z0, z1, lowers[i], uppers[i], box, y0 + (ny * k) // strips, y0 + (ny * (k + 1)) // strips,
+                      halos[max(k - 1, 0)], chi, rows, cols, growth, kappa, domain, clearable, diffused, is_diffused,
+                      wz, wy, wx, scale, dying_out, fl, par, constants, extents)
 
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True)

@@ -237,6 +237,34 @@ def test_a_packed_batch_in_float32_gives_the_grid_sized_kernels_result_bit_for_b
     assert float((packed - reference).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("strip_rows, threads", [(1, 1), (2, 3), (5, 2)])
+def test_planes_cut_into_strips_of_rows_match_the_torch_path(monkeypatch, strip_rows, threads):
+    """Large planes are advanced in strips of rows (``fused_kernels.STRIP_CELLS``), each computed
+    with m + 1 rows of halo, its lower halo read from a copy taken before the strip below wrote.
+    Forced here on small grids, with strips thinner than the halo, one and several slabs: every
+    feature of the brain-like problem (domain, per-face D, one χ column, growth field, delayed
+    death) and the dense one (every class diffuses and cross-diffuses)."""
+    monkeypatch.setattr(fused.FusedStep, "STRIP_ROWS", strip_rows)
+    p0 = _brain_like((36, 24, 22))
+    mask = torch.zeros(p0.shape[1:], dtype=torch.bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    diffusion = torch.zeros_like(p0)
+    diffusion[TUMOUR] = 0.2 * p0[WM] + 0.02 * (1 - p0[WM])
+    chi = torch.zeros(K, K, dtype=torch.float64)
+    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[2.5, 6.0], dt=1.0, diffusion=diffusion,
+                  growth_rate=0.05 + 0.05 * p0[WM:WM + 1], cross_diffusion=chi, tumor_class=TUMOUR, mask=mask,
+                  plan=PLAN, jacobi_iters=2)
+    reference = _run(p0, monkeypatch, False, **kwargs)
+    _assert_agree(_run(p0, monkeypatch, True, threads=threads, **kwargs), reference, 1e-12)
+    dense = _dense_field((30, 17, 12))
+    dense_kwargs = dict(spacing=(1.0, 1.2, 0.9), days=[2.0, 3.0], dt=1.0, diffusion=[0.05, 0.2, 0.1, 0.1, 0.05],
+                        growth_rate=0.05, cross_diffusion=_well_posed_chi(), jacobi_iters=3, tumor_class=TUMOUR)
+    fast = _run(dense, monkeypatch, True, threads=threads, **dense_kwargs)
+    _assert_agree(fast, _run(dense, monkeypatch, False, **dense_kwargs), 1e-12)
+    assert float((fast[-1] - dense).abs().max()) > 1e-3
+
+
 def test_clearable_cells_move_with_the_packed_state(monkeypatch):
     """The dying cells whose delay has passed are written by the integrator before a step, in the
     coordinates of the state the step works on. Packing carries them into the packed region; a

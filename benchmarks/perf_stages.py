@@ -135,8 +135,9 @@ def baseline_kernel(revision: str):
     slots this checkout has and that version lacks), compiled from a temporary copy (first call
     ≈ 40 s, not cached). Refused when a slot both versions have differs: the captured arguments
     would mean something else to it. Slots it lacks are appended ones (the region origin of
-    4f963c2: its call must hold 0 there, see :func:`compare_with_baseline`; and the support floor
-    of the watched channels, which a kernel older than 2026-12-04 evening does not apply)."""
+    4f963c2: its call must hold 0 there, see :func:`compare_with_baseline`; the support floor
+    of the watched channels, which a kernel older than 2026-12-04 evening does not apply; and the
+    rows per strip, where an older kernel computes whole planes: the same step)."""
     import importlib.util
     import subprocess
     import tempfile
@@ -158,7 +159,7 @@ def baseline_kernel(revision: str):
     theirs, ours = _slot_constants(module), _slot_constants(fused._kernels())
     lacking = ours.keys() - theirs.keys()
     if (any(theirs[name] != ours[name] for name in theirs.keys() & ours.keys()) or theirs.keys() - ours.keys()
-            or lacking - {"_REGION_Z0", "_REGION_Y0", "_REGION_X0", "_WATCHED", "_FLOOR"}):
+            or lacking - {"_REGION_Z0", "_REGION_Y0", "_REGION_X0", "_WATCHED", "_FLOOR", "_STRIP_ROWS"}):
         raise SystemExit(f"--baseline {revision}: its kernel's parameter or flag slots differ from this checkout's; "
                          "compare it with a checkout of its own instead")
     return module._fused_step, sorted(ours[name] for name in lacking & {"_REGION_Z0", "_REGION_Y0", "_REGION_X0"})
