@@ -13,9 +13,10 @@ the same step voxel by voxel in one compiled kernel (numba), pipelined along the
                                           the watched classes floored, their extents recorded
 
 Only a few planes live at a time (ring buffers of the input planes e − 1, e, e + 1, of q and of
-each sweep: ≈ 1.5 MB per slab for a brain tumour's box, ≈ 20 MB for full 240×240 planes of 5
-classes, so they stay in the caches), so main memory sees the state read once and written once —
-the step's unavoidable traffic. Every stage runs over a whole plane per call, a vectorised loop
+each sweep: ≈ 1.5 MB per slab for a brain tumour's box; planes of more than 24,576 cells, which
+would take ≈ 20 MB per slab at 240×240 with 5 active classes and spill out of a shared L3, are
+advanced in strips of rows, each with m + 1 rows of halo), so main memory sees the state read once
+and written once — the step's unavoidable traffic. Every stage runs over a whole plane per call, a vectorised loop
 along x per row (docs/performance.md, benchmarks/perf_row_length.py). The output lags the input by
 L = max(m, 1) planes, so every input plane has been copied into the ring before its plane of p is
 overwritten. The box is split into one slab of planes per thread; each slab recomputes m + 1

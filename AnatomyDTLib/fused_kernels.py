@@ -2,7 +2,8 @@
 scheme and is the only caller (it imports this module on first use, so that runs which never
 take the fused path do not import numba).
 
-Every stage is a function over one whole plane of the box, called once per plane. The reaction,
+Every stage is a function over one whole plane of the box (or of a strip of its rows, when the
+planes are large: :data:`STRIP_CELLS`), called once per plane. The reaction,
 the cross-diffusion and the projection run over the plane as one flat line of ny·nx cells
 (neighbours across y are the shifted views ±nx, a face-open mask closes the x-faces at row starts);
 the explicit part reads its stencils from a ring of compact copies of the input planes. The
