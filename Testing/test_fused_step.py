@@ -41,6 +41,20 @@ def _well_posed_chi(seed=0) -> torch.Tensor:
     return chi.fill_diagonal_(0)
 
 
+def _mass_effect_chi(dtype=torch.float64) -> torch.Tensor:
+    """χ of the brain's mass effect: the tumour pushes white matter, grey matter and the ventricles."""
+    chi = torch.zeros(K, K, dtype=dtype)
+    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    return chi
+
+
+def _tissue_diffusion(p0: torch.Tensor) -> torch.Tensor:
+    """Per-voxel D (mm²/day): the tumour's, 0.2 in white matter and 0.02 elsewhere; 0 for the others."""
+    diffusion = torch.zeros_like(p0)
+    diffusion[TUMOUR] = 0.2 * p0[WM] + 0.02 * (1 - p0[WM])
+    return diffusion
+
+
 def _brain_like(shape=(40, 24, 22)) -> torch.Tensor:
     """Background shell, grey / white matter, a ventricle slab and a compact tumour (one-hot, float64)."""
     labels = torch.zeros(shape, dtype=torch.long)
@@ -107,11 +121,9 @@ def test_brain_like_step_with_every_treatment_matches_the_torch_path(monkeypatch
     p0 = _brain_like()
     mask = torch.zeros(p0.shape[1:], dtype=torch.bool)
     mask[1:-1, 1:-1, 1:-1] = True
-    diffusion = torch.zeros_like(p0)
-    diffusion[TUMOUR] = 0.2 * p0[WM] + 0.02 * (1 - p0[WM])
+    diffusion = _tissue_diffusion(p0)
     growth = 0.05 + 0.05 * p0[WM:WM + 1]
-    chi = torch.zeros(K, K, dtype=torch.float64)
-    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    chi = _mass_effect_chi()
     kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[2.5, 6.0], dt=1.0, diffusion=diffusion, growth_rate=growth,
                   cross_diffusion=chi, tumor_class=TUMOUR, mask=mask, plan=PLAN, jacobi_iters=sweeps,
                   jacobi_variant=variant)
@@ -137,8 +149,7 @@ def test_diffusion_coefficients_packed_around_a_growing_box_match_the_torch_path
     growth = 0.05 + 0.1 * torch.rand((1,) + p0.shape[1:], dtype=torch.float64)
     capacity = 0.8 + 0.2 * torch.rand((1,) + p0.shape[1:], dtype=torch.float64)
     mask = torch.rand(p0.shape[1:]) > 0.1
-    chi = torch.zeros(K, K, dtype=torch.float64)
-    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    chi = _mass_effect_chi()
     kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[2.0, 4.0], dt=1.0, diffusion=diffusion, growth_rate=growth,
                   carrying_capacity=capacity, cross_diffusion=chi, tumor_class=TUMOUR, plan=PLAN, mask=mask,
                   jacobi_iters=2, jacobi_variant=variant)
@@ -170,8 +181,7 @@ def test_the_packed_state_gives_the_grid_sized_kernels_result_bit_for_bit(monkey
     diffusion = torch.zeros_like(p0)
     torch.manual_seed(11)
     diffusion[TUMOUR] = 0.02 + 0.18 * torch.rand(p0.shape[1:], dtype=torch.float64)
-    chi = torch.zeros(K, K, dtype=torch.float64)
-    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    chi = _mass_effect_chi()
     plan = {"surgery": [{"day": 3.0, "extent": 0.5}],
             "radiotherapy": {"fraction_days": [1, 2, 4, 5, 7], "dose_per_fraction_gy": 2.0,
                              "delayed_death": {"delay_days": 1.5, "clearance_half_life_days": 2.0}},
@@ -221,8 +231,7 @@ def test_a_packed_batch_in_float32_gives_the_grid_sized_kernels_result_bit_for_b
     first = torch.roll(_brain_like((40, 40, 40)), shifts=(0, 10, 10), dims=(1, 2, 3))
     second = torch.roll(_brain_like((40, 40, 40)), shifts=(-8, 14, 4), dims=(1, 2, 3))
     p0 = torch.stack([first, second]).float()
-    chi = torch.zeros(K, K)
-    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    chi = _mass_effect_chi(torch.float32)
     kwargs = dict(spacing=(1.0, 1.0, 1.0), days=[2.0, 5.0], dt=1.0, diffusion=[0, 0.15, 0, 0, 0], growth_rate=0.08,
                   cross_diffusion=chi, tumor_class=TUMOUR, plan=PLAN, jacobi_iters=2)
     built = _record_steppers(monkeypatch)
@@ -248,10 +257,8 @@ def test_planes_cut_into_strips_of_rows_match_the_torch_path(monkeypatch, strip_
     p0 = _brain_like((36, 24, 22))
     mask = torch.zeros(p0.shape[1:], dtype=torch.bool)
     mask[1:-1, 1:-1, 1:-1] = True
-    diffusion = torch.zeros_like(p0)
-    diffusion[TUMOUR] = 0.2 * p0[WM] + 0.02 * (1 - p0[WM])
-    chi = torch.zeros(K, K, dtype=torch.float64)
-    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    diffusion = _tissue_diffusion(p0)
+    chi = _mass_effect_chi()
     kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[2.5, 6.0], dt=1.0, diffusion=diffusion,
                   growth_rate=0.05 + 0.05 * p0[WM:WM + 1], cross_diffusion=chi, tumor_class=TUMOUR, mask=mask,
                   plan=PLAN, jacobi_iters=2)
@@ -303,10 +310,8 @@ def test_grids_one_or_two_voxels_thick_match_the_torch_path(monkeypatch, shape, 
     labels[: max(1, shape[0] // 2), : max(1, shape[1] // 2), : max(1, shape[2] // 2)] = TUMOUR
     p0 = torch.nn.functional.one_hot(labels, K).permute(3, 0, 1, 2).double()
     mask = torch.rand(shape) > 0.2
-    diffusion = torch.zeros_like(p0)
-    diffusion[TUMOUR] = 0.2 * p0[WM] + 0.02 * (1 - p0[WM])
-    chi = torch.zeros(K, K, dtype=torch.float64)
-    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    diffusion = _tissue_diffusion(p0)
+    chi = _mass_effect_chi()
     kwargs = dict(spacing=(1.0, 1.2, 0.9), days=[1.5, 4.0], dt=1.0, diffusion=diffusion,
                   growth_rate=0.05 + 0.05 * p0[WM:WM + 1], cross_diffusion=chi, tumor_class=TUMOUR, mask=mask,
                   plan=PLAN, jacobi_iters=2, jacobi_variant=variant)
@@ -438,8 +443,7 @@ def test_supports_found_by_the_kernel_equal_the_support_search_and_yield_to_late
     diffusion = torch.zeros_like(p0[0])
     torch.manual_seed(5)
     diffusion[TUMOUR] = 0.02 + 0.18 * torch.rand(p0.shape[2:], dtype=torch.float64)
-    chi = torch.zeros(K, K, dtype=torch.float64)
-    chi[WM, TUMOUR], chi[GM, TUMOUR], chi[VENT, TUMOUR] = -0.01, -0.01, -0.005
+    chi = _mass_effect_chi()
     built = _record_steppers(monkeypatch)
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
     monkeypatch.setattr(fused.FusedStep, "PACK_MARGIN", 2)  # a region that leaves grid corners out
