@@ -197,9 +197,12 @@ def _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx):
             sink_row[x] += cleared
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, par, bz0, bz1, nx, tmp):
+def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, par, bz0, bz1, nx, tmp, pushing,
+                           chi):
     """q += Δt·(cross-diffusion tendency at p^n) on plane e: Σ_axes (flux in through the lower face
-    − out through the upper) / h, flux = upwind(Δφ/h) of each pushed class.
+    − out through the upper) / h, flux = upwind(Δφ/h) of each pushed class. When one class
+    (``pushing`` ≥ 0) drives every row, as the brain's mass effect does, Δφ of row r is
+    χ[r, 0]·Δp_pushing: read from the input planes, with no potential per row.
 
     Every array is a flat plane of n = ny·nx cells (rings: [slot, channel, cell]), so each sum is
     one long loop over shifted views: x-faces between cells i − 1 and i (closed where a row
@@ -241,36 +244,41 @@ def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, 
         k = rows[r]
         acc = q[k]
         here, rho_zl, rho_zu = p_flat[here_slot, k], p_flat[below_slot, k], p_flat[above_slot, k]
-        centre, phi_zl, phi_zu = phi_flat[here_slot, r], phi_flat[below_slot, r], phi_flat[above_slot, r]
+        if pushing >= 0:  # Δφ = χ[r, 0]·Δp_pushing
+            centre, phi_zl, phi_zu = p_flat[here_slot, pushing], p_flat[below_slot, pushing], p_flat[above_slot, pushing]
+            w = chi[r, 0]
+        else:
+            centre, phi_zl, phi_zu = phi_flat[here_slot, r], phi_flat[below_slot, r], phi_flat[above_slot, r]
+            w = par[_ONE]
         c_left, c_right, h_left, h_right = centre[:n - 1], centre[1:], here[:n - 1], here[1:]
         for i in range(n - 1):
-            v = (c_right[i] - c_left[i]) * face_x[i]
+            v = (c_right[i] - c_left[i]) * (w * face_x[i])
             x_inner[i] = fx * (max(v, zero) * h_left[i] + min(v, zero) * h_right[i])
         c_south, c_north, h_south, h_north = centre[:n - nx], centre[nx:], here[:n - nx], here[nx:]
         if has_domain:
             for i in range(n - nx):
-                v = (c_north[i] - c_south[i]) * face_y[i]
+                v = (c_north[i] - c_south[i]) * (w * face_y[i])
                 y_inner[i] = fy * (max(v, zero) * h_south[i] + min(v, zero) * h_north[i])
             for i in range(n):
-                v_zl = (centre[i] - phi_zl[i]) * face_zl[i]
-                v_zu = (phi_zu[i] - centre[i]) * face_zu[i]
+                v_zl = (centre[i] - phi_zl[i]) * (w * face_zl[i])
+                v_zu = (phi_zu[i] - centre[i]) * (w * face_zu[i])
                 in_z = max(v_zl, zero) * rho_zl[i] + min(v_zl, zero) * here[i]
                 out_z = max(v_zu, zero) * here[i] + min(v_zu, zero) * rho_zu[i]
                 acc[i] += fz * (in_z - out_z) + (y_flux[i] - y_next[i]) + (x_flux[i] - x_next[i])
         else:
             for i in range(n - nx):
-                v = c_north[i] - c_south[i]
+                v = (c_north[i] - c_south[i]) * w
                 y_inner[i] = fy * (max(v, zero) * h_south[i] + min(v, zero) * h_north[i])
             for i in range(n):
-                v_zl = centre[i] - phi_zl[i]
-                v_zu = phi_zu[i] - centre[i]
+                v_zl = (centre[i] - phi_zl[i]) * w
+                v_zu = (phi_zu[i] - centre[i]) * w
                 in_z = max(v_zl, zero) * rho_zl[i] + min(v_zl, zero) * here[i]
                 out_z = max(v_zu, zero) * here[i] + min(v_zu, zero) * rho_zu[i]
                 acc[i] += fz * (in_z - out_z) + (y_flux[i] - y_next[i]) + (x_flux[i] - x_next[i])
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, rows, growth, kappa, clearable, fl,
-                    par, bz0, bz1, y0, ny, ox, nx, tmp):
+                    par, bz0, bz1, y0, ny, ox, nx, tmp, pushing, chi):
     """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on plane e of the box (q: C × n
     flat). Each stage runs over the whole plane, so function calls happen per plane, never per
     row. ``coefficients`` holds the flat planes of the growth rate and the capacity: filled once
@@ -290,7 +298,8 @@ def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, row
     if fl[_HAS_CLEARABLE] == 1:
         _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx)
     if rows.shape[0] > 0:
-        _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, par, bz0, bz1, nx, tmp)
+        _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, par, bz0, bz1, nx, tmp, pushing,
+                               chi)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, wx, scale, fl, par, bz0, bz1,
@@ -536,7 +545,8 @@ def _run_slab(p, z0, z1, lower, upper, box, strip_y0, strip_y1, strip_halo, chi,
     lower_start = z0 - lower.shape[1]
     e_first = max(z0 - m, bz0)
     e_stop = min(z1 + m, bz1)
-    has_cross = rows.shape[0] > 0
+    pushing = cols[0] if cols.shape[0] == 1 else -1  # one class drives every row: Δφ from its planes
+    has_cross = rows.shape[0] > 0 and pushing < 0  # otherwise each row's potential is needed
     # flat views of the rings ([slot, channel, cell], n = ny·nx cells per plane) and per-plane work arrays
     n = ny * nx
     p_flat = p_ring.reshape((3, n_channels, n))
@@ -571,7 +581,8 @@ def _run_slab(p, z0, z1, lower, upper, box, strip_y0, strip_y1, strip_halo, chi,
                 if has_cross:
                     _potential_plane(p_ring[(e + 1) % 3], chi, cols, ny, nx, phi_ring[(e + 1) % 3])
             _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q_flat[e % q_slots], rows, growth,
-                            kappa, clearable, fl, par, bz0, bz1, y0, ny, ox, nx, plane_tmp)
+                            kappa, clearable, fl, par, bz0, bz1, y0, ny, ox, nx, plane_tmp, pushing,
+                            chi)
         for s in range(1, m + 1):
             zs = e - s
             if zs < max(z0 - (m - s), bz0) or zs >= min(z1 + (m - s), bz1):
