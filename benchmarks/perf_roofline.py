@@ -188,7 +188,8 @@ def flops_per_voxel(structure: dict) -> int:
     """Arithmetic of one step per voxel as the fused kernel computes it (AnatomyDTLib/fused.py),
     counting every add, multiply, divide, min and max as one flop (a multiply-add as two):
 
-    * drift potentials: 2·rows·cols;
+    * drift potentials: 2·rows·cols; with a single column none (Δφ of row r is χ[r, 0] times the
+      pushing class's difference: one multiply per face, 4·rows);
     * logistic growth (if on): 2·C + 12;
     * cross-diffusion, per row of χ: 4 face velocities (3 each), 4 upwind fluxes (5 each), the
       x-face flux (9) and the sum (9): 50;
@@ -198,7 +199,8 @@ def flops_per_voxel(structure: dict) -> int:
       threshold (28), the flags (4), the write (5·C): 7·C + 70.
     """
     c = structure["channels"]
-    flops = 2 * structure["rows"] * structure["cols"] + 50 * structure["rows"]
+    single_column = structure["cols"] == 1
+    flops = (4 if single_column else 2 * structure["cols"]) * structure["rows"] + 50 * structure["rows"]
     flops += (2 * c + 12) if structure["growth"] else 0
     flops += 21 * structure["diffused"] * structure["sweeps"]
     return flops + 7 * c + 70
