@@ -65,7 +65,8 @@ def flag_array(*, tumour, dying, sink, has_growth, growth_field, kappa_field, ha
     fields, the number of Jacobi sweeps and of parallel slabs, and the grid index (z, y, x) of the
     first voxel of the coefficient fields that do not change during a solve (face weights, Jacobi
     scales, growth rate, capacity, domain): they may cover only a region of the grid that contains
-    the box (see ``FusedStep``). The state, ``clearable`` and ``dying_out`` are grid-sized.
+    the box (see ``FusedStep``), in the coordinates of the state, which may itself be a packed copy
+    of a region of the grid; ``clearable`` and ``dying_out`` cover the same voxels as the state.
     ``watched``: the channels whose written values below the support floor are set to zero and
     whose extent per plane goes to ``extents`` (what the stepper's support search would find next).
     ``strip_rows``: rows per strip of a slab's planes (0: as many as fit ``STRIP_CELLS`` cells)."""
@@ -533,7 +534,6 @@ def _run_slab(p, z0, z1, lower, upper, box, strip_y0, strip_y1, strip_halo, chi,
     kd = max(diffused.shape[0], 1)
     p_ring = np.empty((3, n_channels, ny, nx), dtype=p.dtype)  # input planes e - 1, e, e + 1
     q_ring = np.empty((q_slots, n_channels, ny, nx), dtype=p.dtype)
-    phi_ring = np.empty((3, max(rows.shape[0], 1), ny, nx), dtype=p.dtype)
     u_ring = np.empty((lag, 3, kd, ny, nx), dtype=p.dtype)  # u_s of sweep s = 1..m
     identity = np.arange(kd)
     tmp = np.zeros((6, nx + 1), dtype=p.dtype)
@@ -547,6 +547,7 @@ def _run_slab(p, z0, z1, lower, upper, box, strip_y0, strip_y1, strip_halo, chi,
     e_stop = min(z1 + m, bz1)
     pushing = cols[0] if cols.shape[0] == 1 else -1  # one class drives every row: Δφ from its planes
     has_cross = rows.shape[0] > 0 and pushing < 0  # otherwise each row's potential is needed
+    phi_ring = np.empty((3, rows.shape[0] if has_cross else 1, ny, nx), dtype=p.dtype)  # potentials, per row of χ
     # flat views of the rings ([slot, channel, cell], n = ny·nx cells per plane) and per-plane work arrays
     n = ny * nx
     p_flat = p_ring.reshape((3, n_channels, n))

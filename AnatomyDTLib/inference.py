@@ -737,21 +737,25 @@ class PackedState:
 
     def local(self, box) -> tuple[slice, ...]:
         """``box`` (grid slices, inside the region) in the region's coordinates."""
-        return tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, self.region))
+        return _relative(box, self.region)
 
     def take_clearable(self, source: torch.Tensor, source_region, box) -> None:
         """Copy the clearable cells of ``source`` (a buffer covering ``source_region`` of the grid) on
         ``box`` (grid slices, inside ``source_region``): the part inside this region."""
         inside = _intersection(box, self.region)
         if inside is not None:
-            within_source = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(inside, source_region))
-            _crop(self.clearable, self.local(inside)).copy_(_crop(source, within_source))
+            _crop(self.clearable, self.local(inside)).copy_(_crop(source, _relative(inside, source_region)))
 
 
 def _intersection(a, b):
     """The common part of two boxes, or None when they do not overlap."""
     common = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b))
     return None if any(c.start >= c.stop for c in common) else common
+
+
+def _relative(inner, outer) -> tuple[slice, ...]:
+    """The box ``inner`` (grid slices) in the coordinates of the box ``outer`` that contains it."""
+    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
 
 
 def _shifted(box, origin):

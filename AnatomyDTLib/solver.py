@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from . import treatments as tx
 from .errors import InputError, ParameterError
-from .inference import _crop, _union  # box views and unions of the no-grad path's boxes
+from .inference import _crop, _intersection, _relative, _union  # box arithmetic of the no-grad path
 from .operators import CrossDiffusionOperator, DiffusionOperator, cross_diffusion_stability, jacobi_solve
 from .plan import TreatmentPlan, load_plan
 from .schema import ClassSchema, schema_for
@@ -261,8 +261,8 @@ class _Cohort:
         inside ``box``; None when the cohort has no voxel there."""
         if self.box is None:
             return _crop(self.mass, box), tuple(slice(0, b.stop - b.start) for b in box)
-        common = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(self.box, box))
-        if any(c.start >= c.stop for c in common):
+        common = _intersection(self.box, box)
+        if common is None:
             return None
         return (_crop(self.mass, _relative(common, self.box)), _relative(common, box))
 
@@ -273,11 +273,6 @@ class _Cohort:
         full = self.mass.new_zeros(tuple(self.mass.shape[:2]) + tuple(spatial_shape))
         _crop(full, self.box).copy_(self.mass)
         return full
-
-
-def _relative(inner, outer) -> tuple[slice, ...]:
-    """The box ``inner`` (grid slices) in the coordinates of the box ``outer`` that contains it."""
-    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
 
 
 @dataclass
