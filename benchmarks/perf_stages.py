@@ -192,8 +192,8 @@ def variants(arguments: dict, grid_sized: dict | None = None) -> list[tuple[str,
 
 
 def packed_state_difference(arguments: dict) -> float:
-    """Largest difference between the step on the grid-sized state and on the packed copy (0: the
-    packed call computes the same step)."""
+    """Largest difference between the step on the captured state (packed on its region, or
+    grid-sized) and on a copy restricted to exactly the box (0: both compute the same step)."""
     import numpy as np
 
     from AnatomyDTLib import fused
@@ -208,8 +208,8 @@ def packed_state_difference(arguments: dict) -> float:
 
 
 def packed_state(arguments: dict) -> dict:
-    """The captured call on a copy of the state restricted to its box (and of the per-step
-    grid-sized arrays: clearable, dying_out), the box moved to the origin; the coefficient fields
+    """The captured call on a copy of the state restricted to its box (and of the per-step arrays
+    that cover the same voxels as the state: clearable, dying_out), the box moved to the origin; the coefficient fields
     keep their region, whose origin is moved by the same amount."""
     import numpy as np
 
