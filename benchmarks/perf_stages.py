@@ -209,8 +209,8 @@ def packed_state_difference(arguments: dict) -> float:
 
 def packed_state(arguments: dict) -> dict:
     """The captured call on a copy of the state restricted to its box (and of the per-step arrays
-    that cover the same voxels as the state: clearable, dying_out), the box moved to the origin; the coefficient fields
-    keep their region, whose origin is moved by the same amount."""
+    that cover the same voxels as the state: clearable, dying_out), the box moved to the origin;
+    the coefficient fields keep their region, whose origin is moved by the same amount."""
     import numpy as np
 
     from AnatomyDTLib import fused
