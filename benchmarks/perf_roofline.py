@@ -40,8 +40,12 @@ Traffic counts (float32, N voxels, K = 5 channels), per step:
   write K), each of the m Jacobi sweeps (read u and rhs, write u: 3 per diffused class) and the
   projection (read K, write K), plus the coefficient arrays once per sweep.
 
-For the brain case both counts are given twice: over the full grid (what a dense solver moves,
-``full-grid``) and over the box the step actually changes (``box``).
+For the brain case both counts are given three times: over the full grid (what a dense solver
+moves, ``full-grid``), over the box the step computes (``box``: the bounding box of every voxel it
+may change), and over the voxels it actually changes (``changed``: any channel differs after the
+step; measured in a separate untimed run at a few sample steps, ``changed_voxels``). The tumour
+fills about a third of its bounding box, so the ``changed`` count is the strict one: a solver that
+touched nothing but the voxels that change would still have to move that much.
 """
 
 from __future__ import annotations
@@ -166,6 +170,29 @@ def child(case: str, days: int) -> dict:
     return {"case": case, "steps": steps, "split": step_split([t0] + stamps, calls), "boxes": boxes, "total_s": total,
             "cpu_s": cpu, "structure": structure,
             "voxels": int(p0[0].numel()), "threads": torch.get_num_threads()}
+
+
+SAMPLE_STEPS = (15, 45, 75)  # brain steps (0-based: day d -> d + 1) at which the changed voxels are counted
+
+
+def changed_voxels(case: str, sample_steps=SAMPLE_STEPS) -> list[dict]:
+    """For each sample step d of the case's solve: the voxels the step from day d to day d + 1
+    changes (any channel differs; counted on the trajectory of one untimed run with those output
+    days) and the voxels of the box the stepper computed at that step."""
+    import torch
+
+    from AnatomyDTLib import simulate
+
+    boxes = pc.record_step_boxes()
+    p0, spacing, kwargs = problem(case)
+    days = [float(d) for step in sample_steps for d in (step, step + 1)]
+    with torch.no_grad():
+        trajectory = simulate(p0, spacing=spacing, days=days, return_trajectory=True, **kwargs)
+    counts = []
+    for i, step in enumerate(sample_steps):
+        before, after = trajectory[2 * i], trajectory[2 * i + 1]
+        counts.append({"step": step, "changed": int((before != after).any(dim=0).sum()), "box": boxes[step]})
+    return counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +321,16 @@ def run_case(case: str, days: int, repeats: int, threads: int, path: str = "fuse
     return results
 
 
-def summarise(case: str, results: list[dict], bandwidth: float, skip_first: bool) -> dict:
+def run_changed(case: str, threads: int) -> list[dict]:
+    """:func:`changed_voxels` in a fresh child process."""
+    r = pc.run_measured([sys.executable, __file__, "--changed-child", case],
+                        env={"OMP_NUM_THREADS": str(threads), "ANATOMYDT_PERF_THREADS": str(threads)})
+    if r["returncode"] != 0:
+        raise RuntimeError(f"{case} changed-voxel run failed:\n{r['stderr'][-3000:]}")
+    return pc.last_json_line(r["stdout"])["changed"]
+
+
+def summarise(case: str, results: list[dict], bandwidth: float, skip_first: bool, changed: list[dict] | None = None) -> dict:
     per_run = []
     for r in results:
         steps = r["steps"][1:] if skip_first and len(r["steps"]) > 1 else r["steps"]
@@ -315,6 +351,8 @@ def summarise(case: str, results: list[dict], bandwidth: float, skip_first: bool
             "roofline_full_per_stage": full["per_stage"] / step / GB / bandwidth,
             "roofline_box_minimum": boxed["minimum"] / step / GB / bandwidth,
             "roofline_box_per_stage": boxed["per_stage"] / step / GB / bandwidth,
+            "changed": changed,
+            "changed_share": statistics.median(c["changed"] / c["box"] for c in changed) if changed else None,
             "peak_rss_gib": max(r["peak_rss_bytes"] or 0 for r in results) / 2 ** 30,
             "loads": [round(r["load"], 2) for r in results], "repeats": len(results),
             "structure": results[0]["structure"], "flops_per_voxel": flops_per_voxel(results[0]["structure"]),
@@ -341,10 +379,14 @@ def print_summary(s: dict, bandwidth: float, peak_gflops: float | None) -> None:
         print(f"  per step (medians): fused kernel {split['kernel'] * 1e3:.2f} ms, floor-and-bound pass "
               f"{split['floor'] * 1e3:.2f} ms (run in {100 * split['floor_steps']:.0f} % of the steps), "
               f"the rest (Python, torch, events) {split['rest'] * 1e3:.2f} ms")
-    for scope, key in (("full-grid", "traffic_full"), ("box", "traffic_box")):
-        if s["case"] == "dense" and scope == "box":
-            continue
-        t = s[key]
+    scopes = [("full-grid", s["traffic_full"])]
+    if s["case"] == "brain":
+        scopes.append(("box", s["traffic_box"]))
+    if s.get("changed_share"):
+        samples = ", ".join(f"step {c['step']}: {c['changed'] / 1e6:.2f} M of {c['box'] / 1e6:.2f} M" for c in s["changed"])
+        print(f"  voxels the step changes (any channel differs; {samples}): median {s['changed_share']:.2f} of the box")
+        scopes.append(("changed", traffic_bytes(s["case"], round(s["changed_share"] * s["median_box_voxels"]))))
+    for scope, t in scopes:
         for count in ("minimum", "per_stage"):
             achieved = t[count] / s["step_s"] / GB
             print(f"  {scope:9} {count:9}: {t[count] / 1e6:8.1f} MB/step -> {achieved:6.2f} GB/s = "
@@ -360,6 +402,11 @@ def print_summary(s: dict, bandwidth: float, peak_gflops: float | None) -> None:
               f"{flops / s['step_s'] / 1e9 / peak_gflops:.2f} of the {peak_gflops:.0f} GFLOP/s arithmetic roof")
         print(f"  roofline bound max(traffic/bandwidth, flops/peak) = {bound * 1e3:.1f} ms -> the step takes "
               f"{s['step_s'] / bound:.1f}x that ({bound / s['step_s']:.2f} of the roofline)")
+        if s.get("changed_share"):  # the same bound for a solver that computes only the voxels that change
+            share = s["changed_share"]
+            strict = max(share * minimum / (bandwidth * GB), share * flops / (peak_gflops * 1e9))
+            print(f"  on the voxels the step changes ({share:.2f} of the box): bound {strict * 1e3:.2f} ms -> "
+                  f"{strict / s['step_s']:.2f} of the roofline")
 
 
 def main() -> None:
@@ -373,7 +420,10 @@ def main() -> None:
                         help="comma-separated: fused (the numba kernel, default path) and/or torch (ANATOMYDT_FUSED=0)")
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd dense-step prototype")
     parser.add_argument("--json", type=Path, help="write the summaries to this file")
+    parser.add_argument("--no-changed", action="store_true",
+                        help="skip the untimed run that counts the voxels each brain step changes (≈ 10 s)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--changed-child", help=argparse.SUPPRESS)
     parser.add_argument("--days", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -382,6 +432,9 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("ANATOMYDT_PERF_THREADS", args.threads)))
     if args.child:
         print(json.dumps(child(args.child, args.days)))
+        return
+    if args.changed_child:
+        print(json.dumps({"changed": changed_voxels(args.changed_child)}))
         return
     if args.compile_child:
         print(json.dumps(compile_experiment(args.repeats)))
@@ -395,13 +448,16 @@ def main() -> None:
     if roof:
         print(f"arithmetic roof (theoretical peak): {roof[0]:.0f} GFLOP/s = {roof[1]}")
     summaries = []
+    changed = None
     for case in ("brain", "dense"):
         if args.only and case != args.only:
             continue
         days = args.brain_days if case == "brain" else args.dense_days
         for path in args.paths.split(","):
             results = run_case(case, days, args.repeats, args.threads, path.strip())
-            s = summarise(case, results, bandwidth, skip_first=True)
+            if case == "brain" and changed is None and not args.no_changed:
+                changed = run_changed(case, args.threads)
+            s = summarise(case, results, bandwidth, skip_first=True, changed=changed if case == "brain" else None)
             print_summary(s, bandwidth, peak)
             summaries.append(s)
     after = pc.copy_bandwidth_gb_s()
