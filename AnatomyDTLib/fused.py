@@ -22,8 +22,11 @@ L = max(m, 1) planes, so every input plane has been copied into the ring before 
 overwritten. The box is split into one slab of planes per thread; each slab recomputes m + 1
 planes of halo around it from a copy of its neighbours' input planes, taken before any slab writes.
 As it writes, the kernel also does the next step's support search (values of the watched classes
-below the support floor set to zero, the box of each found), so that search needs no pass of its
-own unless something else changes the state in between (an event).
+below the support floor set to zero, the box of each found, and its rows per plane), so that
+search needs no pass of its own unless something else changes the state in between (an event).
+With those rows the next step computes on each plane only the rows within m + 1 planes and rows
+of the support (:meth:`FusedStep.plane_rows`): nothing else can change. A tumour fills about a
+third of its box; on the brain case this computes 0.8 of the box's rows.
 
 What it computes is the torch path's step exactly (same discretisation, same order: reaction,
 then the cross-diffusion increment from p^n, the m Jacobi sweeps, then the projection of the
@@ -80,12 +83,15 @@ def fused_kernel_available() -> bool:
     return _kernels() is not None
 
 
-def floored_supports_(p: torch.Tensor, channels: list[int], window, floor: float) -> dict | None:
+def floored_supports_(p: torch.Tensor, channels: list[int], window, floor: float,
+                      plane_rows: np.ndarray | None = None) -> dict | None:
     """The torch path's ``InferenceStepper._floored_supports_`` in one pass per batch item: zero the
     listed channels' values below ``floor`` inside ``window`` (three slices; ``floor`` 0 changes
     nothing, the boxes of the non-zero voxels are only found) and return
     {channel: box of its non-zero voxels, or None}. Returns None when the kernel cannot run here
-    (then the caller uses torch)."""
+    (then the caller uses torch). ``plane_rows`` (B, Z, 2), if given, receives per batch item and
+    plane the rows (first, last + 1) holding a non-zero voxel of any listed channel, in ``p``'s
+    indices ((0, 0): none, as on every plane outside the window)."""
     if not fused_kernel_available() or p.device.type != "cpu" or p.dim() != 5 or p.dtype not in (
             torch.float32, torch.float64) or not p.is_contiguous():
         return None
@@ -93,9 +99,12 @@ def floored_supports_(p: torch.Tensor, channels: list[int], window, floor: float
                              window[2].stop], dtype=np.int64)
     merged: dict = {c: None for c in channels}
     out = np.zeros((len(channels), 6), dtype=np.int64)
+    if plane_rows is not None:
+        plane_rows[:] = 0
+    no_rows = np.zeros((0, 2), dtype=np.int64)
     for b in range(p.shape[0]):
         _kernels()._floor_and_bound(_as_numpy(p[b]), np.asarray(channels, dtype=np.int64), window_array,
-                                    float(floor), out)
+                                    float(floor), out, no_rows if plane_rows is None else plane_rows[b])
         for j, c in enumerate(channels):
             if out[j, 1] > out[j, 0]:
                 box = (slice(int(out[j, 0]), int(out[j, 1])), slice(int(out[j, 2]), int(out[j, 3])),
@@ -129,6 +138,7 @@ class FusedStep:
     PACK_MARGIN = 8  # voxels by which the region of the packed coefficient fields and state exceeds the box
     PACK_STATE = True  # the stepper keeps the state packed on that region between steps (inference.PackedState)
     STRIP_ROWS = 0  # rows per strip of the kernel's planes; 0: as many as fit fused_kernels.STRIP_CELLS cells
+    ROW_RANGES = True  # compute on each plane only the rows the step can change (see plane_rows)
 
     def __init__(self, stepper):
         self.stepper = stepper
@@ -173,6 +183,9 @@ class FusedStep:
         self._packed: dict = {}  # compact copies of those fields on that region
         # per batch item, class and plane: (y_lo, y_hi, x_lo, x_hi) of the watched classes' non-zero voxels
         self.extents = np.zeros((stepper.shape[0], stepper.shape[1], stepper.shape[2], 4), dtype=np.int64)
+        # per batch item and grid plane: the rows (first, stop) holding the watched classes' non-zero
+        # voxels after the last kernel call ((0, 0): none), the next step's plane_rows input
+        self.rows_found = np.zeros((stepper.shape[0], stepper.shape[2], 2), dtype=np.int64)
         self.dummy3 = np.zeros((1, 1, 1), dtype=np_dtype)
         self.dummy4 = np.zeros((1, 1, 1, 1), dtype=np_dtype)
 
@@ -254,16 +267,19 @@ class FusedStep:
         return arrays[0], arrays[1], arrays[2], _as_numpy(scale.to(st.dtype).contiguous())
 
     def step_(self, p: torch.Tensor, box, dt: float, chemo_rate: float, clearable, dying_out,
-              state_region=None) -> dict:
+              state_region=None, support_rows: np.ndarray | None = None) -> dict:
         """One step of ``p`` (B, C, Z, Y, X), in place, on ``box`` (three slices of the grid); writes
         the dying channel before the projection into ``dying_out`` (B, 1, Z, Y, X) when there is one.
         ``state_region``: ``p``, ``clearable`` and ``dying_out`` cover only this region of the grid
-        (it must be :meth:`region_for` of the box); None: they are grid-sized.
+        (it must be :meth:`region_for` of the box); None: they are grid-sized. ``support_rows``
+        (B, grid planes, 2): per plane the rows (first, stop) that hold the watched classes'
+        non-zero voxels now (see :meth:`plane_rows`); None: unknown, every row of the box is computed.
 
         Returns what the stepper's support search would find at the start of the next step, had
         nothing else changed ``p``: {watched class: box of its non-zero voxels (grid slices), or
-        None}. The kernel has already set the watched classes' values below the support floor to
-        zero (they could be non-zero only inside ``box``, so that is all the search would do)."""
+        None}; their rows per plane are in ``rows_found``. The kernel has already set the watched
+        classes' values below the support floor to zero (they could be non-zero only inside
+        ``box``, so that is all the search would do)."""
         st = self.stepper
         pr = st.pr
         spacing = st.spacing
@@ -299,12 +315,66 @@ class FusedStep:
                                     scale_field=self.scale_field, sweeps=self.sweeps,
                                     threads=_kernel_threads(self.threads), region_origin=origin,
                                     watched=st.watched, strip_rows=self.STRIP_ROWS)
+            rows = self.plane_rows(None if support_rows is None else support_rows[b], box, state_origin, p.shape[2])
             kernels._fused_step(_as_numpy(p[b]), box_array, self.chi, self.rows, self.cols, growth_b, kappa_b, domain,
                                 clear, self.diffused, self.is_diffused, wz, wy, wx, scale, dying, fl, par, constants,
-                                self.extents[b])
+                                self.extents[b], rows)
         supports = self._supports_found(local, p.shape[0])
+        self._note_rows_found(local, state_origin, p.shape[0])
         return {c: None if found is None else tuple(slice(f.start + o, f.stop + o) for f, o in zip(found, state_origin))
                 for c, found in supports.items()}
+
+    def plane_rows(self, support_rows: np.ndarray | None, box, origin, n_planes: int) -> np.ndarray:
+        """The kernel's ``plane_rows`` (n_planes, 2): for each plane of ``box`` (grid slices), the
+        rows (first, stop) it computes, in the state's indices (``origin``: the grid index of the
+        state's first voxel). Outside them the step changes nothing, and the kernel only copies.
+
+        Why this is exact: every voxel the step changes lies within m + 1 faces of the support of
+        the watched classes W (tumour, dying, diffused classes, χ columns). The reaction acts on
+        the tumour's and the dying class's support; cross-diffusion moves mass across faces where
+        a pushing class is non-zero on one side (one face beyond W); each of the m Jacobi sweeps
+        spreads the diffused classes one face further; the projection touches only voxels that
+        changed. So a plane's rows are those of W on the planes within m + 1, grown by m + 1 rows.
+        (The box needs one voxel more, m + 2: the kernel closes the faces across its border,
+        whereas rows outside the computed ones keep their true, unchanged values, which the
+        stencils read.) ``Testing/test_fused_step.py`` checks that a reach of m changes the result.
+        A tumour fills about a third of its box (``benchmarks/perf_roofline.py`` counts it) and
+        its planes near the box's ends hold few rows: 0.8 of the box's rows are computed on the
+        brain case. ``support_rows`` (grid planes, 2): W's rows per plane, as :attr:`rows_found`
+        or ``floored_supports_`` give them; None (or ``ROW_RANGES`` off): every row of the box."""
+        rows = np.zeros((n_planes, 2), dtype=np.int64)
+        zs, ys = box[0], box[1]
+        planes = slice(zs.start - origin[0], zs.stop - origin[0])
+        rows[planes, 0], rows[planes, 1] = ys.start - origin[1], ys.stop - origin[1]
+        if support_rows is None or not self.ROW_RANGES:
+            return rows
+        reach = self.stepper.pr.jacobi_iters + 1
+        present = support_rows[:, 1] > support_rows[:, 0]
+        first = np.full(len(support_rows) + 2 * reach, np.inf)
+        stop = np.full(len(support_rows) + 2 * reach, -np.inf)
+        first[reach:reach + len(support_rows)] = np.where(present, support_rows[:, 0], np.inf)
+        stop[reach:reach + len(support_rows)] = np.where(present, support_rows[:, 1], -np.inf)
+        # the padded index z + k (k = 0 .. 2·reach) is the plane z + k − reach
+        window_first = np.min([first[zs.start + k:zs.stop + k] for k in range(2 * reach + 1)], axis=0)
+        window_stop = np.max([stop[zs.start + k:zs.stop + k] for k in range(2 * reach + 1)], axis=0)
+        lo = np.clip(window_first - reach, ys.start, ys.stop)
+        hi = np.maximum(np.clip(window_stop + reach, ys.start, ys.stop), lo)  # no support near: an empty range
+        rows[planes, 0], rows[planes, 1] = lo.astype(np.int64) - origin[1], hi.astype(np.int64) - origin[1]
+        return rows
+
+    def _note_rows_found(self, box, origin, batch: int) -> None:
+        """``rows_found`` from the kernel's per-plane extents of the planes of ``box`` (the state's
+        indices; ``origin``: the grid index of its first voxel): outside them the watched classes
+        are zero."""
+        extents = self.extents[:batch, self.stepper.watched, box[0]]  # (B, watched, planes, 4)
+        present = extents[..., 1] >= 0
+        first = np.where(present, extents[..., 0], np.iinfo(np.int64).max).min(axis=1)
+        last = np.where(present, extents[..., 1], -1).max(axis=1)
+        anything = last >= 0
+        self.rows_found[:] = 0
+        planes = slice(box[0].start + origin[0], box[0].stop + origin[0])
+        self.rows_found[:batch, planes, 0] = np.where(anything, first + origin[1], 0)
+        self.rows_found[:batch, planes, 1] = np.where(anything, last + 1 + origin[1], 0)
 
     def _supports_found(self, box, batch: int) -> dict:
         """{watched class: the box of its non-zero voxels over the batch, or None} from the kernel's

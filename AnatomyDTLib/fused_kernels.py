@@ -2,8 +2,10 @@
 scheme and is the only caller (it imports this module on first use, so that runs which never
 take the fused path do not import numba).
 
-Every stage is a function over one whole plane of the box (or of a strip of its rows, when the
-planes are large: :data:`STRIP_CELLS`), called once per plane. The reaction,
+Every stage is a function over one plane of the box (or of a strip of its rows, when the
+planes are large: :data:`STRIP_CELLS`), called once per plane, and computes only the plane's
+rows that the step can change (``plane_rows``, :meth:`AnatomyDTLib.fused.FusedStep.plane_rows`);
+the other rows that a neighbour's stencil reads are copied unchanged (:func:`_run_slab`). The reaction,
 the cross-diffusion and the projection run over the plane as one flat line of ny·nx cells
 (neighbours across y are the shifted views ±nx, a face-open mask closes the x-faces at row starts);
 the explicit part reads its stencils from a ring of compact copies of the input planes. The
@@ -16,7 +18,9 @@ loop per row of the box with helper calls per row, was 1.74× slower on the brai
 ≈ 90 voxels (``python benchmarks/perf_stages.py --baseline 74645ad``; docs/performance.md). Inner
 loops index through views, or through unsigned flat indices (the input planes' rows of p), never
 ``[offset + x]`` with a signed run-time offset: numba's wraparound test on it stops LLVM from
-vectorising (benchmarks/numba_wraparound.py). Every kernel compiles with numba's ``numpy`` error
+vectorising (benchmarks/numba_wraparound.py). For the same reason a flat loop over a range of
+cells that starts past 0 takes unsigned bounds, ``range(_u(a), _u(b))``: with signed ones the
+brain step's kernel ran 3.6× slower. Every kernel compiles with numba's ``numpy`` error
 model: a division by zero gives inf or nan, as in torch, instead of a zero test per division that
 raises, which kept the growth loop scalar (7.7 % of the brain step, A/B). Lines of grid-sized
 arrays are rows from the box's first x on (views ``[ox:]``). Scalars reach the kernels in two
@@ -86,8 +90,9 @@ def flag_array(*, tumour, dying, sink, has_growth, growth_field, kappa_field, ha
 
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, dst, box_y0, strip_y0, strip_halo):
-    """dst (C, ny, nx) = rows y0 .. y0 + ny of input plane z: the slab's own planes from p, its
+def _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, la, lb, ox, nx, dst, box_y0, strip_y0, strip_halo):
+    """dst (C, ny, nx) rows la .. lb = rows y0 + la .. y0 + lb of input plane z (the plane's live
+    rows: the others are never read, see :func:`_run_slab`): the slab's own planes from p, its
     neighbours' planes from the copies taken before any slab wrote (they hold the box's rows from
     ``box_y0`` on). In a slab cut into strips of rows, the rows before ``strip_y0`` (this strip's
     halo) were already written by the strip before it: they come from ``strip_halo``, the copy of
@@ -96,7 +101,7 @@ def _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, dst, bo
     one layout, and no row needs a function call to find its source."""
     if z < z0 or z >= z1:
         for c in range(dst.shape[0]):
-            for ly in range(ny):
+            for ly in range(la, lb):
                 out = dst[c, ly]
                 row = y0 - box_y0 + ly
                 src = lower[c, z - lower_start, row] if z < z0 else upper[c, z - z1, row]
@@ -108,7 +113,7 @@ def _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, dst, bo
     flat, row_size = p.reshape(p.size), p.shape[3]
     halo_start = strip_y0 - strip_halo.shape[2]
     for c in range(dst.shape[0]):
-        for ly in range(ny):
+        for ly in range(la, lb):
             out = dst[c, ly]
             if y0 + ly < strip_y0:
                 src = strip_halo[c, z - z0, y0 + ly - halo_start]
@@ -120,11 +125,12 @@ def _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, dst, bo
                 out[x] = flat[base + _u(x)]
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _potential_plane(plane, chi, cols, ny, nx, out):
-    """out[r] = Σ_c χ[r, c]·p[cols[c]] on one input plane (C, ny, nx): the drift potential of each row of χ."""
+def _potential_plane(plane, chi, cols, la, lb, nx, out):
+    """out[r] = Σ_c χ[r, c]·p[cols[c]] on rows la .. lb of one input plane (C, ny, nx): the drift
+    potential of each row of χ."""
     zero = chi[0, 0] - chi[0, 0]
     for r in range(chi.shape[0]):
-        for ly in range(ny):
+        for ly in range(la, lb):
             o = out[r, ly]
             for x in range(nx):
                 o[x] = zero
@@ -135,36 +141,38 @@ def _potential_plane(plane, chi, cols, ny, nx, out):
                     o[x] += w * src[x]
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _gather_plane(field, z, y0, ny, ox, nx, out):
-    """out (ny·nx, flat) = the box's part of plane z of a grid-sized (Z, Y, X) field."""
-    for ly in range(ny):
+def _gather_plane(field, z, y0, la, lb, ox, nx, out):
+    """Rows la .. lb of out (ny·nx, flat) = rows y0 + la .. y0 + lb, from x = ox on, of plane z of a
+    (Z, Y, X) field."""
+    for ly in range(la, lb):
         src, dst = field[z, y0 + ly, ox:], out[ly * nx:(ly + 1) * nx]
         for x in range(nx):
             dst[x] = src[x]
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _reaction_plane(q, rate, capacity, mask, fl, par, tmp):
-    """Logistic growth and chemotherapy on one plane of q (C, n cells flat; in place), as the torch
-    path. Growth takes the tumour's gain from the tissue classes in proportion to their share;
-    outside the domain (mask 0) nothing changes. rate (1/day), capacity and mask are flat planes."""
-    n_channels, n = q.shape[0], q.shape[1]
+def _reaction_plane(q, rate, capacity, mask, fl, par, tmp, a, b):
+    """Logistic growth and chemotherapy on cells a .. b of one plane of q (C, n cells flat; in
+    place), as the torch path. Growth takes the tumour's gain from the tissue classes in proportion
+    to their share; outside the domain (mask 0) nothing changes. rate (1/day), capacity and mask
+    are flat planes."""
+    n_channels = q.shape[0]
     dt, zero, one = par[_DT], par[_ZERO], par[_ONE]
     tumour, dying, sink = fl[_TUMOUR], fl[_DYING], fl[_SINK]
     viable, sink_line = q[tumour], q[sink]
     if fl[_HAS_GROWTH] == 1:
         others, keep, grow, shrink, total = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4]
-        for i in range(n):
+        for i in range(_u(a), _u(b)):
             others[i] = zero
             total[i] = viable[i]
         for c in range(n_channels):
             line = q[c]
             if c == dying:
-                for i in range(n):
+                for i in range(_u(a), _u(b)):
                     total[i] += line[i]
             elif c != tumour:
-                for i in range(n):
+                for i in range(_u(a), _u(b)):
                     others[i] += line[i]  # the tissue share available to be displaced
-        for i in range(n):
+        for i in range(_u(a), _u(b)):
             gain = (one - total[i] / capacity[i]) * viable[i] * rate[i] * dt * mask[i]
             shrink[i] = min(gain, zero)
             g = min(max(gain, zero), others[i])
@@ -173,23 +181,24 @@ def _reaction_plane(q, rate, capacity, mask, fl, par, tmp):
         for c in range(n_channels):
             if c != tumour and c != dying:
                 line = q[c]
-                for i in range(n):
+                for i in range(_u(a), _u(b)):
                     line[i] *= keep[i]
-        for i in range(n):
+        for i in range(_u(a), _u(b)):
             viable[i] += grow[i] + shrink[i]
             sink_line[i] -= shrink[i]
     chemo = par[_CHEMO]
     if chemo > zero:
-        for i in range(n):
+        for i in range(_u(a), _u(b)):
             killed = viable[i] * chemo * mask[i]
             viable[i] -= killed
             sink_line[i] += killed
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx):
-    """Clearance of the dying cells whose delay has passed, on plane e of q (C, n flat; in place)."""
+def _clearance_plane(q, e, clearable, fl, par, y0, ra, rb, ox, nx):
+    """Clearance of the dying cells whose delay has passed, on rows ra .. rb of plane e of q (C, n
+    flat; in place)."""
     dying_line, sink_line, fraction = q[fl[_DYING]], q[fl[_SINK]], par[_CLEAR]
-    for ly in range(ny):
+    for ly in range(ra, rb):
         cl = clearable[e, y0 + ly, ox:]
         dying_row, sink_row = dying_line[ly * nx:(ly + 1) * nx], sink_line[ly * nx:(ly + 1) * nx]
         for x in range(nx):
@@ -199,8 +208,9 @@ def _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx):
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, par, bz0, bz1, nx, tmp, pushing,
-                           chi):
-    """q += Δt·(cross-diffusion tendency at p^n) on plane e: Σ_axes (flux in through the lower face
+                           chi, a, b):
+    """q += Δt·(cross-diffusion tendency at p^n) on cells a .. b (whole rows) of plane e, which
+    reads the rows next to them: Σ_axes (flux in through the lower face
     − out through the upper) / h, flux = upwind(Δφ/h) of each pushed class. When one class
     (``pushing`` ≥ 0) drives every row, as the brain's mass effect does, Δφ of row r is
     χ[r, 0]·Δp_pushing: read from the input planes, with no potential per row.
@@ -225,6 +235,10 @@ def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, 
     x_flux[n] = zero
     x_inner, y_inner = x_flux[1:n], y_flux[nx:n]
     x_next, y_next = x_flux[1:n + 1], y_flux[nx:n + nx]
+    # the faces cells a .. b need: x-faces i | i + 1 from the row start before a (closed) to the one
+    # at b (closed), y-faces i | i + nx from row a - 1 to the face below row b
+    xa, xb = max(a - 1, 0), min(b, n - 1)
+    ya, yb = max(a - nx, 0), min(b, n - nx)
     # which faces carry flux, once per plane: x-faces not at a row start, and with a domain only the
     # faces whose two cells are inside it (without one, the y- and z-faces need no factor at all)
     has_domain = fl[_HAS_DOMAIN] == 1
@@ -233,12 +247,12 @@ def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, 
     if has_domain:
         face_x = tmp[5, :n - 1]
         m_left, m_right, open_right = m[:n - 1], m[1:], open_x[1:]
-        for i in range(n - 1):
+        for i in range(_u(xa), _u(xb)):
             face_x[i] = open_right[i] * m_left[i] * m_right[i]
         m_south, m_north = m[:n - nx], m[nx:]
-        for i in range(n - nx):
+        for i in range(_u(ya), _u(yb)):
             face_y[i] = m_south[i] * m_north[i]
-        for i in range(n):
+        for i in range(_u(a), _u(b)):
             face_zl[i] = m_zl[i] * m[i]
             face_zu[i] = m[i] * m_zu[i]
     for r in range(rows.shape[0]):
@@ -252,25 +266,25 @@ def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, 
             centre, phi_zl, phi_zu = phi_flat[here_slot, r], phi_flat[below_slot, r], phi_flat[above_slot, r]
             w = par[_ONE]
         c_left, c_right, h_left, h_right = centre[:n - 1], centre[1:], here[:n - 1], here[1:]
-        for i in range(n - 1):
+        for i in range(_u(xa), _u(xb)):
             v = (c_right[i] - c_left[i]) * (w * face_x[i])
             x_inner[i] = fx * (max(v, zero) * h_left[i] + min(v, zero) * h_right[i])
         c_south, c_north, h_south, h_north = centre[:n - nx], centre[nx:], here[:n - nx], here[nx:]
         if has_domain:
-            for i in range(n - nx):
+            for i in range(_u(ya), _u(yb)):
                 v = (c_north[i] - c_south[i]) * (w * face_y[i])
                 y_inner[i] = fy * (max(v, zero) * h_south[i] + min(v, zero) * h_north[i])
-            for i in range(n):
+            for i in range(_u(a), _u(b)):
                 v_zl = (centre[i] - phi_zl[i]) * (w * face_zl[i])
                 v_zu = (phi_zu[i] - centre[i]) * (w * face_zu[i])
                 in_z = max(v_zl, zero) * rho_zl[i] + min(v_zl, zero) * here[i]
                 out_z = max(v_zu, zero) * here[i] + min(v_zu, zero) * rho_zu[i]
                 acc[i] += fz * (in_z - out_z) + (y_flux[i] - y_next[i]) + (x_flux[i] - x_next[i])
         else:
-            for i in range(n - nx):
+            for i in range(_u(ya), _u(yb)):
                 v = (c_north[i] - c_south[i]) * w
                 y_inner[i] = fy * (max(v, zero) * h_south[i] + min(v, zero) * h_north[i])
-            for i in range(n):
+            for i in range(_u(a), _u(b)):
                 v_zl = (centre[i] - phi_zl[i]) * w
                 v_zu = (phi_zu[i] - centre[i]) * w
                 in_z = max(v_zl, zero) * rho_zl[i] + min(v_zl, zero) * here[i]
@@ -279,33 +293,37 @@ def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, 
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, rows, growth, kappa, clearable, fl,
-                    par, bz0, bz1, y0, ny, ox, nx, tmp, pushing, chi):
-    """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on plane e of the box (q: C × n
-    flat). Each stage runs over the whole plane, so function calls happen per plane, never per
+                    par, bz0, bz1, y0, ox, nx, tmp, pushing, chi, ra, rb, la, lb):
+    """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on rows ra .. rb of plane e of the
+    box (q: C × n flat), and q = p^n on its other live rows la .. lb (nothing changes there). Each
+    stage runs over the rows as one flat line, so function calls happen per plane, never per
     row. ``coefficients`` holds the flat planes of the growth rate and the capacity: filled once
     when they are constants, gathered here when they are per-voxel fields."""
     plane = p_flat[e % 3]
-    n = q.shape[1]
     for c in range(q.shape[0]):
         src, dst = plane[c], q[c]
-        for i in range(n):
+        for i in range(_u(la * nx), _u(lb * nx)):
             dst[i] = src[i]
+    if rb <= ra:
+        return
     oz, oy, ox0 = fl[_REGION_Z0], fl[_REGION_Y0], fl[_REGION_X0]  # growth and kappa cover a region from there
     if fl[_HAS_GROWTH] == 1 and fl[_GROWTH_FIELD] == 1:
-        _gather_plane(growth, e - oz, y0 - oy, ny, ox - ox0, nx, coefficients[0])
+        _gather_plane(growth, e - oz, y0 - oy, ra, rb, ox - ox0, nx, coefficients[0])
     if fl[_HAS_GROWTH] == 1 and fl[_KAPPA_FIELD] == 1:
-        _gather_plane(kappa, e - oz, y0 - oy, ny, ox - ox0, nx, coefficients[1])
-    _reaction_plane(q, coefficients[0], coefficients[1], mask_ring[e % 3], fl, par, tmp)
+        _gather_plane(kappa, e - oz, y0 - oy, ra, rb, ox - ox0, nx, coefficients[1])
+    _reaction_plane(q, coefficients[0], coefficients[1], mask_ring[e % 3], fl, par, tmp, ra * nx, rb * nx)
     if fl[_HAS_CLEARABLE] == 1:
-        _clearance_plane(q, e, clearable, fl, par, y0, ny, ox, nx)
+        _clearance_plane(q, e, clearable, fl, par, y0, ra, rb, ox, nx)
     if rows.shape[0] > 0:
         _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, par, bz0, bz1, nx, tmp, pushing,
-                               chi)
+                               chi, ra * nx, rb * nx)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, wx, scale, fl, par, bz0, bz1,
-                 y0, y1, ox, nx, constants, lap):
-    """One Jacobi sweep u ← u + ω/(1 + Δt·c)·(rhs − u + Δt·∇·(D∇u)) on plane z of the box.
+                 y0, y1, ox, nx, constants, lap, ra, rb, la, lb):
+    """One Jacobi sweep u ← u + ω/(1 + Δt·c)·(rhs − u + Δt·∇·(D∇u)) on rows ra .. rb (local to y0)
+    of plane z of the box; on its other live rows la .. lb nothing changes, u is copied (the next
+    sweep reads them; la = lb: no copy).
 
     Diffused class d is channel ``channels[d]`` of the planes ``u_ring[plane % u_slots]`` and
     channel ``rhs_channels[d]`` of ``rhs``; the result goes to ``out[d]``. Faces across the box
@@ -323,7 +341,12 @@ def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, w
     zero = par[_ZERO]
     for d in range(out.shape[0]):
         c = channels[d]
-        for y in range(y0, y1):
+        for ly in range(la, lb):
+            if ly < ra or ly >= rb:
+                src, dst = u_here[c, ly], out[d, ly]
+                for x in range(nx):
+                    dst[x] = src[x]
+        for y in range(y0 + ra, y0 + rb):
             ly = y - y0
             south, north = max(y - 1, y0), min(y + 1, y1 - 1)
             u = u_here[c, ly]
@@ -369,14 +392,14 @@ def _threshold_candidate(running, theta, u_j, reciprocal, one):
     return running, (c_j if u_j > c_j else theta)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _threshold_network(lanes, theta, nx, one, reciprocals):
+def _threshold_network(lanes, theta, start, stop, one, reciprocals):
     """θ of the simplex projection for up to 8 classes per voxel: the lanes sorted in registers by
     Batcher's 19-comparator network (branch-free, so the x loop vectorises), then
     θ = c_ρ with c_j = (Σ_{i<=j} u_i − 1)/j and ρ the last j with u_j > c_j. Rows of ``lanes``
     beyond the class count hold −1e30: they sort last and never satisfy u_j > c_j."""
     r2, r3, r4, r5 = reciprocals[1], reciprocals[2], reciprocals[3], reciprocals[4]
     r6, r7, r8 = reciprocals[5], reciprocals[6], reciprocals[7]
-    for x in range(nx):
+    for x in range(_u(start), _u(stop)):
         v0, v1, v2, v3 = lanes[0, x], lanes[1, x], lanes[2, x], lanes[3, x]
         v4, v5, v6, v7 = lanes[4, x], lanes[5, x], lanes[6, x], lanes[7, x]
         v0, v1 = _exchange(v0, v1)
@@ -409,36 +432,38 @@ def _threshold_network(lanes, theta, nx, one, reciprocals):
         theta[x] = th
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _threshold_generic(lanes, n_channels, theta, running, nx, one, reciprocals):
-    """θ of the simplex projection for any class count (odd-even transposition sort of a copy)."""
+def _threshold_generic(lanes, n_channels, theta, running, start, stop, one, reciprocals):
+    """θ of the simplex projection for any class count (odd-even transposition sort of a copy),
+    on cells start .. stop."""
     order = lanes[n_channels:2 * n_channels]
     for c in range(n_channels):
-        for x in range(nx):
+        for x in range(_u(start), _u(stop)):
             order[c, x] = lanes[c, x]
     for rnd in range(n_channels):
         for i in range(rnd % 2, n_channels - 1, 2):
             a, b = order[i], order[i + 1]
-            for x in range(nx):
+            for x in range(_u(start), _u(stop)):
                 hi = max(a[x], b[x])
                 lo = min(a[x], b[x])
                 a[x] = hi
                 b[x] = lo
-    for x in range(nx):
+    for x in range(_u(start), _u(stop)):
         running[x] = order[0, x]
         theta[x] = order[0, x] - one
     for j in range(1, n_channels):
         u_j = order[j]
         count = reciprocals[j]  # 1 / (j + 1) in the state's dtype
-        for x in range(nx):
+        for x in range(_u(start), _u(stop)):
             running[x] += u_j[x]
             c_j = (running[x] - one) * count
             theta[x] = c_j if u_j[x] > c_j else theta[x]
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, ny, ox, nx, lanes, work,
-                  reciprocals, extents, write_from, write_to, first_strip):
-    """Write rows ``write_from`` .. ``write_to`` (local to y0: a strip's own rows, not its halo) of
-    plane z back into p: diffused classes from the last sweep, the others from q (both
+def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, ox, nx, lanes, work,
+                  reciprocals, extents, write_from, write_to, first_strip, ra, rb):
+    """Write the rows ra .. rb that the step computed, as far as they lie in ``write_from`` ..
+    ``write_to`` (local to y0: a strip's own rows, not its halo), of plane z back into p (its other
+    rows do not change): diffused classes from the last sweep, the others from q (both
     flat planes: channel × cell). The voxels that left the simplex (channel sum off 1 by more than
     the slack, or a negative value) are projected — θ from a sorting network, as :func:`AnatomyDTLib.simplex.simplex_threshold`
     — the others are written as computed; outside the domain nothing changes."""
@@ -446,38 +471,39 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
     dying = fl[_DYING]
     slack, zero, one = par[_SLACK], par[_ZERO], par[_ONE]
     has_domain = fl[_HAS_DOMAIN] == 1
-    n = ny * nx  # the plane's cells, flat: every stage but the last write is one long loop
+    a, b = ra * nx, rb * nx  # the computed rows' cells, flat: every stage but the last write is one long loop
+    w0, w1 = max(ra, write_from), min(rb, write_to)  # the rows written
     total, smallest, theta, running, project = work[0], work[1], work[2], work[3], work[4]
     for c in range(n_channels):
         d = is_diffused[c]
         src = u_last[d] if d >= 0 else q[c]
         lane = lanes[c]
-        for i in range(n):
+        for i in range(_u(a), _u(b)):
             lane[i] = src[i]
     if dying >= 0:  # the integrator rescales delayed-death cohorts by the projection
         dying_lane = lanes[dying]
-        for ly in range(write_from, write_to):
+        for ly in range(w0, w1):
             out, row = dying_out[z, y0 + ly, ox:], dying_lane[ly * nx:(ly + 1) * nx]
             for x in range(nx):
                 out[x] = row[x]
     first = lanes[0]
-    for i in range(n):
+    for i in range(_u(a), _u(b)):
         total[i] = first[i]
         smallest[i] = first[i]
     for c in range(1, n_channels):
         lane = lanes[c]
-        for i in range(n):
+        for i in range(_u(a), _u(b)):
             total[i] += lane[i]
             smallest[i] = min(smallest[i], lane[i])
     if n_channels <= _NETWORK_LANES:
-        _threshold_network(lanes, theta, n, one, reciprocals)
+        _threshold_network(lanes, theta, a, b, one, reciprocals)
     else:
-        _threshold_generic(lanes, n_channels, theta, running, n, one, reciprocals)
-    for i in range(n):  # project: 1 where the voxel left the simplex, else 0
+        _threshold_generic(lanes, n_channels, theta, running, a, b, one, reciprocals)
+    for i in range(_u(a), _u(b)):  # project: 1 where the voxel left the simplex, else 0
         off = abs(total[i] - one) > slack or smallest[i] < zero
         project[i] = one if off else zero
     if has_domain:  # ... and only inside the domain
-        for ly in range(ny):
+        for ly in range(ra, rb):
             mask = domain[z - fl[_REGION_Z0], y0 + ly - fl[_REGION_Y0], ox - fl[_REGION_X0]:]
             row = project[ly * nx:(ly + 1) * nx]
             for x in range(nx):
@@ -491,7 +517,7 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
     for c in range(n_channels):
         lane = lanes[c]
         watched = (fl[_WATCHED] >> c) & 1 == 1
-        for ly in range(write_from, write_to):
+        for ly in range(w0, w1):
             dst, offset = p[c, z, y0 + ly, ox:], ly * nx
             row, row_theta, row_project = lane[offset:offset + nx], theta[offset:offset + nx], project[offset:offset + nx]
             if not watched:
@@ -516,13 +542,41 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
                 extent[3] = max(extent[3], ox + last)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
+def _slab_rows(plane_rows, bz0, bz1, y0, y1):
+    """Per plane of the box (index z − bz0), local to y0 and inside the strip's rows y0 .. y1:
+    (ra, rb), the rows the step computes (``plane_rows``; outside them nothing changes), and
+    (la, lb), the plane's live rows, the ones any stage reads: the computed rows of the plane and of
+    its two neighbours, one row further. A stage's array holds valid values on the live rows, the
+    computed ones as computed, the others copied unchanged (see :func:`_run_slab`)."""
+    n_planes = bz1 - bz0
+    rows = np.empty((n_planes, 4), dtype=np.int64)
+    for i in range(n_planes):
+        rows[i, 0] = min(max(plane_rows[bz0 + i, 0] - y0, 0), y1 - y0)
+        rows[i, 1] = max(min(plane_rows[bz0 + i, 1] - y0, y1 - y0), rows[i, 0])
+    for i in range(n_planes):
+        lo, hi = y1 - y0, 0
+        for j in range(max(i - 1, 0), min(i + 2, n_planes)):
+            if rows[j, 1] > rows[j, 0]:
+                lo = min(lo, rows[j, 0] - 1)
+                hi = max(hi, rows[j, 1] + 1)
+        rows[i, 2], rows[i, 3] = max(lo, 0), min(hi, y1 - y0)
+        if rows[i, 3] < rows[i, 2]:
+            rows[i, 2], rows[i, 3] = 0, 0
+    return rows
+
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _run_slab(p, z0, z1, lower, upper, box, strip_y0, strip_y1, strip_halo, chi, rows, cols, growth, kappa, domain,
-              clearable, diffused, is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants, extents):
+              clearable, diffused, is_diffused, wz, wy, wx, scale, dying_out, fl, par, constants, extents, plane_rows):
     """Advance rows [strip_y0, strip_y1) of the output planes [z0, z1) of the box by one step (the
     pipeline of the module docstring): explicit part at plane e, sweep s at e - s, output at
     e - max(m, 1). The strip is computed with m + 1 rows of halo on each side inside the box
     (faces across the computed rows' border carry nothing, which reaches m + 1 rows in: the
-    explicit part and the m sweeps each reach one row further), and only its own rows are written."""
+    explicit part and the m sweeps each reach one row further), and only its own rows are written.
+
+    On each plane only the rows ``plane_rows`` gives are computed (:func:`_slab_rows`): the step
+    changes nothing on the others, so there every stage's value is the input's. The stages copy it
+    onto the plane's live rows that they do not compute (the input plane, q, each sweep but the
+    last), because the neighbouring planes' stencils read them."""
     bz0, bz1, box_y0, box_y1, ox, x1 = box[0], box[1], box[2], box[3], box[4], box[5]
     halo_rows = fl[_SWEEPS] + 1
     y0, y1 = max(box_y0, strip_y0 - halo_rows), min(box_y1, strip_y1 + halo_rows)
@@ -564,46 +618,54 @@ def _run_slab(p, z0, z1, lower, upper, box, strip_y0, strip_y1, strip_halo, chi,
     coefficients[1, :] = constants[0, 2, 0]
     has_domain = fl[_HAS_DOMAIN] == 1
     oz, oy, ox0 = fl[_REGION_Z0], fl[_REGION_Y0], fl[_REGION_X0]  # the domain covers a region from there
+    live = _slab_rows(plane_rows, bz0, bz1, y0, y1)  # per plane: computed rows ra, rb; live rows la, lb
     # the input planes (and their potentials) the first explicit plane needs: e_first - 1 and e_first
     for z in range(max(e_first - 1, bz0), min(e_first + 1, bz1)):
-        _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[z % 3], box_y0, strip_y0,
+        la, lb = live[z - bz0, 2], live[z - bz0, 3]
+        _load_plane(p, z, z0, z1, lower, lower_start, upper, y0, la, lb, ox, nx, p_ring[z % 3], box_y0, strip_y0,
                     strip_halo)
         if has_domain:
-            _gather_plane(domain, z - oz, y0 - oy, ny, ox - ox0, nx, mask_ring[z % 3])
+            _gather_plane(domain, z - oz, y0 - oy, la, lb, ox - ox0, nx, mask_ring[z % 3])
         if has_cross:
-            _potential_plane(p_ring[z % 3], chi, cols, ny, nx, phi_ring[z % 3])
+            _potential_plane(p_ring[z % 3], chi, cols, la, lb, nx, phi_ring[z % 3])
     for e in range(z0 - m, z1 + lag):
         if e_first <= e < e_stop:
             if e + 1 < bz1:  # the plane above e joins the ring (it replaces e - 2, no longer read)
-                _load_plane(p, e + 1, z0, z1, lower, lower_start, upper, y0, ny, ox, nx, p_ring[(e + 1) % 3],
+                la, lb = live[e + 1 - bz0, 2], live[e + 1 - bz0, 3]
+                _load_plane(p, e + 1, z0, z1, lower, lower_start, upper, y0, la, lb, ox, nx, p_ring[(e + 1) % 3],
                             box_y0, strip_y0, strip_halo)
                 if has_domain:
-                    _gather_plane(domain, e + 1 - oz, y0 - oy, ny, ox - ox0, nx, mask_ring[(e + 1) % 3])
+                    _gather_plane(domain, e + 1 - oz, y0 - oy, la, lb, ox - ox0, nx, mask_ring[(e + 1) % 3])
                 if has_cross:
-                    _potential_plane(p_ring[(e + 1) % 3], chi, cols, ny, nx, phi_ring[(e + 1) % 3])
+                    _potential_plane(p_ring[(e + 1) % 3], chi, cols, la, lb, nx, phi_ring[(e + 1) % 3])
+            r = live[e - bz0]
             _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q_flat[e % q_slots], rows, growth,
-                            kappa, clearable, fl, par, bz0, bz1, y0, ny, ox, nx, plane_tmp, pushing,
-                            chi)
+                            kappa, clearable, fl, par, bz0, bz1, y0, ox, nx, plane_tmp, pushing, chi, r[0], r[1],
+                            r[2], r[3])
         for s in range(1, m + 1):
             zs = e - s
             if zs < max(z0 - (m - s), bz0) or zs >= min(z1 + (m - s), bz1):
                 continue
+            r = live[zs - bz0]
+            la, lb = (r[2], r[3]) if s < m else (0, 0)  # the last sweep is read on its computed rows only
             if s == 1:  # u_0 = rhs = q, read through the diffused channels
                 _sweep_plane(zs, q_ring, q_slots, diffused, q_ring[zs % q_slots], diffused, u_ring[0, zs % 3],
-                             wz, wy, wx, scale, fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp[0])
+                             wz, wy, wx, scale, fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp[0], r[0], r[1],
+                             la, lb)
             else:
                 _sweep_plane(zs, u_ring[s - 2], 3, identity, q_ring[zs % q_slots], diffused,
                              u_ring[s - 1, zs % 3], wz, wy, wx, scale, fl, par, bz0, bz1, y0, y1, ox, nx,
-                             constants, tmp[0])
+                             constants, tmp[0], r[0], r[1], la, lb)
         zf = e - lag
         if z0 <= zf < z1:
+            r = live[zf - bz0]
             _finish_plane(zf, q_flat[zf % q_slots], u_flat[lag - 1, zf % 3], p, dying_out, is_diffused, domain, fl,
-                          par, y0, ny, ox, nx, lanes, work, reciprocals, extents, strip_y0 - y0, strip_y1 - y0,
-                          strip_y0 == box_y0)
+                          par, y0, ox, nx, lanes, work, reciprocals, extents, strip_y0 - y0, strip_y1 - y0,
+                          strip_y0 == box_y0, r[0], r[1])
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True)
 def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffused, is_diffused, wz, wy, wx,
-                scale, dying_out, fl, par, constants, extents):
+                scale, dying_out, fl, par, constants, extents, plane_rows):
     """One IMEX step of a (C, Z, Y, X) state, in place, on ``box`` = (z0, z1, y0, y1, x0, x1):
     one slab of planes per thread, each with copies of the input planes it reads beyond its own
     range (taken before any slab writes). For each watched channel (``fl``) and plane z of the
@@ -646,15 +708,17 @@ def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffu
         for k in range(strips):
             _run_slab(p, z0, z1, lowers[i], uppers[i], box, y0 + (ny * k) // strips, y0 + (ny * (k + 1)) // strips,
                       halos[max(k - 1, 0)], chi, rows, cols, growth, kappa, domain, clearable, diffused, is_diffused,
-                      wz, wy, wx, scale, dying_out, fl, par, constants, extents)
+                      wz, wy, wx, scale, dying_out, fl, par, constants, extents, plane_rows)
 
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True)
-def _floor_and_bound(p, channels, window, floor, out):
+def _floor_and_bound(p, channels, window, floor, out, plane_rows):
     """For each listed channel: set values of magnitude below ``floor`` to zero (in place) inside
     ``window`` = (z0, z1, y0, y1, x0, x1), and write the bounding box of its non-zero voxels
     there as out[i] = (z0, z1, y0, y1, x0, x1) in grid indices (z1 = 0 when there are none).
-    With ``floor`` 0 nothing is zeroed: only the box is found."""
+    With ``floor`` 0 nothing is zeroed: only the box is found. ``plane_rows[z]`` (grid indices)
+    receives, for each plane z of the window, the rows (first, last + 1) that hold a non-zero
+    voxel of any listed channel ((0, 0): none); a (0, 2) array skips this."""
     wz0, wz1, wy0, wy1, wx0, wx1 = window[0], window[1], window[2], window[3], window[4], window[5]
     n_planes = wz1 - wz0
     n = channels.shape[0]
@@ -681,6 +745,15 @@ def _floor_and_bound(p, channels, window, floor, out):
                     rows_hi[i, j] = y
                     cols_lo[i, j] = min(cols_lo[i, j], first)
                     cols_hi[i, j] = max(cols_hi[i, j], last)
+    if plane_rows.shape[0] > 0:
+        for i in range(n_planes):
+            lo, hi = wy1, -1
+            for j in range(n):
+                lo = min(lo, rows_lo[i, j])
+                hi = max(hi, rows_hi[i, j])
+            if hi < 0:  # none: (0, 0), as elsewhere
+                lo = hi + 1
+            plane_rows[wz0 + i, 0], plane_rows[wz0 + i, 1] = lo, hi + 1
     for j in range(n):
         box = np.array([wz1, -1, wy1, -1, wx1, -1])
         for i in range(n_planes):

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import treatments as tx
@@ -72,7 +73,8 @@ class InferenceStepper:
         self._prepare_cross_diffusion()
         self._prepare_limiter_check()
         self.fused = FusedStep(self)  # the one-pass CPU kernel, where it applies (see fused.py)
-        self._supports_after_kernel = None  # (p's address, p's version, supports) after a fused step
+        self._supports_after_kernel = None  # (p's address, p's version, supports, rows) after a fused step
+        self._support_rows = None  # per batch item and grid plane, the rows holding the supports found last (or None)
         n_face = max(int(math.prod(self._face_shape(d, (1, 1) + self.shape[2:]))) for d in range(2, len(self.shape)))
         self.face_buffer = torch.empty(n_face * self.shape[0] * max(1, len(self.diffused)), dtype=self.dtype,
                                        device=self.device)
@@ -216,9 +218,10 @@ class InferenceStepper:
         if clearable is not None:
             clearable = self.clearable_buffer()  # in the kernel's coordinates (a repack carried it over)
         supports = self.fused.step_(state, changed, dt, chemo_rate, clearable,
-                                    self.dying_before_projection if pr.dying is not None else None, region)
+                                    self.dying_before_projection if pr.dying is not None else None, region,
+                                    self._support_rows)
         self.window = changed
-        self._supports_after_kernel = (state.data_ptr(), state._version, supports)
+        self._supports_after_kernel = (state.data_ptr(), state._version, supports, self.fused.rows_found.copy())
         return p
 
     # -- the packed state ---------------------------------------------------------------------
@@ -298,7 +301,7 @@ class InferenceStepper:
             _crop(grid, self._clearable_box).copy_(_crop(packed.clearable, packed.local(self._clearable_box)))
         if self._supports_after_kernel is not None and self._supports_after_kernel[:2] == (
                 packed.data.data_ptr(), packed.data._version):  # the kernel's boxes hold for p now
-            self._supports_after_kernel = (p.data_ptr(), p._version, self._supports_after_kernel[2])
+            self._supports_after_kernel = (p.data_ptr(), p._version) + self._supports_after_kernel[2:]
         return p
 
     def _unpack_with_clearable(self, p: torch.Tensor, clearable):
@@ -386,14 +389,21 @@ class InferenceStepper:
         and returned their boxes, which hold as long as nothing has changed the state since (torch
         bumps a tensor's version counter at every in-place change, events included; the kernel's
         own writes do not). Otherwise one numba pass when the fused kernel is usable, torch if not;
-        on the packed copy while there is one (outside its region the watched classes are zero)."""
+        on the packed copy while there is one (outside its region the watched classes are zero).
+        The kernel and the numba pass also give the supports' rows per plane (``_support_rows``,
+        grid indices; None after the torch search), with which the next kernel step computes only
+        the rows it can change (``FusedStep.plane_rows``)."""
         after_kernel, self._supports_after_kernel = self._supports_after_kernel, None
+        self._support_rows = None
         state, window, origin = self._searched(p, window)
         if after_kernel is not None and after_kernel[:2] == (state.data_ptr(), state._version):
+            self._support_rows = after_kernel[3]
             return after_kernel[2]
         if self.fused.usable:
-            boxes = floored_supports_(state, self.watched, window, self.floor)
+            rows = np.zeros((state.shape[0], state.shape[2], 2), dtype=np.int64)
+            boxes = floored_supports_(state, self.watched, window, self.floor, rows)
             if boxes is not None:
+                self._support_rows = self._rows_on_grid(rows, origin)
                 return {c: _shifted(box, origin) for c, box in boxes.items()}
         region = _crop(state, window)
         boxes = {}
@@ -406,6 +416,12 @@ class InferenceStepper:
             boxes[c] = None if local is None else tuple(
                 slice(o + w.start + b.start, o + w.start + b.stop) for o, w, b in zip(origin, window, local))
         return boxes
+
+    def _rows_on_grid(self, rows: np.ndarray, origin) -> np.ndarray:
+        """Per-plane rows (B, planes of the searched tensor, 2) in its indices -> the grid's (B, Z, 2)."""
+        on_grid = np.zeros((self.shape[0], self.shape[2], 2), dtype=np.int64)
+        on_grid[:, origin[0]:origin[0] + rows.shape[1]] = np.where(rows[..., 1:] > rows[..., :1], rows + origin[1], 0)
+        return on_grid
 
     def _searched(self, p: torch.Tensor, window):
         """(tensor, window in its coordinates, its origin in the grid) for a search of the watched

@@ -272,6 +272,103 @@ def test_planes_cut_into_strips_of_rows_match_the_torch_path(monkeypatch, strip_
     assert float((fast[-1] - dense).abs().max()) > 1e-3
 
 
+def _ball_tumour(shape=(40, 40, 40), centre=(19, 21, 18), radius=7.5) -> torch.Tensor:
+    """The brain-like field with its block tumour replaced by a ball: its support's rows differ from
+    plane to plane, as a real tumour's do (float64, one-hot)."""
+    p0 = _brain_like(shape)
+    labels = p0.argmax(0)
+    labels[labels == TUMOUR] = GM
+    z, y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in shape), indexing="ij")
+    ball = (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= radius ** 2
+    labels[ball] = TUMOUR
+    return torch.nn.functional.one_hot(labels, K).permute(3, 0, 1, 2).double()
+
+
+def test_plane_rows_are_the_supports_rows_within_m_plus_1_planes_and_rows(monkeypatch):
+    """``FusedStep.plane_rows`` against an independent construction: dilate the support's (z, y)
+    footprint by m + 1 planes and rows (a max-pool), take each plane's first and last row, clip to
+    the box. Blobs at the grid's ends and a gap of empty planes exercise the window's padding and
+    empty ranges; a packed state's origin shifts every index."""
+    built = _record_steppers(monkeypatch)
+    monkeypatch.setenv(fused.ENV_SWITCH, "1")
+    with torch.no_grad():
+        simulate(_brain_like(), spacing=(1.0, 1.0, 1.0), days=1.0, dt=1.0, diffusion=[0, 0.1, 0, 0, 0],
+                 tumor_class=TUMOUR, jacobi_iters=2)
+    step = built[-1].fused
+    reach = 3  # m + 1
+    support = torch.zeros(40, 30, 12, dtype=torch.bool)
+    support[0:2, 3:5, 2] = True
+    support[9:11, 20:23, 5] = True
+    support[12, 8, 1] = True
+    support[25:28, 12:29, 7] = True
+    support[39, 27:30, 0] = True
+    footprint = support.any(dim=2)
+    rows = np.zeros((40, 2), dtype=np.int64)
+    for z in range(40):
+        found = torch.nonzero(footprint[z])[:, 0]
+        if found.numel():
+            rows[z] = int(found.min()), int(found.max()) + 1
+    grown = torch.nn.functional.max_pool2d(footprint[None, None].double(), 2 * reach + 1, stride=1,
+                                           padding=reach)[0, 0] > 0
+    for box, origin in [((slice(0, 40), slice(0, 30)), (0, 0)), ((slice(5, 33), slice(6, 26)), (3, 4))]:
+        computed = step.plane_rows(rows, box + (slice(0, 12),), origin, 40 - origin[0])
+        for z in range(box[0].start, box[0].stop):
+            expected = torch.nonzero(grown[z, box[1]])[:, 0]
+            first, stop = computed[z - origin[0]] + origin[1]
+            if expected.numel() == 0:
+                assert first == stop
+            else:
+                assert (first, stop) == (box[1].start + int(expected.min()), box[1].start + int(expected.max()) + 1)
+        assert any(stop == first for first, stop in computed[box[0].start - origin[0]:box[0].stop - origin[0]])
+    monkeypatch.setattr(fused.FusedStep, "ROW_RANGES", False)
+    everything = step.plane_rows(rows, (slice(5, 33), slice(6, 26), slice(0, 12)), (3, 4), 37)
+    assert (everything[2:30] == (2, 22)).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_computing_only_the_rows_that_can_change_gives_the_full_rows_result_bit_for_bit(monkeypatch, threads):
+    """The kernel computes on each plane only the rows within m + 1 planes and rows of the watched
+    classes' support (``FusedStep.plane_rows``; the rows come from the kernel's own extents after
+    a kernel step, and from the support pass after an event): the result must equal, bit for bit,
+    the kernel computing every row of the box. A ball-shaped tumour whose rows change from plane
+    to plane; surgery, radiotherapy with delayed death, chemotherapy, output days; the region
+    renewed as the tumour spreads (margin 2)."""
+    p0 = _ball_tumour()
+    diffusion = torch.zeros_like(p0)
+    torch.manual_seed(13)
+    diffusion[TUMOUR] = 0.05 + 0.25 * torch.rand(p0.shape[1:], dtype=torch.float64)
+    plan = {"surgery": [{"day": 3.0, "extent": 0.5}],
+            "radiotherapy": {"fraction_days": [1, 2, 4, 5], "dose_per_fraction_gy": 2.0,
+                             "delayed_death": {"delay_days": 1.5, "clearance_half_life_days": 2.0}},
+            "chemotherapy": [{"agent": "tmz", "kill_rate_per_day": 0.1, "windows": [[0.5, 6.0]]}]}
+    kwargs = dict(spacing=(1.0, 1.0, 1.5), days=[1.5, 4.0, 7.0], dt=0.5, diffusion=diffusion, growth_rate=0.1,
+                  cross_diffusion=_mass_effect_chi(), tumor_class=TUMOUR, plan=plan, jacobi_iters=2,
+                  mask=torch.rand(p0.shape[1:]) > 0.05, return_dying=True)
+    monkeypatch.setattr(fused.FusedStep, "PACK_MARGIN", 2)
+    shares = []
+    original = fused.FusedStep.plane_rows
+
+    def recording(self, support_rows, box, origin, n_planes):
+        rows = original(self, support_rows, box, origin, n_planes)
+        planes = slice(box[0].start - origin[0], box[0].stop - origin[0])
+        computed = int((rows[planes, 1] - rows[planes, 0]).sum())
+        shares.append(computed / ((box[0].stop - box[0].start) * (box[1].stop - box[1].start)))
+        return rows
+
+    monkeypatch.setattr(fused.FusedStep, "plane_rows", recording)
+    restricted, restricted_dying = _run(p0, monkeypatch, True, threads=threads, **kwargs)
+    # fewer rows than the box's after kernel steps (rows from its extents; steps 1, 3) and after the
+    # radiotherapy fractions of days 1, 2, 4 and the surgery of day 3 (rows from the support pass)
+    assert len(shares) == 14 and all(shares[i] < 0.95 for i in (1, 2, 3, 4, 6, 8)) and min(shares) < 0.8
+    monkeypatch.setattr(fused.FusedStep, "ROW_RANGES", False)
+    every_row, every_row_dying = _run(p0, monkeypatch, True, threads=threads, **kwargs)
+    assert torch.equal(restricted, every_row)
+    assert torch.equal(restricted_dying.dying, every_row_dying.dying)
+    reference, _ = _run(p0, monkeypatch, False, **kwargs)
+    _assert_agree(restricted, reference, 1e-12)
+    assert float((restricted[-1] - restricted[0]).abs().max()) > 1e-2
+
+
 def test_clearable_cells_move_with_the_packed_state(monkeypatch):
     """The dying cells whose delay has passed are written by the integrator before a step, in the
     coordinates of the state the step works on. Packing carries them into the packed region; a
@@ -459,8 +556,10 @@ def test_supports_found_by_the_kernel_equal_the_support_search_and_yield_to_late
             state = _current_copy(stepper, p)
             if day == 0:
                 assert float(state[0, TUMOUR, 14:18, 27:29, 18:20].abs().max()) == 0.0  # the faint patch was floored
-            searched = fused.floored_supports_(state, stepper.watched, stepper.search_window(), stepper.floor)
+            rows = np.zeros((1, 40, 2), dtype=np.int64)
+            searched = fused.floored_supports_(state, stepper.watched, stepper.search_window(), stepper.floor, rows)
             assert stepper._floored_supports_(p, stepper.search_window()) == searched
+            assert np.array_equal(stepper._support_rows, rows)  # the kernel's rows per plane, too
         stepper.step(p, 4.0, 1.0, 0.0, None)
         corner = tuple(slice(r.start, r.start + 1) for r in stepper.packed.region)  # in the region, beyond the lesion
         inside = stepper.current(p, corner)  # a change through the packed copy, as radiotherapy makes

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perf_common as pc  # noqa: E402
 
 ARGUMENTS = ("p", "box", "chi", "rows", "cols", "growth", "kappa", "domain", "clearable", "diffused", "is_diffused",
-             "wz", "wy", "wx", "scale", "dying_out", "fl", "par", "constants", "extents")
+             "wz", "wy", "wx", "scale", "dying_out", "fl", "par", "constants", "extents", "plane_rows")
 ONE_SLAB = "one slab (1 thread)"
 GRID_SIZED = "grid-sized state and coefficients"
 PACKED_STATE = "packed state"
