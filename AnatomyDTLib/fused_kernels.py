@@ -320,10 +320,9 @@ def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, row
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, wx, scale, fl, par, bz0, bz1,
-                 y0, y1, ox, nx, constants, lap, ra, rb, la, lb):
+                 y0, y1, ox, nx, constants, lap, ra, rb):
     """One Jacobi sweep u ← u + ω/(1 + Δt·c)·(rhs − u + Δt·∇·(D∇u)) on rows ra .. rb (local to y0)
-    of plane z of the box; on its other live rows la .. lb nothing changes, u is copied (the next
-    sweep reads them; la = lb: no copy).
+    of plane z of the box (on the plane's other live rows nothing changes: :func:`_copy_rows`).
 
     Diffused class d is channel ``channels[d]`` of the planes ``u_ring[plane % u_slots]`` and
     channel ``rhs_channels[d]`` of ``rhs``; the result goes to ``out[d]``. Faces across the box
@@ -341,13 +340,10 @@ def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, w
     zero = par[_ZERO]
     for d in range(out.shape[0]):
         c = channels[d]
-        for ly in range(la, lb):
-            if ly < ra or ly >= rb:
-                src, dst = u_here[c, ly], out[d, ly]
-                for x in range(nx):
-                    dst[x] = src[x]
-        for y in range(y0 + ra, y0 + rb):
+        for y in range(y0, y1):
             ly = y - y0
+            if ly < ra or ly >= rb:
+                continue
             south, north = max(y - 1, y0), min(y + 1, y1 - 1)
             u = u_here[c, ly]
             u_zl, u_zu = u_below[c, ly], u_above[c, ly]
@@ -370,6 +366,18 @@ def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, w
                 div = (w_zl[x] * (u_zl[x] - u[x]) + w_zu[x] * (u_zu[x] - u[x]) + w_yl[x] * (u_yl[x] - u[x])
                        + w_yu[x] * (u_yu[x] - u[x]) + lap[x + 1] - lap[x])
                 o[x] = u[x] + s[x] * (r[x] - u[x] + dt * div)
+
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
+def _copy_rows(u_plane, channels, out, la, ra, rb, lb, nx):
+    """out[d] = channel ``channels[d]`` of ``u_plane`` on the live rows la .. lb that a sweep does not
+    compute (outside ra .. rb): the step changes nothing there, and the next sweep reads them."""
+    for d in range(out.shape[0]):
+        c = channels[d]
+        for ly in range(la, lb):
+            if ly < ra or ly >= rb:
+                src, dst = u_plane[c, ly], out[d, ly]
+                for x in range(nx):
+                    dst[x] = src[x]
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", inline="always")
 def _in_support(value, floor, zero):
@@ -647,15 +655,18 @@ def _run_slab(p, z0, z1, lower, upper, box, strip_y0, strip_y1, strip_halo, chi,
             if zs < max(z0 - (m - s), bz0) or zs >= min(z1 + (m - s), bz1):
                 continue
             r = live[zs - bz0]
-            la, lb = (r[2], r[3]) if s < m else (0, 0)  # the last sweep is read on its computed rows only
             if s == 1:  # u_0 = rhs = q, read through the diffused channels
                 _sweep_plane(zs, q_ring, q_slots, diffused, q_ring[zs % q_slots], diffused, u_ring[0, zs % 3],
-                             wz, wy, wx, scale, fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp[0], r[0], r[1],
-                             la, lb)
+                             wz, wy, wx, scale, fl, par, bz0, bz1, y0, y1, ox, nx, constants, tmp[0], r[0], r[1])
             else:
                 _sweep_plane(zs, u_ring[s - 2], 3, identity, q_ring[zs % q_slots], diffused,
                              u_ring[s - 1, zs % 3], wz, wy, wx, scale, fl, par, bz0, bz1, y0, y1, ox, nx,
-                             constants, tmp[0], r[0], r[1], la, lb)
+                             constants, tmp[0], r[0], r[1])
+            if s < m and (r[2] < r[0] or r[1] < r[3]):  # the next sweep reads the live rows not computed
+                if s == 1:
+                    _copy_rows(q_ring[zs % q_slots], diffused, u_ring[0, zs % 3], r[2], r[0], r[1], r[3], nx)
+                else:
+                    _copy_rows(u_ring[s - 2, zs % 3], identity, u_ring[s - 1, zs % 3], r[2], r[0], r[1], r[3], nx)
         zf = e - lag
         if z0 <= zf < z1:
             r = live[zf - bz0]
