@@ -319,8 +319,7 @@ class FusedStep:
             kernels._fused_step(_as_numpy(p[b]), box_array, self.chi, self.rows, self.cols, growth_b, kappa_b, domain,
                                 clear, self.diffused, self.is_diffused, wz, wy, wx, scale, dying, fl, par, constants,
                                 self.extents[b], rows)
-        supports = self._supports_found(local, p.shape[0])
-        self._note_rows_found(local, state_origin, p.shape[0])
+        supports = self._supports_found(local, state_origin, p.shape[0])
         return {c: None if found is None else tuple(slice(f.start + o, f.stop + o) for f, o in zip(found, state_origin))
                 for c, found in supports.items()}
 
@@ -344,58 +343,31 @@ class FusedStep:
         or ``floored_supports_`` give them; None (or ``ROW_RANGES`` off): every row of the box."""
         rows = np.zeros((n_planes, 2), dtype=np.int64)
         zs, ys = box[0], box[1]
-        planes = slice(zs.start - origin[0], zs.stop - origin[0])
-        rows[planes, 0], rows[planes, 1] = ys.start - origin[1], ys.stop - origin[1]
         if support_rows is None or not self.ROW_RANGES:
+            rows[zs.start - origin[0]:zs.stop - origin[0]] = ys.start - origin[1], ys.stop - origin[1]
             return rows
-        reach = self.stepper.pr.jacobi_iters + 1
-        present = support_rows[:, 1] > support_rows[:, 0]
-        first = np.full(len(support_rows) + 2 * reach, np.inf)
-        stop = np.full(len(support_rows) + 2 * reach, -np.inf)
-        first[reach:reach + len(support_rows)] = np.where(present, support_rows[:, 0], np.inf)
-        stop[reach:reach + len(support_rows)] = np.where(present, support_rows[:, 1], -np.inf)
-        # the padded index z + k (k = 0 .. 2·reach) is the plane z + k − reach
-        window_first = np.min([first[zs.start + k:zs.stop + k] for k in range(2 * reach + 1)], axis=0)
-        window_stop = np.max([stop[zs.start + k:zs.stop + k] for k in range(2 * reach + 1)], axis=0)
-        lo = np.clip(window_first - reach, ys.start, ys.stop)
-        hi = np.maximum(np.clip(window_stop + reach, ys.start, ys.stop), lo)  # no support near: an empty range
-        rows[planes, 0], rows[planes, 1] = lo.astype(np.int64) - origin[1], hi.astype(np.int64) - origin[1]
+        _kernels()._rows_to_compute(support_rows, zs.start, zs.stop, ys.start, ys.stop, self.stepper.pr.jacobi_iters + 1,
+                                    origin[0], origin[1], rows)
         return rows
 
-    def _note_rows_found(self, box, origin, batch: int) -> None:
-        """``rows_found`` from the kernel's per-plane extents of the planes of ``box`` (the state's
-        indices; ``origin``: the grid index of its first voxel): outside them the watched classes
-        are zero."""
-        extents = self.extents[:batch, self.stepper.watched, box[0]]  # (B, watched, planes, 4)
-        present = extents[..., 1] >= 0
-        first = np.where(present, extents[..., 0], np.iinfo(np.int64).max).min(axis=1)
-        last = np.where(present, extents[..., 1], -1).max(axis=1)
-        anything = last >= 0
-        self.rows_found[:] = 0
-        planes = slice(box[0].start + origin[0], box[0].stop + origin[0])
-        self.rows_found[:batch, planes, 0] = np.where(anything, first + origin[1], 0)
-        self.rows_found[:batch, planes, 1] = np.where(anything, last + 1 + origin[1], 0)
-
-    def _supports_found(self, box, batch: int) -> dict:
+    def _supports_found(self, box, origin, batch: int) -> dict:
         """{watched class: the box of its non-zero voxels over the batch, or None} from the kernel's
         per-plane extents of the planes of ``box`` (outside it the watched classes are zero), in the
-        coordinates of the kernel's state."""
-        z0 = box[0].start
-        supports = {}
-        for c in self.stepper.watched:
-            found = None
-            for b in range(batch):
-                extents = self.extents[b, c, z0:box[0].stop]
-                planes = np.nonzero(extents[:, 1] >= 0)[0]
-                if planes.size == 0:
+        coordinates of the kernel's state; their rows per plane go to ``rows_found`` (grid indices,
+        ``origin``: the grid index of the state's first voxel)."""
+        watched = np.asarray(self.stepper.watched, dtype=np.int64)
+        boxes = np.zeros((len(watched), 6), dtype=np.int64)
+        supports = dict.fromkeys(self.stepper.watched)
+        for b in range(batch):
+            _kernels()._summarise_extents(self.extents[b], watched, box[0].start, box[0].stop, origin[0], origin[1],
+                                          boxes, self.rows_found[b])
+            for i, c in enumerate(self.stepper.watched):
+                if boxes[i, 1] == 0:
                     continue
-                rows = extents[planes]
-                item = (slice(z0 + int(planes[0]), z0 + int(planes[-1]) + 1),
-                        slice(int(rows[:, 0].min()), int(rows[:, 1].max()) + 1),
-                        slice(int(rows[:, 2].min()), int(rows[:, 3].max()) + 1))
-                found = item if found is None else tuple(slice(min(a.start, i.start), max(a.stop, i.stop))
-                                                         for a, i in zip(found, item))
-            supports[c] = found
+                item = tuple(slice(int(boxes[i, 2 * a]), int(boxes[i, 2 * a + 1])) for a in range(3))
+                found = supports[c]
+                supports[c] = item if found is None else tuple(slice(min(f.start, i_.start), max(f.stop, i_.stop))
+                                                               for f, i_ in zip(found, item))
         return supports
 
     def _coefficients(self, b: int, dt: float, region, row_length: int) -> tuple:

@@ -722,6 +722,53 @@ def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffu
                       wz, wy, wx, scale, dying_out, fl, par, constants, extents, plane_rows)
 
 
+@njit(cache=True, nogil=True)
+def _rows_to_compute(support_rows, z0, z1, y0, y1, reach, oz, oy, out):
+    """``FusedStep.plane_rows``' arithmetic: for each plane z of z0 .. z1 (grid indices), the rows
+    of ``support_rows`` (grid planes × (first, stop), (0, 0): none) on the planes within ``reach``,
+    grown by ``reach`` rows and clipped to y0 .. y1 (none near: the empty range (y1, y1)), written
+    to out[z − oz] minus oy (the state's indices)."""
+    n = support_rows.shape[0]
+    for z in range(z0, z1):
+        lo, hi = y1, y0
+        found = False
+        for k in range(max(z - reach, 0), min(z + reach + 1, n)):
+            if support_rows[k, 1] > support_rows[k, 0]:
+                lo = min(lo, support_rows[k, 0]) if found else support_rows[k, 0]
+                hi = max(hi, support_rows[k, 1]) if found else support_rows[k, 1]
+                found = True
+        first, stop = y1, y1
+        if found:
+            first = min(max(lo - reach, y0), y1)
+            stop = max(min(hi + reach, y1), first)
+        out[z - oz, 0], out[z - oz, 1] = first - oy, stop - oy
+
+@njit(cache=True, nogil=True)
+def _summarise_extents(extents, watched, z0, z1, oz, oy, boxes, rows):
+    """From the kernel's per-plane extents (C, planes, 4) of the planes z0 .. z1 (the state's
+    indices): boxes[i] = (z0, z1, y0, y1, x0, x1) of watched channel ``watched[i]``'s non-zero
+    voxels in the state's indices (z1 = 0: none), and rows[z + oz] = (first, last + 1) + oy,
+    the rows holding any watched channel's, in grid indices (every other plane (0, 0))."""
+    rows[:] = 0
+    for i in range(watched.shape[0]):
+        boxes[i, :] = 0
+    for z in range(z0, z1):
+        first, last = -1, -1
+        for i in range(watched.shape[0]):
+            e = extents[watched[i], z]
+            if e[1] < 0:
+                continue
+            box = boxes[i]
+            if box[1] == 0:
+                box[0], box[2], box[3], box[4], box[5] = z, e[0], e[1] + 1, e[2], e[3] + 1
+            box[1] = z + 1
+            box[2], box[3] = min(box[2], e[0]), max(box[3], e[1] + 1)
+            box[4], box[5] = min(box[4], e[2]), max(box[5], e[3] + 1)
+            first = e[0] if last < 0 else min(first, e[0])
+            last = max(last, e[1])
+        if last >= 0:
+            rows[z + oz, 0], rows[z + oz, 1] = first + oy, last + 1 + oy
+
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True)
 def _floor_and_bound(p, channels, window, floor, out, plane_rows):
     """For each listed channel: set values of magnitude below ``floor`` to zero (in place) inside
