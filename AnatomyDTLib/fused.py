@@ -25,8 +25,9 @@ As it writes, the kernel also does the next step's support search (values of the
 below the support floor set to zero, the box of each found, and its rows per plane), so that
 search needs no pass of its own unless something else changes the state in between (an event).
 With those rows the next step computes on each plane only the rows within m + 1 planes and rows
-of the support (:meth:`FusedStep.plane_rows`): nothing else can change. A tumour fills about a
-third of its box; on the brain case this computes 0.8 of the box's rows.
+of the support (:meth:`FusedStep.plane_rows`): nothing else can change; the reaction only on the
+support's own rows, the cross-diffusion one face beyond them. A tumour fills about a third of its
+box; on the brain case this computes 0.8 of the box's rows.
 
 What it computes is the torch path's step exactly (same discretisation, same order: reaction,
 then the cross-diffusion increment from p^n, the m Jacobi sweeps, then the projection of the
@@ -324,9 +325,11 @@ class FusedStep:
                 for c, found in supports.items()}
 
     def plane_rows(self, support_rows: np.ndarray | None, box, origin, n_planes: int) -> np.ndarray:
-        """The kernel's ``plane_rows`` (n_planes, 2): for each plane of ``box`` (grid slices), the
+        """The kernel's ``plane_rows`` (n_planes, 4): for each plane of ``box`` (grid slices), the
         rows (first, stop) it computes, in the state's indices (``origin``: the grid index of the
-        state's first voxel). Outside them the step changes nothing, and the kernel only copies.
+        state's first voxel), and the support's own rows on the plane (where the reaction acts;
+        cross-diffusion acts one face beyond them). Outside the first the step changes nothing, and
+        the kernel only copies.
 
         Why this is exact: every voxel the step changes lies within m + 1 faces of the support of
         the watched classes W (tumour, dying, diffused classes, χ columns). The reaction acts on
@@ -341,10 +344,10 @@ class FusedStep:
         its planes near the box's ends hold few rows: 0.8 of the box's rows are computed on the
         brain case. ``support_rows`` (grid planes, 2): W's rows per plane, as :attr:`rows_found`
         or ``floored_supports_`` give them; None (or ``ROW_RANGES`` off): every row of the box."""
-        rows = np.zeros((n_planes, 2), dtype=np.int64)
+        rows = np.zeros((n_planes, 4), dtype=np.int64)
         zs, ys = box[0], box[1]
         if support_rows is None or not self.ROW_RANGES:
-            rows[zs.start - origin[0]:zs.stop - origin[0]] = ys.start - origin[1], ys.stop - origin[1]
+            rows[zs.start - origin[0]:zs.stop - origin[0]] = [ys.start - origin[1], ys.stop - origin[1]] * 2
             return rows
         _kernels()._rows_to_compute(support_rows, zs.start, zs.stop, ys.start, ys.stop, self.stepper.pr.jacobi_iters + 1,
                                     origin[0], origin[1], rows)

@@ -293,9 +293,10 @@ def _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, 
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, rows, growth, kappa, clearable, fl,
-                    par, bz0, bz1, y0, ox, nx, tmp, pushing, chi, ra, rb, la, lb):
-    """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on rows ra .. rb of plane e of the
-    box (q: C × n flat), and q = p^n on its other live rows la .. lb (nothing changes there). Each
+                    par, bz0, bz1, y0, ox, nx, tmp, pushing, chi, la, lb, ta, tb, ca, cb):
+    """q = reaction(p^n) + Δt·(cross-diffusion tendency at p^n) on plane e of the box (q: C × n
+    flat): q = p^n on the plane's live rows la .. lb, the reaction on rows ta .. tb, the
+    cross-diffusion on rows ca .. cb (elsewhere each term is zero, see :func:`_slab_rows`). Each
     stage runs over the rows as one flat line, so function calls happen per plane, never per
     row. ``coefficients`` holds the flat planes of the growth rate and the capacity: filled once
     when they are constants, gathered here when they are per-voxel fields."""
@@ -304,19 +305,18 @@ def _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q, row
         src, dst = plane[c], q[c]
         for i in range(_u(la * nx), _u(lb * nx)):
             dst[i] = src[i]
-    if rb <= ra:
-        return
-    oz, oy, ox0 = fl[_REGION_Z0], fl[_REGION_Y0], fl[_REGION_X0]  # growth and kappa cover a region from there
-    if fl[_HAS_GROWTH] == 1 and fl[_GROWTH_FIELD] == 1:
-        _gather_plane(growth, e - oz, y0 - oy, ra, rb, ox - ox0, nx, coefficients[0])
-    if fl[_HAS_GROWTH] == 1 and fl[_KAPPA_FIELD] == 1:
-        _gather_plane(kappa, e - oz, y0 - oy, ra, rb, ox - ox0, nx, coefficients[1])
-    _reaction_plane(q, coefficients[0], coefficients[1], mask_ring[e % 3], fl, par, tmp, ra * nx, rb * nx)
-    if fl[_HAS_CLEARABLE] == 1:
-        _clearance_plane(q, e, clearable, fl, par, y0, ra, rb, ox, nx)
-    if rows.shape[0] > 0:
+    if tb > ta:
+        oz, oy, ox0 = fl[_REGION_Z0], fl[_REGION_Y0], fl[_REGION_X0]  # growth and kappa cover a region from there
+        if fl[_HAS_GROWTH] == 1 and fl[_GROWTH_FIELD] == 1:
+            _gather_plane(growth, e - oz, y0 - oy, ta, tb, ox - ox0, nx, coefficients[0])
+        if fl[_HAS_GROWTH] == 1 and fl[_KAPPA_FIELD] == 1:
+            _gather_plane(kappa, e - oz, y0 - oy, ta, tb, ox - ox0, nx, coefficients[1])
+        _reaction_plane(q, coefficients[0], coefficients[1], mask_ring[e % 3], fl, par, tmp, ta * nx, tb * nx)
+        if fl[_HAS_CLEARABLE] == 1:
+            _clearance_plane(q, e, clearable, fl, par, y0, ta, tb, ox, nx)
+    if rows.shape[0] > 0 and cb > ca:
         _cross_diffusion_plane(p_flat, phi_flat, mask_ring, open_x, e, q, rows, fl, par, bz0, bz1, nx, tmp, pushing,
-                               chi, ra * nx, rb * nx)
+                               chi, ca * nx, cb * nx)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, wx, scale, fl, par, bz0, bz1,
@@ -550,26 +550,40 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
                 extent[3] = max(extent[3], ox + last)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
+def _clipped(first, stop, lo, hi):
+    """(first, stop) clipped to lo .. hi; an empty range stays empty (first = stop)."""
+    first = min(max(first, lo), hi)
+    return first, max(min(stop, hi), first)
+
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def _slab_rows(plane_rows, bz0, bz1, y0, y1):
     """Per plane of the box (index z − bz0), local to y0 and inside the strip's rows y0 .. y1:
-    (ra, rb), the rows the step computes (``plane_rows``; outside them nothing changes), and
+    (ra, rb), the rows the step computes (``plane_rows[:, 0:2]``; outside them nothing changes);
     (la, lb), the plane's live rows, the ones any stage reads: the computed rows of the plane and of
-    its two neighbours, one row further. A stage's array holds valid values on the live rows, the
-    computed ones as computed, the others copied unchanged (see :func:`_run_slab`)."""
-    n_planes = bz1 - bz0
-    rows = np.empty((n_planes, 4), dtype=np.int64)
+    its two neighbours, one row further; (ta, tb), the rows where the reaction acts: the support's
+    own rows (``plane_rows[:, 2:4]``: the watched classes, the tumour's among them); and (ca, cb),
+    the rows where cross-diffusion acts: one face from the support (its rows on this plane and
+    the two next to it, one row further; a pushing class is watched). A stage's array holds valid
+    values on the live rows, the computed ones as computed, the others copied unchanged (see
+    :func:`_run_slab`)."""
+    n_planes, ny = bz1 - bz0, y1 - y0
+    rows = np.zeros((n_planes, 8), dtype=np.int64)
     for i in range(n_planes):
-        rows[i, 0] = min(max(plane_rows[bz0 + i, 0] - y0, 0), y1 - y0)
-        rows[i, 1] = max(min(plane_rows[bz0 + i, 1] - y0, y1 - y0), rows[i, 0])
+        rows[i, 0], rows[i, 1] = _clipped(plane_rows[bz0 + i, 0] - y0, plane_rows[bz0 + i, 1] - y0, 0, ny)
     for i in range(n_planes):
-        lo, hi = y1 - y0, 0
+        ra, rb = rows[i, 0], rows[i, 1]
+        lo, hi, cross_lo, cross_hi = ny, 0, ny, 0
         for j in range(max(i - 1, 0), min(i + 2, n_planes)):
             if rows[j, 1] > rows[j, 0]:
                 lo = min(lo, rows[j, 0] - 1)
                 hi = max(hi, rows[j, 1] + 1)
-        rows[i, 2], rows[i, 3] = max(lo, 0), min(hi, y1 - y0)
-        if rows[i, 3] < rows[i, 2]:
-            rows[i, 2], rows[i, 3] = 0, 0
+            first, stop = plane_rows[bz0 + j, 2] - y0, plane_rows[bz0 + j, 3] - y0
+            if stop > first:
+                cross_lo = min(cross_lo, first - 1)
+                cross_hi = max(cross_hi, stop + 1)
+        rows[i, 2], rows[i, 3] = _clipped(lo, hi, 0, ny) if hi > lo else (0, 0)
+        rows[i, 4], rows[i, 5] = _clipped(plane_rows[bz0 + i, 2] - y0, plane_rows[bz0 + i, 3] - y0, ra, rb)
+        rows[i, 6], rows[i, 7] = _clipped(cross_lo, cross_hi, ra, rb) if cross_hi > cross_lo else (ra, ra)
     return rows
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
@@ -648,8 +662,8 @@ def _run_slab(p, z0, z1, lower, upper, box, strip_y0, strip_y1, strip_halo, chi,
                     _potential_plane(p_ring[(e + 1) % 3], chi, cols, la, lb, nx, phi_ring[(e + 1) % 3])
             r = live[e - bz0]
             _explicit_plane(p_flat, phi_flat, mask_ring, open_x, coefficients, e, q_flat[e % q_slots], rows, growth,
-                            kappa, clearable, fl, par, bz0, bz1, y0, ox, nx, plane_tmp, pushing, chi, r[0], r[1],
-                            r[2], r[3])
+                            kappa, clearable, fl, par, bz0, bz1, y0, ox, nx, plane_tmp, pushing, chi, r[2], r[3],
+                            r[4], r[5], r[6], r[7])
         for s in range(1, m + 1):
             zs = e - s
             if zs < max(z0 - (m - s), bz0) or zs >= min(z1 + (m - s), bz1):
@@ -726,8 +740,9 @@ def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffu
 def _rows_to_compute(support_rows, z0, z1, y0, y1, reach, oz, oy, out):
     """``FusedStep.plane_rows``' arithmetic: for each plane z of z0 .. z1 (grid indices), the rows
     of ``support_rows`` (grid planes × (first, stop), (0, 0): none) on the planes within ``reach``,
-    grown by ``reach`` rows and clipped to y0 .. y1 (none near: the empty range (y1, y1)), written
-    to out[z − oz] minus oy (the state's indices)."""
+    grown by ``reach`` rows and clipped to y0 .. y1 (none near: the empty range (y1, y1)), to
+    out[z − oz, 0:2], and the plane's own support rows clipped to y0 .. y1 to out[z − oz, 2:4],
+    minus oy (the state's indices)."""
     n = support_rows.shape[0]
     for z in range(z0, z1):
         lo, hi = y1, y0
@@ -742,6 +757,11 @@ def _rows_to_compute(support_rows, z0, z1, y0, y1, reach, oz, oy, out):
             first = min(max(lo - reach, y0), y1)
             stop = max(min(hi + reach, y1), first)
         out[z - oz, 0], out[z - oz, 1] = first - oy, stop - oy
+        first, stop = y1, y1
+        if support_rows[z, 1] > support_rows[z, 0]:
+            first = min(max(support_rows[z, 0], y0), y1)
+            stop = max(min(support_rows[z, 1], y1), first)
+        out[z - oz, 2], out[z - oz, 3] = first - oy, stop - oy
 
 @njit(cache=True, nogil=True)
 def _summarise_extents(extents, watched, z0, z1, oz, oy, boxes, rows):

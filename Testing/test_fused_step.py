@@ -287,7 +287,7 @@ def _ball_tumour(shape=(40, 40, 40), centre=(19, 21, 18), radius=7.5) -> torch.T
 def test_plane_rows_are_the_supports_rows_within_m_plus_1_planes_and_rows(monkeypatch):
     """``FusedStep.plane_rows`` against an independent construction: dilate the support's (z, y)
     footprint by m + 1 planes and rows (a max-pool), take each plane's first and last row, clip to
-    the box. Blobs at the grid's ends and a gap of empty planes exercise the window's padding and
+    the box (the rows computed); and the support's own rows on each plane (where the reaction acts). Blobs at the grid's ends and a gap of empty planes exercise the window's padding and
     empty ranges; a packed state's origin shifts every index."""
     built = _record_steppers(monkeypatch)
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
@@ -313,16 +313,18 @@ def test_plane_rows_are_the_supports_rows_within_m_plus_1_planes_and_rows(monkey
     for box, origin in [((slice(0, 40), slice(0, 30)), (0, 0)), ((slice(5, 33), slice(6, 26)), (3, 4))]:
         computed = step.plane_rows(rows, box + (slice(0, 12),), origin, 40 - origin[0])
         for z in range(box[0].start, box[0].stop):
-            expected = torch.nonzero(grown[z, box[1]])[:, 0]
-            first, stop = computed[z - origin[0]] + origin[1]
-            if expected.numel() == 0:
-                assert first == stop
-            else:
-                assert (first, stop) == (box[1].start + int(expected.min()), box[1].start + int(expected.max()) + 1)
-        assert any(stop == first for first, stop in computed[box[0].start - origin[0]:box[0].stop - origin[0]])
+            for columns, footprint_of_z in ((slice(0, 2), grown[z, box[1]]), (slice(2, 4), footprint[z, box[1]])):
+                expected = torch.nonzero(footprint_of_z)[:, 0]  # the rows computed; the support's own
+                first, stop = computed[z - origin[0], columns] + origin[1]
+                if expected.numel() == 0:
+                    assert first == stop
+                else:
+                    assert (first, stop) == (box[1].start + int(expected.min()),
+                                             box[1].start + int(expected.max()) + 1)
+        assert any(stop == first for first, stop, _, _ in computed[box[0].start - origin[0]:box[0].stop - origin[0]])
     monkeypatch.setattr(fused.FusedStep, "ROW_RANGES", False)
     everything = step.plane_rows(rows, (slice(5, 33), slice(6, 26), slice(0, 12)), (3, 4), 37)
-    assert (everything[2:30] == (2, 22)).all()
+    assert (everything[2:30] == (2, 22, 2, 22)).all()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
