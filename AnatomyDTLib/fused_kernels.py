@@ -400,16 +400,16 @@ def _threshold_candidate(running, theta, u_j, reciprocal, one):
     return running, (c_j if u_j > c_j else theta)
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _threshold_network(lanes, theta, start, stop, one, reciprocals):
-    """θ of the simplex projection for up to 8 classes per voxel: the lanes sorted in registers by
-    Batcher's 19-comparator network (branch-free, so the x loop vectorises), then
-    θ = c_ρ with c_j = (Σ_{i<=j} u_i − 1)/j and ρ the last j with u_j > c_j. Rows of ``lanes``
-    beyond the class count hold −1e30: they sort last and never satisfy u_j > c_j."""
+def _threshold_network(l0, l1, l2, l3, l4, l5, l6, l7, theta, start, stop, one, reciprocals):
+    """θ of the simplex projection for up to 8 classes per voxel (the flat planes l0 … l7): the
+    values sorted in registers by Batcher's 19-comparator network (branch-free, so the x loop
+    vectorises), then θ = c_ρ with c_j = (Σ_{i<=j} u_i − 1)/j and ρ the last j with u_j > c_j.
+    Planes beyond the class count hold −1e30: they sort last and never satisfy u_j > c_j."""
     r2, r3, r4, r5 = reciprocals[1], reciprocals[2], reciprocals[3], reciprocals[4]
     r6, r7, r8 = reciprocals[5], reciprocals[6], reciprocals[7]
     for x in range(_u(start), _u(stop)):
-        v0, v1, v2, v3 = lanes[0, x], lanes[1, x], lanes[2, x], lanes[3, x]
-        v4, v5, v6, v7 = lanes[4, x], lanes[5, x], lanes[6, x], lanes[7, x]
+        v0, v1, v2, v3 = l0[x], l1[x], l2[x], l3[x]
+        v4, v5, v6, v7 = l4[x], l5[x], l6[x], l7[x]
         v0, v1 = _exchange(v0, v1)
         v2, v3 = _exchange(v2, v3)
         v4, v5 = _exchange(v4, v5)
@@ -466,8 +466,17 @@ def _threshold_generic(lanes, n_channels, theta, running, start, stop, one, reci
             c_j = (running[x] - one) * count
             theta[x] = c_j if u_j[x] > c_j else theta[x]
 
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy", inline="always")
+def _lane(c, q, u_last, is_diffused, pad):
+    """Channel c of a plane after the sweeps (flat): the last sweep's values for a diffused class,
+    q's for the others, and ``pad`` (−1e30) beyond the class count (see :func:`_threshold_network`)."""
+    if c >= q.shape[0]:
+        return pad
+    d = is_diffused[c]
+    return u_last[d] if d >= 0 else q[c]
+
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, ox, nx, lanes, work,
+def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, ox, nx, lanes, pad, work,
                   reciprocals, extents, write_from, write_to, first_strip, ra, rb):
     """Write the rows ra .. rb that the step computed, as far as they lie in ``write_from`` ..
     ``write_to`` (local to y0: a strip's own rows, not its halo), of plane z back into p (its other
@@ -482,30 +491,32 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
     a, b = ra * nx, rb * nx  # the computed rows' cells, flat: every stage but the last write is one long loop
     w0, w1 = max(ra, write_from), min(rb, write_to)  # the rows written
     total, smallest, theta, running, project = work[0], work[1], work[2], work[3], work[4]
-    for c in range(n_channels):
-        d = is_diffused[c]
-        src = u_last[d] if d >= 0 else q[c]
-        lane = lanes[c]
-        for i in range(_u(a), _u(b)):
-            lane[i] = src[i]
     if dying >= 0:  # the integrator rescales delayed-death cohorts by the projection
-        dying_lane = lanes[dying]
+        dying_lane = _lane(dying, q, u_last, is_diffused, pad)
         for ly in range(w0, w1):
             out, row = dying_out[z, y0 + ly, ox:], dying_lane[ly * nx:(ly + 1) * nx]
             for x in range(nx):
                 out[x] = row[x]
-    first = lanes[0]
+    first = _lane(0, q, u_last, is_diffused, pad)
     for i in range(_u(a), _u(b)):
         total[i] = first[i]
         smallest[i] = first[i]
     for c in range(1, n_channels):
-        lane = lanes[c]
+        lane = _lane(c, q, u_last, is_diffused, pad)
         for i in range(_u(a), _u(b)):
             total[i] += lane[i]
             smallest[i] = min(smallest[i], lane[i])
-    if n_channels <= _NETWORK_LANES:
-        _threshold_network(lanes, theta, a, b, one, reciprocals)
-    else:
+    if n_channels <= _NETWORK_LANES:  # each class read where it is: no copy into one array
+        _threshold_network(_lane(0, q, u_last, is_diffused, pad), _lane(1, q, u_last, is_diffused, pad),
+                           _lane(2, q, u_last, is_diffused, pad), _lane(3, q, u_last, is_diffused, pad),
+                           _lane(4, q, u_last, is_diffused, pad), _lane(5, q, u_last, is_diffused, pad),
+                           _lane(6, q, u_last, is_diffused, pad), _lane(7, q, u_last, is_diffused, pad),
+                           theta, a, b, one, reciprocals)
+    else:  # copied into one array, sorted there
+        for c in range(n_channels):
+            src, lane = _lane(c, q, u_last, is_diffused, pad), lanes[c]
+            for i in range(_u(a), _u(b)):
+                lane[i] = src[i]
         _threshold_generic(lanes, n_channels, theta, running, a, b, one, reciprocals)
     for i in range(_u(a), _u(b)):  # project: 1 where the voxel left the simplex, else 0
         off = abs(total[i] - one) > slack or smallest[i] < zero
@@ -523,7 +534,7 @@ def _finish_plane(z, q, u_last, p, dying_out, is_diffused, domain, fl, par, y0, 
         for c in range(n_channels):
             extents[c, z, 0], extents[c, z, 1], extents[c, z, 2], extents[c, z, 3] = 0, -1, p.shape[3], -1
     for c in range(n_channels):
-        lane = lanes[c]
+        lane = _lane(c, q, u_last, is_diffused, pad)
         watched = (fl[_WATCHED] >> c) & 1 == 1
         for ly in range(w0, w1):
             dst, offset = p[c, z, y0 + ly, ox:], ly * nx
@@ -613,7 +624,8 @@ def _run_slab(p, z0, z1, lower, upper, box, strip_y0, strip_y1, strip_halo, chi,
     u_ring = np.empty((lag, 3, kd, ny, nx), dtype=p.dtype)  # u_s of sweep s = 1..m
     identity = np.arange(kd)
     tmp = np.zeros((6, nx + 1), dtype=p.dtype)
-    lanes = np.full((max(2 * n_channels, _NETWORK_LANES), ny * nx), -1e30, dtype=p.dtype)  # see _threshold_network
+    lanes = np.empty((2 * n_channels if n_channels > _NETWORK_LANES else 0, ny * nx), dtype=p.dtype)  # see _finish_plane
+    pad = np.full(ny * nx, -1e30, dtype=p.dtype)  # the sorting network's lanes beyond the class count
     work = np.empty((5, ny * nx), dtype=p.dtype)
     reciprocals = np.empty(max(n_channels, _NETWORK_LANES), dtype=p.dtype)
     for j in range(reciprocals.shape[0]):
@@ -685,7 +697,7 @@ def _run_slab(p, z0, z1, lower, upper, box, strip_y0, strip_y1, strip_halo, chi,
         if z0 <= zf < z1:
             r = live[zf - bz0]
             _finish_plane(zf, q_flat[zf % q_slots], u_flat[lag - 1, zf % 3], p, dying_out, is_diffused, domain, fl,
-                          par, y0, ox, nx, lanes, work, reciprocals, extents, strip_y0 - y0, strip_y1 - y0,
+                          par, y0, ox, nx, lanes, pad, work, reciprocals, extents, strip_y0 - y0, strip_y1 - y0,
                           strip_y0 == box_y0, r[0], r[1])
 
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True)
