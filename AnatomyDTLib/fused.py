@@ -339,7 +339,7 @@ class FusedStep:
         changed. So a plane's rows are those of W on the planes within m + 1, grown by m + 1 rows.
         (The box needs one voxel more, m + 2: the kernel closes the faces across its border,
         whereas rows outside the computed ones keep their true, unchanged values, which the
-        stencils read.) ``Testing/test_fused_step.py`` checks that a reach of m changes the result.
+        stencils read.) With a reach of m the kernel's tests in ``Testing/test_fused_step.py`` fail.
         A tumour fills about a third of its box (``benchmarks/perf_roofline.py`` counts it) and
         its planes near the box's ends hold few rows: 0.8 of the box's rows are computed on the
         brain case. ``support_rows`` (grid planes, 2): W's rows per plane, as :attr:`rows_found`
