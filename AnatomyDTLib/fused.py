@@ -59,6 +59,8 @@ import os
 import numpy as np
 import torch
 
+from .boxes import shifted, union
+
 ENV_SWITCH = "ANATOMYDT_FUSED"
 _KERNELS = None  # the module AnatomyDTLib.fused_kernels once imported, False if numba cannot be imported
 
@@ -110,8 +112,7 @@ def floored_supports_(p: torch.Tensor, channels: list[int], window, floor: float
             if out[j, 1] > out[j, 0]:
                 box = (slice(int(out[j, 0]), int(out[j, 1])), slice(int(out[j, 2]), int(out[j, 3])),
                        slice(int(out[j, 4]), int(out[j, 5])))
-                merged[c] = box if merged[c] is None else tuple(
-                    slice(min(a.start, b_.start), max(a.stop, b_.stop)) for a, b_ in zip(merged[c], box))
+                merged[c] = union(merged[c], box)
     return merged
 
 
@@ -302,7 +303,7 @@ class FusedStep:
             region = self.region_for(box) if self.needs_region else None
             state_origin = (0, 0, 0)
             origin = (0, 0, 0) if region is None else tuple(r.start for r in region)
-        local = tuple(slice(b.start - o, b.stop - o) for b, o in zip(box, state_origin))
+        local = shifted(box, [-o for o in state_origin])  # the box in the state's indices
         box_array = np.array([local[0].start, local[0].stop, local[1].start, local[1].stop, local[2].start,
                               local[2].stop], dtype=np.int64)
         for b in range(p.shape[0]):
@@ -321,8 +322,7 @@ class FusedStep:
                                 clear, self.diffused, self.is_diffused, wz, wy, wx, scale, dying, fl, par, constants,
                                 self.extents[b], rows)
         supports = self._supports_found(local, state_origin, p.shape[0])
-        return {c: None if found is None else tuple(slice(f.start + o, f.stop + o) for f, o in zip(found, state_origin))
-                for c, found in supports.items()}
+        return {c: shifted(found, state_origin) for c, found in supports.items()}
 
     def plane_rows(self, support_rows: np.ndarray | None, box, origin, n_planes: int) -> np.ndarray:
         """The kernel's ``plane_rows`` (n_planes, 4): for each plane of ``box`` (grid slices), the
@@ -368,9 +368,7 @@ class FusedStep:
                 if boxes[i, 1] == 0:
                     continue
                 item = tuple(slice(int(boxes[i, 2 * a]), int(boxes[i, 2 * a + 1])) for a in range(3))
-                found = supports[c]
-                supports[c] = item if found is None else tuple(slice(min(f.start, i_.start), max(f.stop, i_.stop))
-                                                               for f, i_ in zip(found, item))
+                supports[c] = union(supports[c], item)
         return supports
 
     def _coefficients(self, b: int, dt: float, region, row_length: int) -> tuple:

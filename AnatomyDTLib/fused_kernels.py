@@ -757,22 +757,16 @@ def _rows_to_compute(support_rows, z0, z1, y0, y1, reach, oz, oy, out):
     minus oy (the state's indices)."""
     n = support_rows.shape[0]
     for z in range(z0, z1):
-        lo, hi = y1, y0
-        found = False
+        lo, hi = -1, -1  # hi < 0: no support on the planes within reach
         for k in range(max(z - reach, 0), min(z + reach + 1, n)):
             if support_rows[k, 1] > support_rows[k, 0]:
-                lo = min(lo, support_rows[k, 0]) if found else support_rows[k, 0]
-                hi = max(hi, support_rows[k, 1]) if found else support_rows[k, 1]
-                found = True
-        first, stop = y1, y1
-        if found:
-            first = min(max(lo - reach, y0), y1)
-            stop = max(min(hi + reach, y1), first)
+                lo = support_rows[k, 0] if hi < 0 else min(lo, support_rows[k, 0])
+                hi = max(hi, support_rows[k, 1])
+        first, stop = _clipped(lo - reach, hi + reach, y0, y1) if hi >= 0 else (y1, y1)
         out[z - oz, 0], out[z - oz, 1] = first - oy, stop - oy
         first, stop = y1, y1
         if support_rows[z, 1] > support_rows[z, 0]:
-            first = min(max(support_rows[z, 0], y0), y1)
-            stop = max(min(support_rows[z, 1], y1), first)
+            first, stop = _clipped(support_rows[z, 0], support_rows[z, 1], y0, y1)
         out[z - oz, 2], out[z - oz, 3] = first - oy, stop - oy
 
 @njit(cache=True, nogil=True)

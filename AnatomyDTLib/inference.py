@@ -51,6 +51,7 @@ import torch
 
 from . import treatments as tx
 from .operators import face_both_inside
+from .boxes import dilate, dilate_or_none, intersection, relative, shifted, union, union_all
 from .fused import FusedStep, floored_supports_
 from .simplex import on_simplex_slack, simplex_threshold
 
@@ -159,14 +160,14 @@ class InferenceStepper:
             if self.cross_rows is None:
                 box = self.full_box
             else:
-                box = _dilate_or_none(_union_all(support[c] for c in self.cross_cols), 1, spatial)
+                box = dilate_or_none(union_all(support[c] for c in self.cross_cols), 1, spatial)
             if box is not None:
                 cross = (box, self._cross_increment(_crop(p, box), dt, box))
-                changed = _union(changed, box)
-        tumour_box = _union_all(support[c] for c in self.tumour_like)
+                changed = union(changed, box)
+        tumour_box = union_all(support[c] for c in self.tumour_like)
         if tumour_box is not None:
             self._reaction_(_crop(p, tumour_box), dt, chemo_rate, _crop(clearable, tumour_box), tumour_box)
-            changed = _union(changed, tumour_box)
+            changed = union(changed, tumour_box)
         if pr.reaction_hook is not None:  # a learned term can act anywhere
             self._hook_(p, t, dt)
             changed = self.full_box
@@ -182,11 +183,11 @@ class InferenceStepper:
             if pr.reaction_hook is not None:
                 box = support_box_within(p[:, self.diffused], self.full_box, m + 1, spatial)
             else:
-                box = _dilate_or_none(self._diffused_support(support, None if cross is None else cross[0], tumour_box),
+                box = dilate_or_none(self._diffused_support(support, None if cross is None else cross[0], tumour_box),
                                       m + 1, spatial)
             if box is not None:
                 self._implicit_diffusion_(p, dt, box)
-                changed = _union(changed, box)
+                changed = union(changed, box)
         self.window = changed if changed is not None else self.window
         if pr.dying is not None:  # the integrator keeps delayed-death cohorts consistent with the projection
             self._keep_dying_before_projection(p, changed)
@@ -201,13 +202,13 @@ class InferenceStepper:
         spatial = self.shape[2:]
         cross_box = None
         if self.cross_rows:
-            cross_box = _dilate_or_none(_union_all(support[c] for c in self.cross_cols), 1, spatial)
-        tumour_box = _union_all(support[c] for c in self.tumour_like)
-        changed = _union(cross_box, tumour_box)
+            cross_box = dilate_or_none(union_all(support[c] for c in self.cross_cols), 1, spatial)
+        tumour_box = union_all(support[c] for c in self.tumour_like)
+        changed = union(cross_box, tumour_box)
         if self.diffused:
-            diffusion_box = _dilate_or_none(self._diffused_support(support, cross_box, tumour_box), pr.jacobi_iters + 1,
+            diffusion_box = dilate_or_none(self._diffused_support(support, cross_box, tumour_box), pr.jacobi_iters + 1,
                                             spatial)
-            changed = _union(changed, diffusion_box)
+            changed = union(changed, diffusion_box)
         if changed is None:
             if pr.dying is not None:
                 self._keep_dying_before_projection(p, changed)
@@ -338,7 +339,7 @@ class InferenceStepper:
     def search_window(self) -> tuple[slice, ...]:
         """The box the next step searches for supports: it holds every non-zero value of the watched
         classes (tumour, dying, diffused, χ columns), and the next step changes nothing outside it."""
-        return _dilate(self.window, self.pr.jacobi_iters + 2, self.shape[2:])
+        return dilate(self.window, self.pr.jacobi_iters + 2, self.shape[2:])
 
     def _keep_dying_before_projection(self, p: torch.Tensor, changed) -> None:
         """``dying_before_projection``: the dying channel as it is now (before the projection), for
@@ -374,12 +375,12 @@ class InferenceStepper:
         cross-diffusion in its box (rows of χ), and the reaction in the tumour's box (the sink class
         receives killed tumour; growth only rescales the other classes).
         """
-        box = _union_all(support[c] for c in self.diffused)
+        box = union_all(support[c] for c in self.diffused)
         diffused = set(self.diffused)
         if cross_box is not None and (self.cross_rows is None or diffused & set(self.cross_rows)):
-            box = _union(box, cross_box)
+            box = union(box, cross_box)
         if tumour_box is not None and self.pr.sink in diffused:
-            box = _union(box, tumour_box)
+            box = union(box, tumour_box)
         return box
 
     def _floored_supports_(self, p: torch.Tensor, window) -> dict:
@@ -404,7 +405,7 @@ class InferenceStepper:
             boxes = floored_supports_(state, self.watched, window, self.floor, rows)
             if boxes is not None:
                 self._support_rows = self._rows_on_grid(rows, origin)
-                return {c: _shifted(box, origin) for c, box in boxes.items()}
+                return {c: shifted(box, origin) for c, box in boxes.items()}
         region = _crop(state, window)
         boxes = {}
         for c in self.watched:
@@ -473,8 +474,8 @@ class InferenceStepper:
         if self.fused.usable:
             boxes = floored_supports_(state, [channel], window, 0.0)
             if boxes is not None:
-                return _shifted(boxes[channel], origin)
-        return _shifted(support_box_within(state.narrow(1, channel, 1), window, 0, state.shape[2:]), origin)
+                return shifted(boxes[channel], origin)
+        return shifted(support_box_within(state.narrow(1, channel, 1), window, 0, state.shape[2:]), origin)
 
     # -- explicit part --------------------------------------------------------------------
     def _reaction_(self, p, dt, chemo_rate, clearable, box) -> None:
@@ -753,32 +754,20 @@ class PackedState:
 
     def local(self, box) -> tuple[slice, ...]:
         """``box`` (grid slices, inside the region) in the region's coordinates."""
-        return _relative(box, self.region)
+        return relative(box, self.region)
 
     def take_clearable(self, source: torch.Tensor, source_region, box) -> None:
         """Copy the clearable cells of ``source`` (a buffer covering ``source_region`` of the grid) on
         ``box`` (grid slices, inside ``source_region``): the part inside this region."""
-        inside = _intersection(box, self.region)
+        inside = intersection(box, self.region)
         if inside is not None:
-            _crop(self.clearable, self.local(inside)).copy_(_crop(source, _relative(inside, source_region)))
+            _crop(self.clearable, self.local(inside)).copy_(_crop(source, relative(inside, source_region)))
 
 
-def _intersection(a, b):
-    """The common part of two boxes, or None when they do not overlap."""
-    common = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b))
-    return None if any(c.start >= c.stop for c in common) else common
 
 
-def _relative(inner, outer) -> tuple[slice, ...]:
-    """The box ``inner`` (grid slices) in the coordinates of the box ``outer`` that contains it."""
-    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
 
 
-def _shifted(box, origin):
-    """A box in a region's coordinates moved to the grid's (``origin``: the region's first voxel)."""
-    if box is None:
-        return None
-    return tuple(slice(b.start + o, b.stop + o) for b, o in zip(box, origin))
 
 
 def _true_box(mask: torch.Tensor) -> tuple[slice, ...] | None:
@@ -808,7 +797,7 @@ def support_box(channels: torch.Tensor, margin: int) -> tuple[slice, ...] | None
     local = _true_box(nonzero)
     if local is None:
         return None
-    return _dilate(local, margin, tuple(nonzero.shape))
+    return dilate(local, margin, tuple(nonzero.shape))
 
 
 def support_box_within(channels: torch.Tensor, window, margin: int, spatial_shape) -> tuple[slice, ...] | None:
@@ -821,12 +810,6 @@ def support_box_within(channels: torch.Tensor, window, margin: int, spatial_shap
                  for w, l, n in zip(window, local, spatial_shape))
 
 
-def _dilate(box, margin: int, spatial_shape):
-    return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(box, spatial_shape))
-
-
-def _dilate_or_none(box, margin: int, spatial_shape):
-    return None if box is None else _dilate(box, margin, spatial_shape)
 
 
 def _channels(p: torch.Tensor, channels: list[int]) -> torch.Tensor:
@@ -843,19 +826,6 @@ def _crop(t: torch.Tensor | None, box) -> torch.Tensor | None:
     return t[(slice(None), slice(None)) + tuple(box)]
 
 
-def _union(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
-
-
-def _union_all(boxes):
-    total = None
-    for box in boxes:
-        total = _union(total, box)
-    return total
 
 
 def _is_zero(value: torch.Tensor) -> bool:

@@ -38,7 +38,8 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from . import treatments as tx
 from .errors import InputError, ParameterError
-from .inference import _crop, _intersection, _relative, _union  # box arithmetic of the no-grad path
+from .boxes import intersection, relative, union
+from .inference import _crop  # a field's view on a box
 from .operators import CrossDiffusionOperator, DiffusionOperator, cross_diffusion_stability, jacobi_solve
 from .plan import TreatmentPlan, load_plan
 from .schema import ClassSchema, schema_for
@@ -261,10 +262,10 @@ class _Cohort:
         inside ``box``; None when the cohort has no voxel there."""
         if self.box is None:
             return _crop(self.mass, box), tuple(slice(0, b.stop - b.start) for b in box)
-        common = _intersection(self.box, box)
+        common = intersection(self.box, box)
         if common is None:
             return None
-        return (_crop(self.mass, _relative(common, self.box)), _relative(common, box))
+        return (_crop(self.mass, relative(common, self.box)), relative(common, box))
 
     def on_grid(self, spatial_shape) -> torch.Tensor:
         """The mass as a grid-sized (B, 1, *S) tensor (a new one)."""
@@ -682,7 +683,7 @@ class _Integrator:
             p = self.stepper.step(p, t, dt, chemo, clearable)
             if pr.dying is not None:  # the dying channel changed inside the search window and the step's box
                 stepper = self.stepper
-                box = stepper.clip(_union(self.cohort_box, stepper.window))
+                box = stepper.clip(union(self.cohort_box, stepper.window))
                 self._rescale_cohorts(stepper.on(stepper.dying_before_projection, box),
                                       stepper.current(p, box)[:, pr.dying:pr.dying + 1], box)
             return p
