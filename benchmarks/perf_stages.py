@@ -209,8 +209,9 @@ def packed_state_difference(arguments: dict) -> float:
 
 def packed_state(arguments: dict) -> dict:
     """The captured call on a copy of the state restricted to its box (and of the per-step arrays
-    that cover the same voxels as the state: clearable, dying_out), the box moved to the origin;
-    the coefficient fields keep their region, whose origin is moved by the same amount."""
+    that cover the same voxels as the state: clearable, dying_out), the box moved to the origin,
+    and the rows to compute per plane with it; the coefficient fields keep their region, whose
+    origin is moved by the same amount."""
     import numpy as np
 
     from AnatomyDTLib import fused
@@ -228,6 +229,7 @@ def packed_state(arguments: dict) -> dict:
         flags[slot] -= start
     packed["fl"] = flags
     packed["extents"] = np.zeros((arguments["extents"].shape[0], z1 - z0, 4), dtype=np.int64)
+    packed["plane_rows"] = arguments["plane_rows"][z0:z1] - y0  # rows per plane, in the state's indices
     return packed
 
 
