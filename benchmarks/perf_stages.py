@@ -26,6 +26,9 @@ with each stage switched off through the kernel's own flags:
   what a margin costs. (Before the product kept its state packed, this row was the estimate of
   what packing it would give.)
 
+It also prints the share of the box's rows the kernel computes on that step (``FusedStep.plane_rows``)
+and, of those, the shares where the reaction and the cross-diffusion act.
+
 With ``--baseline REV`` it times, instead, this kernel against ``fused_kernels.py`` as it was at
 git revision REV on the same captured call (taking turns, so the machine's drift hits both), and
 prints their ratio and the largest difference of their results: how an optimisation is measured
@@ -233,6 +236,20 @@ def packed_state(arguments: dict) -> dict:
     return packed
 
 
+def row_shares(arguments: dict) -> dict:
+    """Of the captured call's box rows (planes × rows), the share the kernel computes, and of those
+    the shares where the reaction and the cross-diffusion act (the kernel's own ``_slab_rows`` on
+    the captured ``plane_rows``; one strip spanning the box)."""
+    from AnatomyDTLib import fused
+
+    z0, z1, y0, y1 = (int(v) for v in arguments["box"][:4])
+    live = fused._kernels()._slab_rows(arguments["plane_rows"], z0, z1, y0, y1)
+    computed = int((live[:, 1] - live[:, 0]).sum())
+    return {"computed": computed / ((z1 - z0) * (y1 - y0)),
+            "reaction": int((live[:, 5] - live[:, 4]).sum()) / max(computed, 1),
+            "cross-diffusion": int((live[:, 7] - live[:, 6]).sum()) / max(computed, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=("brain", "dense"), default="brain",
@@ -257,6 +274,9 @@ def main() -> None:
     threads = int(arguments["fl"][fused._kernels()._THREADS])
     print(f"{args.case} case step {args.step}: box z {box[0]}:{box[1]}, y {box[2]}:{box[3]}, x {box[4]}:{box[5]} "
           f"= {voxels / 1e6:.2f} M voxels, kernel threads {threads}")
+    shares = row_shares(arguments)
+    print(f"  rows computed: {shares['computed']:.3f} of the box's; of those, the reaction acts on "
+          f"{shares['reaction']:.2f}, the cross-diffusion on {shares['cross-diffusion']:.2f}")
     labelled = variants(arguments, capture_step(args.step, args.case, pack_margin=10 ** 9))
     print(f"  the packed-state call's result differs from the full step's by {packed_state_difference(arguments):.2e}")
     all_times = time_variants([call for _, call in labelled], args.repeats)
