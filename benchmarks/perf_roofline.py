@@ -103,7 +103,7 @@ def _timed_kernel_calls() -> dict:
     e.g. after an event), and the rest (Python, torch, events): {"kernel": [(t, s), ...], ...}."""
     from AnatomyDTLib import fused
 
-    calls: dict = {"kernel": [], "floor": [], "event": []}
+    calls: dict = {"kernel": [], "floor": [], "event": [], "computed": []}
     if not fused.fused_kernel_available():
         return calls
     kernels = fused._kernels()
@@ -114,9 +114,21 @@ def _timed_kernel_calls() -> dict:
             # the pass at floor 0 is a radiotherapy fraction finding the tumour's box: an event, not the step's
             key = "event" if _key == "floor" and args[3] == 0 else _key
             calls[key].append((t0, time.perf_counter() - t0))
+            if key == "kernel":  # _fused_step(p, box, ..., plane_rows)
+                calls["computed"].append((t0, computed_voxels(args[1], args[-1])))
             return result
         setattr(kernels, name, timed)  # this child process only
     return calls
+
+
+def computed_voxels(box, plane_rows) -> int:
+    """Voxels a kernel call computes: on each plane z of ``box`` = (z0, z1, y0, y1, x0, x1), the
+    rows ``plane_rows[z, 0:2]`` (state indices) inside y0 .. y1, each the box's full x extent
+    (the kernel's flat loops compute whole rows; see ``FusedStep.plane_rows``)."""
+    z0, z1, y0, y1, x0, x1 = (int(v) for v in box[:6])
+    rows = plane_rows[z0:z1]
+    first, stop = rows[:, 0].clip(y0, y1), rows[:, 1].clip(y0, y1)
+    return int((stop - first).clip(0, None).sum()) * (x1 - x0)
 
 
 def step_split(bounds: list[float], calls: dict) -> dict | None:
@@ -133,12 +145,14 @@ def step_split(bounds: list[float], calls: dict) -> dict | None:
                     totals[i] += seconds
         return totals
 
-    kernel, floor = per_step("kernel"), per_step("floor")
+    kernel, floor, computed = per_step("kernel"), per_step("floor"), per_step("computed")
     if not steps or any(k == 0.0 for k in kernel):
         return None
     rest = [(b - a) - k - f for (a, b), k, f in zip(steps, kernel, floor)]
     return {"kernel": statistics.median(kernel), "floor": statistics.median(floor), "rest": statistics.median(rest),
-            "floor_steps": sum(f > 0 for f in floor) / len(steps)}
+            "floor_steps": sum(f > 0 for f in floor) / len(steps),
+            "kernel_s_per_computed_voxel": statistics.median(k / c for k, c in zip(kernel, computed)),
+            "computed_voxels": statistics.median(computed)}
 
 
 def problem(case: str):
@@ -407,6 +421,26 @@ def print_summary(s: dict, bandwidth: float, peak_gflops: float | None) -> None:
             strict = max(share * minimum / (bandwidth * GB), share * flops / (peak_gflops * 1e9))
             print(f"  on the voxels the step changes ({share:.2f} of the box): bound {strict * 1e3:.2f} ms -> "
                   f"{strict / s['step_s']:.2f} of the roofline")
+            if s.get("split") and s["split"].get("computed_voxels"):
+                print_sparsity_ceiling(s, share, strict, peak_gflops)
+
+
+def print_sparsity_ceiling(s: dict, share: float, strict_bound_s: float, peak_gflops: float) -> None:
+    """How far the strict ratio is a matter of which voxels the kernel computes and how far of its
+    speed per voxel: the voxels it computes per step, its wall time per computed voxel and the
+    arithmetic roof's share that is, and the step time of a kernel computing only the voxels that
+    change at that same time per voxel, with the same rest of the step (a perfect sparse layout,
+    no other change), against the strict bound."""
+    split = s["split"]
+    computed, per_voxel = split["computed_voxels"], split["kernel_s_per_computed_voxel"]
+    efficiency = s["flops_per_voxel"] / per_voxel / (peak_gflops * 1e9)
+    changed = share * s["median_box_voxels"]
+    ideal = changed * per_voxel + split["rest"] + split["floor"]
+    print(f"  the kernel computes {computed / 1e6:.2f} M voxels per step ({computed / s['median_box_voxels']:.2f} of the "
+          f"box, {computed / changed:.1f}x the voxels that change), {per_voxel * 1e9:.1f} ns of wall time each "
+          f"({efficiency:.2f} of the arithmetic roof on them)")
+    print(f"  computing only the voxels that change, at that time per voxel, plus the same rest: "
+          f"{ideal * 1e3:.2f} ms -> {strict_bound_s / ideal:.2f} of the roofline on the voxels that change")
 
 
 def main() -> None:
