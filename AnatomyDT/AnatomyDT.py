@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import traceback
 from typing import Annotated, Optional
@@ -210,6 +211,7 @@ class AnatomyDTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._updateCompletionOption()
         self.initializeParameterNode()
+        self.logic.startKernelWarmUp()
 
     def _updateCompletionOption(self):
         available = self.logic.completionAvailable()
@@ -687,6 +689,25 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
         from AnatomyDTLib.plan import load_plan
 
         return shift_plan(load_plan(plan), baselineDay)
+
+    @staticmethod
+    def startKernelWarmUp():
+        """Compile the fused solver kernel in a background process, once per machine, so that the
+        first pde-only or calibration forecast does not wait 35-50 s for numba with its progress bar
+        standing still (AnatomyDTLib.warmup). Does nothing when the kernel is cached already, or when
+        PyTorch or numba are not installed yet. Returns the process, or None."""
+        from AnatomyDTLib import warmup
+
+        python = shutil.which("PythonSlicer") or sys.executable  # PythonSlicer: Slicer's Python, its environment
+        try:
+            process = warmup.start_background_warm_up(python)
+        except OSError as exc:  # a read-only home, no permission to start processes: the forecast compiles itself
+            logging.info(f"AnatomyDT: the solver kernel could not be compiled in the background ({exc})")
+            return None
+        if process is not None:
+            logging.info(f"AnatomyDT: compiling the solver kernel in the background (once; log: "
+                         f"{warmup.cache_dir() / warmup.LOG_NAME})")
+        return process
 
     def _checkInputs(self, p):
         from AnatomyDTLib.errors import InputError

@@ -43,10 +43,11 @@ rounding on problems that use every feature. It covers the product's problems:
 
 Everything else (a spatial χ, a limited cross-diffusion step, a learned reaction hook, CUDA
 tensors, numba not installed, or ``ANATOMYDT_FUSED=0``) runs on the torch path, which stays the
-reference. numba compiles the kernel on first use (35–40 s per dtype on a 2-core machine) and
+reference. numba compiles the kernel on first use (35–50 s per dtype on a 2-core machine) and
 caches the machine code on disk (next to ``fused_kernels.py``, which holds the numba code, or in
 numba's user cache when that folder is read-only), so later runs and later processes load it in
-well under a second.
+well under a second. :mod:`AnatomyDTLib.warmup` (``anatomydt warmup``) compiles it ahead of the
+first forecast; the Slicer module starts that in the background.
 
 Units: Δt in days, spacing in mm, χ and D in mm²/day, rates in 1/day.
 """

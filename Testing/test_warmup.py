@@ -1,0 +1,149 @@
+"""The kernel warm-up (AnatomyDTLib.warmup, ``anatomydt warmup``): it must compile every kernel a
+forecast calls, with the argument types the forecast gives, so that the forecast compiles nothing;
+its marker must follow what numba's cache depends on; the background start must run once and
+leave the marker.
+
+Each process check runs in a fresh interpreter: a process whose kernels are already compiled in
+memory would show nothing. numba's on-disk cache is the one of this checkout (filled by earlier
+tests or runs), so a warm-up mostly loads rather than compiles; with an empty cache it compiles
+(≈ 40 s), which the assertions do not depend on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from AnatomyDTLib import cli, fused, warmup
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "Resources" / "SampleData"
+
+needs_kernel = pytest.mark.skipif(not fused.fused_kernel_available(), reason="numba is not installed here")
+
+
+@pytest.fixture()
+def cache_folder(tmp_path, monkeypatch):
+    """AnatomyDT's cache folder (markers, log) in a fresh temporary folder, for this test and its children."""
+    folder = tmp_path / "anatomydt-cache"
+    monkeypatch.setenv(warmup.CACHE_DIR_VARIABLE, str(folder))
+    return folder
+
+
+def _run_python(code: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            timeout=timeout, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@needs_kernel
+def test_after_the_warm_up_a_forecast_with_every_treatment_compiles_nothing(cache_folder):
+    """In a fresh process: the warm-up gives every kernel function its machine code; then the sample
+    case's pde-only prediction under the Stupp plan with delayed death and a resection, inside a
+    brain mask, adds no signature to any kernel function (it would compile one, for ≈ 40 s, if the
+    warm-up had missed an argument type the product passes)."""
+    result = _run_python(f"""
+        import json
+        import numpy as np
+        from AnatomyDTLib import warmup
+        from AnatomyDTLib.plan import load_plan
+        from AnatomyDTLib.predict import predict
+        from AnatomyDTLib.state import AnatomyState
+
+        report = warmup.warm_up(force=True)
+        functions = warmup.kernel_functions()
+        after_warm_up = {{name: len(f.signatures) for name, f in functions.items()}}
+        baseline = AnatomyState.from_file({str(SAMPLE / "sample_baseline.seg.nrrd")!r})
+        plan = json.load(open({str(SAMPLE / "sample_plan_stupp.json")!r}))
+        plan["radiotherapy"]["delayed_death"] = {{"delay_days": 10.0, "clearance_half_life_days": 14.0}}
+        plan["surgery"] = [{{"day": 20.0, "extent": 0.6}}]
+        mask = baseline.to_labels() != 0
+        predict(baseline, days=[25.0, 70.0], plan=load_plan(plan, schema=baseline.schema), model="pde-only",
+                mask=mask)
+        after_forecast = {{name: len(f.signatures) for name, f in functions.items()}}
+        print(json.dumps({{"compiled": report.compiled, "loaded": report.loaded, "after_warm_up": after_warm_up,
+                          "after_forecast": after_forecast, "warm": warmup.is_warm()}}))
+    """)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["warm"]
+    every = sorted(out["after_warm_up"])
+    assert sorted(out["compiled"]["float32"] + out["loaded"]["float32"]) == every
+    assert all(count >= 1 for count in out["after_warm_up"].values()), out
+    assert out["after_forecast"] == out["after_warm_up"], "the forecast compiled a signature the warm-up missed"
+
+
+def test_the_marker_follows_the_kernel_source_and_the_dtype(cache_folder, tmp_path):
+    """A changed kernel source or another dtype gives another marker; a marker that cannot be read
+    counts as absent."""
+    changed = tmp_path / "fused_kernels.py"
+    changed.write_text(warmup.KERNEL_SOURCE.read_text() + "\n# changed\n")
+    assert warmup.cache_key("float32") != warmup.cache_key("float32", changed)
+    assert warmup.cache_key("float32") != warmup.cache_key("float64")
+    assert warmup.marker_path("float32").parent == cache_folder
+    assert not warmup.is_warm()
+    cache_folder.mkdir()
+    warmup.marker_path("float32").write_text("{ half a marker")
+    assert not warmup.is_warm()
+    warmup.marker_path("float32").write_text("{}")
+    assert warmup.is_warm() and not warmup.is_warm(("float32", "float64"))
+    with pytest.raises(Exception, match="dtype must be one of float32, float64"):
+        warmup.marker_path("float16")
+
+
+@needs_kernel
+def test_the_background_warm_up_runs_once_and_leaves_the_marker(cache_folder):
+    """start_background_warm_up starts ``python -m AnatomyDTLib warmup``; a second call while it runs
+    starts nothing; when it ends the marker is there, the running mark gone, the log holds its
+    report, and a third call starts nothing either."""
+    process = warmup.start_background_warm_up()
+    assert process is not None
+    assert warmup.start_background_warm_up() is None  # one at a time
+    assert process.wait(timeout=600) == 0
+    assert warmup.is_warm()
+    assert not (cache_folder / warmup.RUNNING_NAME).exists()
+    log = (cache_folder / warmup.LOG_NAME).read_text()
+    assert "anatomydt warmup: float32:" in log
+    assert warmup.start_background_warm_up() is None  # warm now
+
+
+def test_a_stale_running_mark_does_not_block_the_next_warm_up(cache_folder):
+    """A warm-up that died leaves its running mark behind; after RUNNING_EXPIRES_S it no longer counts."""
+    if not fused.fused_kernel_available():
+        pytest.skip("numba is not installed here")
+    cache_folder.mkdir()
+    mark = cache_folder / warmup.RUNNING_NAME
+    mark.write_text("12345")
+    assert warmup.start_background_warm_up() is None
+    old = time.time() - warmup.RUNNING_EXPIRES_S - 60
+    os.utime(mark, (old, old))
+    process = warmup.start_background_warm_up()
+    assert process is not None
+    assert process.wait(timeout=600) == 0
+    assert warmup.is_warm()
+
+
+def test_the_command_reports_a_cached_kernel_and_a_switched_off_one(cache_folder, capsys, monkeypatch):
+    """``anatomydt warmup`` with the marker present runs nothing and says so; with the kernel
+    switched off it compiles nothing, writes no marker and still exits 0 (forecasts take the
+    torch path)."""
+    monkeypatch.setenv(fused.ENV_SWITCH, "0")
+    assert cli.main(["warmup"]) == 0
+    assert "nothing compiled: numba is not installed, or the fused kernel is switched off" in capsys.readouterr().out
+    assert not cache_folder.exists() or not any(cache_folder.iterdir())
+    monkeypatch.delenv(fused.ENV_SWITCH)
+    cache_folder.mkdir(exist_ok=True)
+    warmup.marker_path("float32").write_text("{}")
+    if fused.fused_kernel_available():
+        assert cli.main(["warmup"]) == 0
+        assert "float32: already compiled and cached on this machine" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["warmup", "--dtype", "float16"])
+    assert refused.value.code == 2
