@@ -48,12 +48,14 @@ def _run_python(code: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def test_after_the_warm_up_a_forecast_with_every_treatment_compiles_nothing(cache_folder):
     """In a fresh process: the warm-up gives every kernel function its machine code; then the sample
     case's pde-only prediction under the Stupp plan with delayed death and a resection, inside a
-    brain mask, adds no signature to any kernel function (it would compile one, for ≈ 40 s, if the
-    warm-up had missed an argument type the product passes)."""
+    brain mask, and a calibrated forecast (a growth-rate map) add no signature to any kernel
+    function (they would compile one, for ≈ 40 s, if the warm-up had missed an argument type the
+    product passes)."""
     result = _run_python(f"""
         import json
-        import numpy as np
+        import torch
         from AnatomyDTLib import warmup
+        from AnatomyDTLib.calibration import CalibratedPDEModel
         from AnatomyDTLib.plan import load_plan
         from AnatomyDTLib.predict import predict
         from AnatomyDTLib.state import AnatomyState
@@ -66,8 +68,12 @@ def test_after_the_warm_up_a_forecast_with_every_treatment_compiles_nothing(cach
         plan["radiotherapy"]["delayed_death"] = {{"delay_days": 10.0, "clearance_half_life_days": 14.0}}
         plan["surgery"] = [{{"day": 20.0, "extent": 0.6}}]
         mask = baseline.to_labels() != 0
-        predict(baseline, days=[25.0, 70.0], plan=load_plan(plan, schema=baseline.schema), model="pde-only",
-                mask=mask)
+        plan = load_plan(plan, schema=baseline.schema)
+        predict(baseline, days=[25.0, 70.0], plan=plan, model="pde-only", mask=mask)
+        # a calibrated forecast: a growth-rate map (1/day) instead of one rate
+        alpha = torch.full(baseline.field.shape[1:], 0.04)
+        alpha[baseline.field.shape[1] // 2:] = 0.06
+        predict(baseline, days=[30.0], plan=plan, model=CalibratedPDEModel(growth_rate_map=alpha), mask=mask)
         after_forecast = {{name: len(f.signatures) for name, f in functions.items()}}
         print(json.dumps({{"compiled": report.compiled, "loaded": report.loaded, "after_warm_up": after_warm_up,
                           "after_forecast": after_forecast, "warm": warmup.is_warm()}}))
