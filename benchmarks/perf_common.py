@@ -100,8 +100,11 @@ def record_step_boxes(structure: dict | None = None) -> list[int]:
 def arithmetic_peak_gflops(threads: int) -> tuple[float, str] | None:
     """The arithmetic roof: the cores' theoretical float32 peak as the fused kernel's machine code
     can use it, GFLOP/s = threads × clock × flops per cycle. Flops per cycle: 2 FMA ports × 8 lanes
-    × 2 flops = 32 with AVX2 + FMA (LLVM emits 256-bit vectors by default, also on AVX-512 cores),
-    else 8 (SSE). The clock is the nominal one of /proc/cpuinfo (turbo and throttling ignored).
+    × 2 flops = 32 with AVX2 + FMA, else 8 (SSE). Also 32 on the two AVX-512 machines measured:
+    on the Intel Xeon LLVM emits 256-bit vectors by default (it prefers them on those cores); on
+    the AMD EPYC (Zen 4) it emits 512-bit ones (``perf_profile.py`` shows zmm loops), which Zen 4
+    executes as two 256-bit halves on its two 256-bit FMA pipes: the same 32 flop/cycle.
+    The clock is the nominal one of /proc/cpuinfo (turbo and throttling ignored).
     Returns (GFLOP/s, how it was derived), or None when the clock cannot be read (not Linux).
 
     A theoretical peak is used because a measured one needs a hand-tuned register-blocked loop to
