@@ -257,5 +257,9 @@ def start_background_warm_up(python: str | None = None, dtypes=DEFAULT_DTYPES) -
     with open(folder / LOG_NAME, "a") as log:
         log.write(f"\n{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n")
         log.flush()
+        if sys.platform == "win32":  # no console window; below-normal priority (os.nice does not exist there)
+            detached = {"creationflags": subprocess.CREATE_NO_WINDOW | subprocess.BELOW_NORMAL_PRIORITY_CLASS}
+        else:  # its own session: closing Slicer's terminal does not stop it
+            detached = {"start_new_session": True}
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=str(folder), start_new_session=sys.platform != "win32")
+                                cwd=str(folder), **detached)
