@@ -458,6 +458,10 @@ class AnatomyDTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self.ui.statusLabel.text = _("Calibrating...") if self._parameterNode.calibrateEnabled else _("Predicting...")
+        warmUp = self.logic.warmUpProcess
+        if warmUp is not None and warmUp.poll() is None and self.logic.usesSolverKernel(self._parameterNode):
+            self.ui.statusLabel.text = _("Finishing the one-time compile of the solver (under a minute), then "
+                                         "running...")
         try:
             from AnatomyDTLib.errors import AnatomyDTError, Cancelled
 
@@ -514,6 +518,7 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
+        self.warmUpProcess = None  # the background compile of the solver kernel (startKernelWarmUp)
 
     def getParameterNode(self):
         return AnatomyDTParameterNode(super().getParameterNode())
@@ -690,8 +695,7 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
 
         return shift_plan(load_plan(plan), baselineDay)
 
-    @staticmethod
-    def startKernelWarmUp():
+    def startKernelWarmUp(self):
         """Compile the fused solver kernel in a background process, once per machine, so that the
         first pde-only or calibration forecast does not wait 35-50 s for numba with its progress bar
         standing still (AnatomyDTLib.warmup). Does nothing when the kernel is cached already, or when
@@ -700,14 +704,33 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
 
         python = shutil.which("PythonSlicer") or sys.executable  # PythonSlicer: Slicer's Python, its environment
         try:
-            process = warmup.start_background_warm_up(python)
+            self.warmUpProcess = warmup.start_background_warm_up(python)
         except OSError as exc:  # a read-only home, no permission to start processes: the forecast compiles itself
             logging.info(f"AnatomyDT: the solver kernel could not be compiled in the background ({exc})")
-            return None
-        if process is not None:
+            self.warmUpProcess = None
+        if self.warmUpProcess is not None:
             logging.info(f"AnatomyDT: compiling the solver kernel in the background (once; log: "
                          f"{warmup.cache_dir() / warmup.LOG_NAME})")
-        return process
+        return self.warmUpProcess
+
+    @staticmethod
+    def usesSolverKernel(p):
+        """Whether Apply steps the mechanistic solver in the fused kernel: a pde-only forecast, a
+        calibration or a growth-probability map (the learned models run on torch)."""
+        return p.calibrateEnabled or p.probabilityMapEnabled or p.modelChoice == "pde-only"
+
+    def waitForKernelWarmUp(self, p, progress=None, cancel=None):
+        """Before a run that uses the solver kernel: let a background warm-up still compiling it
+        finish, instead of compiling it a second time in Slicer's process (AnatomyDTLib.warmup).
+        ``progress(0)`` is called meanwhile, which keeps the panel responsive."""
+        from AnatomyDTLib import warmup
+
+        process = getattr(self, "warmUpProcess", None)
+        if process is None or process.poll() is not None or not self.usesSolverKernel(p):
+            return
+        logging.info("AnatomyDT: waiting for the one-time compile of the solver kernel to finish")
+        warmup.wait_for_background_warm_up(process, keep_alive=None if progress is None else (lambda: progress(0.0)),
+                                           cancel=cancel)
 
     def _checkInputs(self, p):
         from AnatomyDTLib.errors import InputError
@@ -732,6 +755,7 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
             if progress is not None:
                 progress(share * fraction)
 
+        self.waitForKernelWarmUp(p, progress, cancel)
         if p.calibrateEnabled:
             result = self.runCalibration(p, firstProgress, cancel)
         else:

@@ -263,3 +263,28 @@ def start_background_warm_up(python: str | None = None, dtypes=DEFAULT_DTYPES) -
             detached = {"start_new_session": True}
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=str(folder), **detached)
+
+
+def wait_for_background_warm_up(process: subprocess.Popen | None, *, keep_alive=None, cancel=None,
+                                interval_s: float = 0.1) -> bool:
+    """Wait for a warm-up started by :func:`start_background_warm_up` to end, calling ``keep_alive()``
+    every ``interval_s`` seconds (in Slicer: keep the panel responsive) and stopping with
+    :class:`~AnatomyDTLib.errors.Cancelled` when ``cancel()`` returns True (the warm-up itself goes
+    on: its cache serves the next forecast). Returns True when the kernel is cached now; False when
+    there was nothing to wait for or the warm-up failed (the forecast then compiles for itself).
+
+    Why wait: a forecast started during the warm-up would compile the same kernel a second time,
+    in the user's process, with the progress bar standing still; waiting costs only what is left
+    of the warm-up, and the forecast then loads the kernel in well under a second."""
+    if process is None:
+        return False
+    while process.poll() is None:
+        if cancel is not None and cancel():
+            from .errors import Cancelled
+
+            raise Cancelled("cancelled while the solver kernel was being compiled (the compile goes on in the "
+                            "background)")
+        if keep_alive is not None:
+            keep_alive()
+        time.sleep(interval_s)
+    return process.returncode == 0 and is_warm()

@@ -153,3 +153,21 @@ def test_the_command_reports_a_cached_kernel_and_a_switched_off_one(cache_folder
     with pytest.raises(SystemExit) as refused:
         cli.main(["warmup", "--dtype", "float16"])
     assert refused.value.code == 2
+
+
+@needs_kernel
+def test_waiting_for_the_background_warm_up_keeps_the_caller_alive_and_can_be_cancelled(cache_folder):
+    """wait_for_background_warm_up returns True once the started warm-up has cached the kernel,
+    calling keep_alive meanwhile; cancelled, it raises Cancelled and leaves the warm-up running to
+    its end (the marker appears all the same); with no process it returns False at once."""
+    from AnatomyDTLib.errors import Cancelled
+
+    assert warmup.wait_for_background_warm_up(None) is False
+    process = warmup.start_background_warm_up()
+    assert process is not None
+    with pytest.raises(Cancelled, match="the compile goes on in the background"):
+        warmup.wait_for_background_warm_up(process, cancel=lambda: True)
+    assert process.poll() is None  # not stopped
+    calls = []
+    assert warmup.wait_for_background_warm_up(process, keep_alive=lambda: calls.append(1), interval_s=0.05) is True
+    assert calls and warmup.is_warm()
