@@ -46,6 +46,13 @@ may change), and over the voxels it actually changes (``changed``: any channel d
 step; measured in a separate untimed run at a few sample steps, ``changed_voxels``). The tumour
 fills about a third of its bounding box, so the ``changed`` count is the strict one: a solver that
 touched nothing but the voxels that change would still have to move that much.
+
+With that count the brain case also prints how far a closer layout could go
+(``print_sparsity_ceiling``): the voxels the kernel computes per step and its wall time per computed
+voxel; the step of a kernel computing only the 8³ bricks that hold a changed voxel, only each row's
+run of changed voxels, or exactly the changed voxels, at that time per voxel plus the same rest of
+the step (no overhead charged to the layout: an upper bound for each); and the share of the
+arithmetic roof that 1/3 of the strict roofline would need.
 """
 
 from __future__ import annotations
