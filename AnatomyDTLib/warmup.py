@@ -69,9 +69,14 @@ def _numba_version() -> str | None:
 
 def cache_key(dtype: str, kernel_source: Path = KERNEL_SOURCE) -> str:
     """What the numba cache of the kernel for ``dtype`` depends on, hashed: the kernel's source
-    text, the numba and Python versions, the machine (name, architecture) and the dtype. A change
-    of any of them makes numba compile again, and so makes this key differ."""
+    text and its file's modification time and size, the numba and Python versions, the machine
+    (name, architecture) and the dtype. numba stamps its cache with the source (numba 0.68: its
+    content hash; older versions: its modification time and size); the key takes both, so it
+    changes whenever numba's cache goes stale, and at worst once more than needed (a reinstalled
+    file: the warm-up then merely loads the cache, in seconds)."""
+    stat = os.stat(kernel_source)
     parts = {"kernel_sha256": hashlib.sha256(Path(kernel_source).read_bytes()).hexdigest(),
+             "kernel_stamp": [stat.st_mtime, stat.st_size],
              "numba": _numba_version(), "python": platform.python_version(), "machine": platform.machine(),
              "node": platform.node(), "dtype": dtype}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]

@@ -87,11 +87,19 @@ def test_after_the_warm_up_a_forecast_with_every_treatment_compiles_nothing(cach
 
 
 def test_the_marker_follows_the_kernel_source_and_the_dtype(cache_folder, tmp_path):
-    """A changed kernel source or another dtype gives another marker; a marker that cannot be read
-    counts as absent."""
+    """A changed kernel source, the same source with another modification time (numba recompiles
+    then) or another dtype gives another marker; a marker that cannot be read counts as absent."""
     changed = tmp_path / "fused_kernels.py"
     changed.write_text(warmup.KERNEL_SOURCE.read_text() + "\n# changed\n")
     assert warmup.cache_key("float32") != warmup.cache_key("float32", changed)
+    copy = tmp_path / "copy" / "fused_kernels.py"  # the same text, reinstalled: numba's stamp differs
+    copy.parent.mkdir()
+    copy.write_bytes(warmup.KERNEL_SOURCE.read_bytes())
+    stamp = warmup.KERNEL_SOURCE.stat()
+    os.utime(copy, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert warmup.cache_key("float32", copy) == warmup.cache_key("float32")
+    os.utime(copy, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10 ** 9))
+    assert warmup.cache_key("float32", copy) != warmup.cache_key("float32")
     assert warmup.cache_key("float32") != warmup.cache_key("float64")
     assert warmup.marker_path("float32").parent == cache_folder
     assert not warmup.is_warm()
