@@ -16,8 +16,8 @@ Only a few planes live at a time (ring buffers of the input planes e − 1, e, e
 each sweep: ≈ 1.5 MB per slab for a brain tumour's box; planes of more than 24,576 cells, which
 would take ≈ 20 MB per slab at 240×240 with 5 active classes and spill out of a shared L3, are
 advanced in strips of rows, each with m + 1 rows of halo), so main memory sees the state read once
-and written once — the step's unavoidable traffic. Every stage runs over a whole plane per call, a vectorised loop
-along x per row (docs/performance.md, benchmarks/perf_row_length.py). The output lags the input by
+and written once — the step's unavoidable traffic. Every stage runs over a whole plane per call, as flat vectorised
+loops over its cells (docs/performance_history.md, "The per-plane kernel"; benchmarks/perf_row_length.py). The output lags the input by
 L = max(m, 1) planes, so every input plane has been copied into the ring before its plane of p is
 overwritten. The box is split into one slab of planes per thread; each slab recomputes m + 1
 planes of halo around it from a copy of its neighbours' input planes, taken before any slab writes.

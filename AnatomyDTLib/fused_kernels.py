@@ -15,7 +15,7 @@ because short pieces of grid-sized rows read nearly as slowly as whole rows). Fl
 tried: 1.5 % faster on the brain step, 43 % slower on the dense one, whose constant weights
 would have to be spread over whole planes. The earlier layout, every stage a
 loop per row of the box with helper calls per row, was 1.74× slower on the brain case's rows of
-≈ 90 voxels (``python benchmarks/perf_stages.py --baseline 74645ad``; docs/performance.md). Inner
+≈ 90 voxels (``python benchmarks/perf_stages.py --baseline 74645ad``; docs/performance_history.md). Inner
 loops index through views, or through unsigned flat indices (the input planes' rows of p), never
 ``[offset + x]`` with a signed run-time offset: numba's wraparound test on it stops LLVM from
 vectorising (benchmarks/numba_wraparound.py). For the same reason a flat loop over a range of
