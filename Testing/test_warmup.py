@@ -179,3 +179,31 @@ def test_waiting_for_the_background_warm_up_keeps_the_caller_alive_and_can_be_ca
     calls = []
     assert warmup.wait_for_background_warm_up(process, keep_alive=lambda: calls.append(1), interval_s=0.05) is True
     assert calls and warmup.is_warm()
+
+
+def _slicer_module_requirements() -> set[str]:
+    """The import names the Slicer module installs besides torch (its PYTHON_REQUIREMENTS, read from
+    AnatomyDT/AnatomyDT.py with ast: the module itself needs Slicer to import)."""
+    import ast
+
+    tree = ast.parse((REPO / "AnatomyDT" / "AnatomyDT.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "PYTHON_REQUIREMENTS" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    raise AssertionError("no PYTHON_REQUIREMENTS in AnatomyDT.py")
+
+
+@needs_kernel
+def test_the_warm_up_needs_only_what_the_slicer_module_installs(cache_folder):
+    """In Slicer the warm-up runs in PythonSlicer, where only torch and the module's
+    PYTHON_REQUIREMENTS are sure to be installed: ``python -m AnatomyDTLib warmup`` must work with
+    the library's other dependencies (tqdm, matplotlib, pynrrd, slicerio, torchdiffeq) absent."""
+    absent = {"tqdm", "matplotlib", "nrrd", "slicerio", "torchdiffeq"} - _slicer_module_requirements()
+    assert absent, "every optional dependency is a Slicer requirement now: nothing to check"
+    result = _run_python(f"""
+        import runpy, sys
+        sys.modules.update(dict.fromkeys({sorted(absent)!r}))  # importing these now fails
+        sys.argv = ["anatomydt", "warmup", "--force"]
+        runpy.run_module("AnatomyDTLib", run_name="__main__")
+    """)
+    assert "anatomydt warmup: float32:" in result.stdout
