@@ -452,6 +452,7 @@ class AnatomyDTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.ensureRequirements():
             self.ui.statusLabel.text = _("AnatomyDT needs PyTorch and its Python packages; nothing was run.")
             return
+        self.logic.startKernelWarmUp()  # just installed: compile in the background, the run waits for it
         self._running, self._cancelRequested = True, False
         self._updateApplyButton()
         self._setInputsEnabled(False)
@@ -702,6 +703,8 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
         PyTorch or numba are not installed yet. Returns the process, or None."""
         from AnatomyDTLib import warmup
 
+        if self.warmUpProcess is not None and self.warmUpProcess.poll() is None:
+            return self.warmUpProcess  # still compiling
         python = shutil.which("PythonSlicer") or sys.executable  # PythonSlicer: Slicer's Python, its environment
         try:
             self.warmUpProcess = warmup.start_background_warm_up(python)
