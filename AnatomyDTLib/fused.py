@@ -24,8 +24,8 @@ planes of halo around it from a copy of its neighbours' input planes, taken befo
 As it writes, the kernel also does the next step's support search (values of the watched classes
 below the support floor set to zero, the box of each found, and its rows per plane), so that
 search needs no pass of its own unless something else changes the state in between (an event).
-With those rows the next step computes on each plane only the rows within m + 1 planes and rows
-of the support (:meth:`FusedStep.plane_rows`): nothing else can change; the reaction only on the
+With those rows the next step computes on each plane only the rows within m + 1 faces of the
+support (:meth:`FusedStep.plane_rows`): nothing else can change; the reaction only on the
 support's own rows, the cross-diffusion one face beyond them. A tumour fills about a third of its
 box; on the brain case this computes 0.8 of the box's rows.
 
@@ -176,6 +176,11 @@ class FusedStep:
             for d, c in enumerate(stepper.diffused):
                 is_diffused[c] = d
         self.is_diffused = is_diffused
+        # how many faces from the watched classes' support a step can change anything (plane_rows):
+        # the sweeps spread the diffused classes m faces, one more when cross-diffusion (one face)
+        # moves a diffused class first
+        pushed_diffuses = self.sweeps > 0 and any(c in stepper.diffused for c in self.rows.tolist())
+        self.reach = max(self.sweeps + (1 if pushed_diffuses else 0), 1 if self.rows.size else 0)
         # the coefficient fields that do not change during the solve, packed on a region (see region_for)
         self.diffusion_field = bool(stepper.diffused) and not stepper.uniform
         self.scale_field = bool(stepper.diffused) and any(n > 1 for n in stepper._diag.shape[2:])
@@ -332,15 +337,20 @@ class FusedStep:
         cross-diffusion acts one face beyond them). Outside the first the step changes nothing, and
         the kernel only copies.
 
-        Why this is exact: every voxel the step changes lies within m + 1 faces of the support of
-        the watched classes W (tumour, dying, diffused classes, χ columns). The reaction acts on
-        the tumour's and the dying class's support; cross-diffusion moves mass across faces where
-        a pushing class is non-zero on one side (one face beyond W); each of the m Jacobi sweeps
-        spreads the diffused classes one face further; the projection touches only voxels that
-        changed. So a plane's rows are those of W on the planes within m + 1, grown by m + 1 rows.
-        (The box needs one voxel more, m + 2: the kernel closes the faces across its border,
-        whereas rows outside the computed ones keep their true, unchanged values, which the
-        stencils read.) With a reach of m the kernel's tests in ``Testing/test_fused_step.py`` fail.
+        Why this is exact: every voxel the step changes lies within :attr:`reach` faces of the
+        support of the watched classes W (tumour, dying, diffused classes, χ columns). The
+        reaction acts on the tumour's and the dying class's support; cross-diffusion moves mass
+        of the pushed classes across faces where a pushing class is non-zero on one side (one face
+        beyond W); each of the m Jacobi sweeps spreads the diffused classes one face further, from
+        where they are after the explicit part: W, or one face beyond it when cross-diffusion
+        pushes a diffused class; the projection touches only voxels that changed. So the reach is
+        m, or m + 1 when a pushed class diffuses, and at least 1 with cross-diffusion (the brain's
+        mass effect pushes tissues that do not diffuse: m). A face between planes counts like one
+        between rows, so a plane's rows are those of W on the plane d planes away, grown by
+        reach − d rows, for d = 0 .. reach. (The box keeps m + 2 voxels around W: the kernel closes
+        the faces across its border, whereas rows outside the computed ones keep their true,
+        unchanged values, which the stencils read.) ``Testing/test_fused_step.py`` fails with one
+        face less, for the brain's mass effect and for a pushed class that diffuses.
         A tumour fills about a third of its box (``benchmarks/perf_roofline.py`` counts it) and
         its planes near the box's ends hold few rows: 0.8 of the box's rows are computed on the
         brain case. ``support_rows`` (grid planes, 2): W's rows per plane, as :attr:`rows_found`
@@ -350,7 +360,7 @@ class FusedStep:
         if support_rows is None or not self.ROW_RANGES:
             rows[zs.start - origin[0]:zs.stop - origin[0]] = [ys.start - origin[1], ys.stop - origin[1]] * 2
             return rows
-        _kernels()._rows_to_compute(support_rows, zs.start, zs.stop, ys.start, ys.stop, self.stepper.pr.jacobi_iters + 1,
+        _kernels()._rows_to_compute(support_rows, zs.start, zs.stop, ys.start, ys.stop, self.reach,
                                     origin[0], origin[1], rows)
         return rows
 

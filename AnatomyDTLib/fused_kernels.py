@@ -751,18 +751,20 @@ def _fused_step(p, box, chi, rows, cols, growth, kappa, domain, clearable, diffu
 @njit(cache=True, nogil=True)
 def _rows_to_compute(support_rows, z0, z1, y0, y1, reach, oz, oy, out):
     """``FusedStep.plane_rows``' arithmetic: for each plane z of z0 .. z1 (grid indices), the rows
-    of ``support_rows`` (grid planes × (first, stop), (0, 0): none) on the planes within ``reach``,
-    grown by ``reach`` rows and clipped to y0 .. y1 (none near: the empty range (y1, y1)), to
-    out[z − oz, 0:2], and the plane's own support rows clipped to y0 .. y1 to out[z − oz, 2:4],
-    minus oy (the state's indices)."""
+    within ``reach`` faces of the rows of ``support_rows`` (grid planes × (first, stop), (0, 0):
+    none): those of plane z ± d grown by reach − d rows, d = 0 .. reach, from the first such row
+    to the last, clipped to y0 .. y1 (none near: the empty range (y1, y1)), to out[z − oz, 0:2];
+    and the plane's own support rows clipped to y0 .. y1 to out[z − oz, 2:4]; minus oy (the
+    state's indices)."""
     n = support_rows.shape[0]
     for z in range(z0, z1):
-        lo, hi = -1, -1  # hi < 0: no support on the planes within reach
+        lo, hi = 0, -1  # hi < 0: no support on the planes within reach
         for k in range(max(z - reach, 0), min(z + reach + 1, n)):
             if support_rows[k, 1] > support_rows[k, 0]:
-                lo = support_rows[k, 0] if hi < 0 else min(lo, support_rows[k, 0])
-                hi = max(hi, support_rows[k, 1])
-        first, stop = _clipped(lo - reach, hi + reach, y0, y1) if hi >= 0 else (y1, y1)
+                grow = reach - abs(k - z)  # the faces left after the |k - z| between the planes
+                lo = support_rows[k, 0] - grow if hi < 0 else min(lo, support_rows[k, 0] - grow)
+                hi = max(hi, support_rows[k, 1] + grow)
+        first, stop = _clipped(lo, hi, y0, y1) if hi >= 0 else (y1, y1)
         out[z - oz, 0], out[z - oz, 1] = first - oy, stop - oy
         first, stop = y1, y1
         if support_rows[z, 1] > support_rows[z, 0]:

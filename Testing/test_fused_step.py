@@ -284,10 +284,11 @@ def _ball_tumour(shape=(40, 40, 40), centre=(19, 21, 18), radius=7.5) -> torch.T
     return torch.nn.functional.one_hot(labels, K).permute(3, 0, 1, 2).double()
 
 
-def test_plane_rows_are_the_supports_rows_within_m_plus_1_planes_and_rows(monkeypatch):
+def test_plane_rows_are_the_supports_rows_within_reach_faces(monkeypatch):
     """``FusedStep.plane_rows`` against an independent construction: dilate the support's (z, y)
-    footprint by m + 1 planes and rows (a max-pool), take each plane's first and last row, clip to
-    the box (the rows computed); and the support's own rows on each plane (where the reaction acts). Blobs at the grid's ends and a gap of empty planes exercise the window's padding and
+    footprint by m + 1 faces (a convolution with a diamond, |dz| + |dy| <= m + 1), take each
+    plane's first and last row, clip to the box (the rows computed); and the support's own rows on
+    each plane (where the reaction acts). Blobs at the grid's ends and a gap of empty planes exercise the window's padding and
     empty ranges; a packed state's origin shifts every index."""
     built = _record_steppers(monkeypatch)
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
@@ -295,7 +296,8 @@ def test_plane_rows_are_the_supports_rows_within_m_plus_1_planes_and_rows(monkey
         simulate(_brain_like(), spacing=(1.0, 1.0, 1.0), days=1.0, dt=1.0, diffusion=[0, 0.1, 0, 0, 0],
                  tumor_class=TUMOUR, jacobi_iters=2)
     step = built[-1].fused
-    reach = 3  # m + 1
+    reach = 2  # m: no cross-diffusion moves the diffused tumour before the sweeps
+    assert step.reach == reach
     support = torch.zeros(40, 30, 12, dtype=torch.bool)
     support[0:2, 3:5, 2] = True
     support[9:11, 20:23, 5] = True
@@ -308,8 +310,9 @@ def test_plane_rows_are_the_supports_rows_within_m_plus_1_planes_and_rows(monkey
         found = torch.nonzero(footprint[z])[:, 0]
         if found.numel():
             rows[z] = int(found.min()), int(found.max()) + 1
-    grown = torch.nn.functional.max_pool2d(footprint[None, None].double(), 2 * reach + 1, stride=1,
-                                           padding=reach)[0, 0] > 0
+    offsets = torch.arange(-reach, reach + 1)
+    diamond = (offsets[:, None].abs() + offsets[None, :].abs() <= reach).double()
+    grown = torch.nn.functional.conv2d(footprint[None, None].double(), diamond[None, None], padding=reach)[0, 0] > 0
     for box, origin in [((slice(0, 40), slice(0, 30)), (0, 0)), ((slice(5, 33), slice(6, 26)), (3, 4))]:
         computed = step.plane_rows(rows, box + (slice(0, 12),), origin, 40 - origin[0])
         for z in range(box[0].start, box[0].stop):
@@ -328,17 +331,27 @@ def test_plane_rows_are_the_supports_rows_within_m_plus_1_planes_and_rows(monkey
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_computing_only_the_rows_that_can_change_gives_the_full_rows_result_bit_for_bit(monkeypatch, threads):
-    """The kernel computes on each plane only the rows within m + 1 planes and rows of the watched
-    classes' support (``FusedStep.plane_rows``; the rows come from the kernel's own extents after
-    a kernel step, and from the support pass after an event): the result must equal, bit for bit,
-    the kernel computing every row of the box. A ball-shaped tumour whose rows change from plane
-    to plane; surgery, radiotherapy with delayed death, chemotherapy, output days; the region
-    renewed as the tumour spreads (margin 2)."""
+@pytest.mark.parametrize("pushed_diffuses", [False, True])
+def test_computing_only_the_rows_that_can_change_gives_the_full_rows_result_bit_for_bit(monkeypatch, threads,
+                                                                                      pushed_diffuses):
+    """The kernel computes on each plane only the rows within ``FusedStep.reach`` faces of the
+    watched classes' support (``FusedStep.plane_rows``; the rows come from the kernel's own extents
+    after a kernel step, and from the support pass after an event): the result must equal, bit for
+    bit, the kernel computing every row of the box. A ball-shaped tumour whose rows change from
+    plane to plane; surgery, radiotherapy with delayed death, chemotherapy, output days; the region
+    renewed as the tumour spreads (margin 2). The tumour pushes three tissues that do not diffuse
+    (reach m = 2, the brain's case), or also a small blob of ventricle next to it that does (reach
+    m + 1: the sweeps spread what cross-diffusion moved one face out)."""
     p0 = _ball_tumour()
     diffusion = torch.zeros_like(p0)
     torch.manual_seed(13)
     diffusion[TUMOUR] = 0.05 + 0.25 * torch.rand(p0.shape[1:], dtype=torch.float64)
+    if pushed_diffuses:
+        p0[:, 18:21, 27:30, 16:20] = 0.0  # just past the ball's last rows (y 14-28) on its middle planes
+        p0[VENT, 18:21, 27:30, 16:20] = 1.0
+        p0[TUMOUR, 18:21, 27, 16:20] = 1.0  # the tumour meets it: the mass effect pushes it outward
+        p0[VENT, 18:21, 27, 16:20] = 0.0
+        diffusion[VENT] = 0.1
     plan = {"surgery": [{"day": 3.0, "extent": 0.5}],
             "radiotherapy": {"fraction_days": [1, 2, 4, 5], "dose_per_fraction_gy": 2.0,
                              "delayed_death": {"delay_days": 1.5, "clearance_half_life_days": 2.0}},
@@ -350,7 +363,10 @@ def test_computing_only_the_rows_that_can_change_gives_the_full_rows_result_bit_
     shares = []
     original = fused.FusedStep.plane_rows
 
+    reaches = set()
+
     def recording(self, support_rows, box, origin, n_planes):
+        reaches.add(self.reach)
         rows = original(self, support_rows, box, origin, n_planes)
         planes = slice(box[0].start - origin[0], box[0].stop - origin[0])
         computed = int((rows[planes, 1] - rows[planes, 0]).sum())
@@ -362,6 +378,7 @@ def test_computing_only_the_rows_that_can_change_gives_the_full_rows_result_bit_
     # fewer rows than the box's after kernel steps (rows from its extents; steps 1, 3) and after the
     # radiotherapy fractions of days 1, 2, 4 and the surgery of day 3 (rows from the support pass)
     assert len(shares) == 14 and all(shares[i] < 0.95 for i in (1, 2, 3, 4, 6, 8)) and min(shares) < 0.8
+    assert reaches == {3 if pushed_diffuses else 2}
     monkeypatch.setattr(fused.FusedStep, "ROW_RANGES", False)
     every_row, every_row_dying = _run(p0, monkeypatch, True, threads=threads, **kwargs)
     assert torch.equal(restricted, every_row)
