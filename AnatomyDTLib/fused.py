@@ -24,10 +24,11 @@ planes of halo around it from a copy of its neighbours' input planes, taken befo
 As it writes, the kernel also does the next step's support search (values of the watched classes
 below the support floor set to zero, the box of each found, and its rows per plane), so that
 search needs no pass of its own unless something else changes the state in between (an event).
-With those rows the next step computes on each plane only the rows within m + 1 faces of the
-support (:meth:`FusedStep.plane_rows`): nothing else can change; the reaction only on the
+With those rows the next step computes on each plane only the rows within :attr:`FusedStep.reach`
+faces of the support (m; m + 1 when a pushed class diffuses; :meth:`FusedStep.plane_rows`):
+nothing else can change; the reaction only on the
 support's own rows, the cross-diffusion one face beyond them. A tumour fills about a third of its
-box; on the brain case this computes 0.8 of the box's rows.
+box; on the brain case this computes 0.73 of the box's rows.
 
 What it computes is the torch path's step exactly (same discretisation, same order: reaction,
 then the cross-diffusion increment from p^n, the m Jacobi sweeps, then the projection of the
@@ -352,7 +353,7 @@ class FusedStep:
         unchanged values, which the stencils read.) ``Testing/test_fused_step.py`` fails with one
         face less, for the brain's mass effect and for a pushed class that diffuses.
         A tumour fills about a third of its box (``benchmarks/perf_roofline.py`` counts it) and
-        its planes near the box's ends hold few rows: 0.8 of the box's rows are computed on the
+        its planes near the box's ends hold few rows: 0.73 of the box's rows are computed on the
         brain case. ``support_rows`` (grid planes, 2): W's rows per plane, as :attr:`rows_found`
         or ``floored_supports_`` give them; None (or ``ROW_RANGES`` off): every row of the box."""
         rows = np.zeros((n_planes, 4), dtype=np.int64)
