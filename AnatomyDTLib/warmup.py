@@ -220,13 +220,20 @@ def _has_signature(dispatcher, dtype: str) -> bool:
 
 
 def _write_marker(dtype: str, report: WarmUpReport) -> None:
-    """The marker of ``dtype``, written atomically (a reader never sees half of it)."""
+    """The marker of ``dtype``, written atomically (a reader never sees half of it). A folder that
+    cannot be written is the user's setting to fix: a clear error; the compiled kernel stays cached."""
     path = marker_path(dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"dtype": dtype, "seconds": round(report.seconds[dtype], 2), "compiled": report.compiled[dtype],
                        "loaded": report.loaded[dtype], "numba": _numba_version(),
                        "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1)
-    handle, temporary = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        from .errors import AnatomyDTError
+
+        raise AnatomyDTError(f"the kernel is compiled and cached, but its marker cannot be written in {path.parent} "
+                             f"({exc.strerror or exc}); set {CACHE_DIR_VARIABLE} to a folder you can write to") from exc
     try:
         with os.fdopen(handle, "w") as out:
             out.write(text)

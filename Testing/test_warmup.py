@@ -207,3 +207,18 @@ def test_the_warm_up_needs_only_what_the_slicer_module_installs(cache_folder):
         runpy.run_module("AnatomyDTLib", run_name="__main__")
     """)
     assert "anatomydt warmup: float32:" in result.stdout
+
+
+@needs_kernel
+def test_a_cache_folder_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """With ANATOMYDT_CACHE_DIR under a file (no folder can be made there), ``anatomydt warmup``
+    exits 2 with a message naming the folder and the setting, not a traceback; the background start
+    refuses with OSError, which the Slicer module logs."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(warmup.CACHE_DIR_VARIABLE, str(blocker / "cache"))
+    assert cli.main(["warmup", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "its marker cannot be written in" in err and warmup.CACHE_DIR_VARIABLE in err and "Traceback" not in err
+    with pytest.raises(OSError):
+        warmup.start_background_warm_up()
