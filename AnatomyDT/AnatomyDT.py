@@ -708,7 +708,7 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
         python = shutil.which("PythonSlicer") or sys.executable  # PythonSlicer: Slicer's Python, its environment
         try:
             self.warmUpProcess = warmup.start_background_warm_up(python)
-        except OSError as exc:  # a read-only home, no permission to start processes: the forecast compiles itself
+        except Exception as exc:  # noqa: BLE001 - a convenience must never break the panel; the forecast compiles
             logging.info(f"AnatomyDT: the solver kernel could not be compiled in the background ({exc})")
             self.warmUpProcess = None
         if self.warmUpProcess is not None:
