@@ -764,12 +764,6 @@ class PackedState:
             _crop(self.clearable, self.local(inside)).copy_(_crop(source, relative(inside, source_region)))
 
 
-
-
-
-
-
-
 def _true_box(mask: torch.Tensor) -> tuple[slice, ...] | None:
     """Slices of the bounding box of the True voxels of a boolean array, or None if there are none."""
     profiles = _axis_profiles(mask)
@@ -810,8 +804,6 @@ def support_box_within(channels: torch.Tensor, window, margin: int, spatial_shap
                  for w, l, n in zip(window, local, spatial_shape))
 
 
-
-
 def _channels(p: torch.Tensor, channels: list[int]) -> torch.Tensor:
     """p[:, channels] as a view when the channels are consecutive, else a copy."""
     if channels == list(range(channels[0], channels[0] + len(channels))):
@@ -824,8 +816,6 @@ def _crop(t: torch.Tensor | None, box) -> torch.Tensor | None:
     if t is None or all(n == 1 for n in t.shape[2:]):
         return t
     return t[(slice(None), slice(None)) + tuple(box)]
-
-
 
 
 def _is_zero(value: torch.Tensor) -> bool:
