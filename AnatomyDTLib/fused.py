@@ -26,9 +26,9 @@ below the support floor set to zero, the box of each found, and its rows per pla
 search needs no pass of its own unless something else changes the state in between (an event).
 With those rows the next step computes on each plane only the rows within :attr:`FusedStep.reach`
 faces of the support (m; m + 1 when a pushed class diffuses; :meth:`FusedStep.plane_rows`):
-nothing else can change; the reaction only on the
-support's own rows, the cross-diffusion one face beyond them. A tumour fills about a third of its
-box; on the brain case this computes 0.73 of the box's rows.
+nothing else can change. The reaction acts only on the support's own rows, the cross-diffusion one
+face beyond them. A tumour fills about a third of its box; on the brain case this computes 0.73 of
+the box's rows.
 
 What it computes is the torch path's step exactly (same discretisation, same order: reaction,
 then the cross-diffusion increment from p^n, the m Jacobi sweeps, then the projection of the
@@ -348,9 +348,10 @@ class FusedStep:
         m, or m + 1 when a pushed class diffuses, and at least 1 with cross-diffusion (the brain's
         mass effect pushes tissues that do not diffuse: m). A face between planes counts like one
         between rows, so a plane's rows are those of W on the plane d planes away, grown by
-        reach − d rows, for d = 0 .. reach. (The box keeps m + 2 voxels around W: the kernel closes
-        the faces across its border, whereas rows outside the computed ones keep their true,
-        unchanged values, which the stencils read.) ``Testing/test_fused_step.py`` fails with one
+        reach − d rows, for d = 0 .. reach. (The box reaches m + 1 voxels beyond the diffused
+        classes, one more than the rows need: the kernel closes the faces across the box's border,
+        which would change the last sweep next to it, whereas rows outside the computed ones keep
+        their true, unchanged values, which the stencils read.) ``Testing/test_fused_step.py`` fails with one
         face less, for the brain's mass effect and for a pushed class that diffuses.
         A tumour fills about a third of its box (``benchmarks/perf_roofline.py`` counts it) and
         its planes near the box's ends hold few rows: 0.73 of the box's rows are computed on the
