@@ -6,10 +6,10 @@ process loads it in well under a second. The compile itself takes 35–50 s on a
 and in Slicer it would land inside the user's first forecast, with the progress bar standing
 still. This module moves it out of the way:
 
-* :func:`warm_up` runs a small forecast on a phantom through the product's own path
-  (:func:`AnatomyDTLib.predict.predict`, model ``pde-only``, with surgery, radiotherapy with delayed
-  death and chemotherapy), so every kernel a forecast calls is compiled, with the argument types a
-  forecast gives it, and cached. Then it leaves a marker file saying so.
+* :func:`warm_up` runs a small forecast of a phantom through the product's own solver call (that
+  of the ``pde-only`` model, with surgery, radiotherapy with delayed death and chemotherapy), so
+  every kernel a forecast calls is compiled, with the argument types a forecast gives it, and
+  cached. Then it leaves a marker file saying so.
 * :func:`start_background_warm_up` starts ``python -m AnatomyDTLib warmup`` as a separate, low
   priority process unless the marker says the cache is warm. The Slicer module calls it when its
   panel is first shown, so the compile runs while the user loads images and enters the plan.
@@ -200,8 +200,7 @@ def warm_up(dtypes=DEFAULT_DTYPES, *, force: bool = False) -> WarmUpReport:
                 report.compiled[dtype].append(name)
             elif hits:
                 report.loaded[dtype].append(name)
-        if "_fused_step" not in report.compiled[dtype] + report.loaded[dtype] and not _has_signature(
-                functions["_fused_step"], dtype):
+        if not _has_signature(functions["_fused_step"], dtype):
             raise RuntimeError(f"the warm-up forecast did not run the fused kernel in {dtype}; nothing was cached")
         _write_marker(dtype, report)
     return report
@@ -250,7 +249,8 @@ def start_background_warm_up(python: str | None = None, dtypes=DEFAULT_DTYPES) -
 
     ``python``: the interpreter to run (in Slicer, ``PythonSlicer``); default: this one. The
     process finds this copy of AnatomyDTLib through PYTHONPATH. It competes for the cores only
-    at low priority, and a forecast started meanwhile simply compiles for itself, as without it."""
+    at low priority; a forecast started meanwhile can wait for it (:func:`wait_for_background_warm_up`,
+    as the Slicer module does), or it compiles for itself, as without a warm-up."""
     if is_warm(dtypes) or any(importlib.util.find_spec(name) is None for name in ("numba", "torch")):
         return None
     folder = cache_dir()
@@ -265,7 +265,7 @@ def start_background_warm_up(python: str | None = None, dtypes=DEFAULT_DTYPES) -
     library_parent = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([library_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    command = [python or sys.executable, "-m", "AnatomyDTLib", "warmup", "--low-priority", "--dtype", *dtypes]
+    command = [python or sys.executable, "-m", "AnatomyDTLib", "warmup", "--background", "--dtype", *dtypes]
     with open(folder / LOG_NAME, "a") as log:
         log.write(f"\n{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n")
         log.flush()

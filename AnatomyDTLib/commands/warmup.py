@@ -25,13 +25,14 @@ def add_arguments(parser) -> None:
                         help="the state's precisions to compile for (default float32: predictions and calibrations; "
                              "float64 is what 'anatomydt simulate' uses)")
     parser.add_argument("--force", action="store_true", help="run even if the kernel is marked as cached already")
-    parser.add_argument("--low-priority", action="store_true",
-                        help="run at low CPU priority (how the Slicer module starts it in the background)")
+    parser.add_argument("--background", action="store_true",
+                        help="how warmup.start_background_warm_up (the Slicer module) runs it: at low CPU priority, "
+                             "and clearing its 'running' mark at the end")
 
 
 def run(args) -> int:
     try:
-        if args.low_priority and hasattr(os, "nice"):
+        if args.background and hasattr(os, "nice"):
             os.nice(10)
         report = warmup.warm_up(tuple(args.dtype), force=args.force)
         print(f"anatomydt warmup: {report.summary()}")
@@ -40,5 +41,5 @@ def run(args) -> int:
                 print(f"  marker: {warmup.marker_path(dtype)}")
         return 0
     finally:
-        if args.low_priority:  # started by start_background_warm_up: the next one may start
+        if args.background:  # started by start_background_warm_up: the next one may start
             Path(warmup.cache_dir(), warmup.RUNNING_NAME).unlink(missing_ok=True)
