@@ -340,8 +340,8 @@ def _sweep_plane(z, u_ring, u_slots, channels, rhs, rhs_channels, out, wz, wy, w
     zero = par[_ZERO]
     for d in range(out.shape[0]):
         c = channels[d]
-        for y in range(y0, y1):
-            ly = y - y0
+        for y in range(y0, y1):  # every row, skipping those outside ra .. rb: with the loop bounded to
+            ly = y - y0             # them LLVM compiled the sweep 3-5 % slower on the dense case (A/B)
             if ly < ra or ly >= rb:
                 continue
             south, north = max(y - 1, y0), min(y + 1, y1 - 1)
