@@ -129,13 +129,14 @@ def _timed_kernel_calls() -> dict:
 
 
 def computed_voxels(box, plane_rows) -> int:
-    """Voxels a kernel call computes: on each plane z of ``box`` = (z0, z1, y0, y1, x0, x1), the
-    rows ``plane_rows[z, 0:2]`` (state indices) inside y0 .. y1, each the box's full x extent
-    (the kernel's flat loops compute whole rows; see ``FusedStep.plane_rows``)."""
+    """Voxels a kernel call computes: on each plane of ``box`` = (z0, z1, y0, y1, x0, x1), the rows
+    the kernel's own ``_slab_rows`` takes from ``plane_rows`` (as ``perf_stages.row_shares`` counts
+    them), each the box's full x extent (the kernel's flat loops compute whole rows)."""
+    from AnatomyDTLib import fused
+
     z0, z1, y0, y1, x0, x1 = (int(v) for v in box[:6])
-    rows = plane_rows[z0:z1]
-    first, stop = rows[:, 0].clip(y0, y1), rows[:, 1].clip(y0, y1)
-    return int((stop - first).clip(0, None).sum()) * (x1 - x0)
+    rows = fused._kernels()._slab_rows(plane_rows, z0, z1, y0, y1)
+    return int((rows[:, 1] - rows[:, 0]).sum()) * (x1 - x0)
 
 
 def step_split(bounds: list[float], calls: dict) -> dict | None:
