@@ -286,9 +286,9 @@ def _ball_tumour(shape=(40, 40, 40), centre=(19, 21, 18), radius=7.5) -> torch.T
 
 def test_plane_rows_are_the_supports_rows_within_reach_faces(monkeypatch):
     """``FusedStep.plane_rows`` against an independent construction: dilate the support's (z, y)
-    footprint by m + 1 faces (a convolution with a diamond, |dz| + |dy| <= m + 1), take each
-    plane's first and last row, clip to the box (the rows computed); and the support's own rows on
-    each plane (where the reaction acts). Blobs at the grid's ends and a gap of empty planes exercise the window's padding and
+    footprint by the step's reach (a convolution with a diamond, |dz| + |dy| <= reach; here m, no
+    cross-diffusion), take each plane's first and last row, clip to the box (the rows computed);
+    and the support's own rows on each plane (where the reaction acts). Blobs at the grid's ends and a gap of empty planes exercise the window's padding and
     empty ranges; a packed state's origin shifts every index."""
     built = _record_steppers(monkeypatch)
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
@@ -362,7 +362,6 @@ def test_computing_only_the_rows_that_can_change_gives_the_full_rows_result_bit_
     monkeypatch.setattr(fused.FusedStep, "PACK_MARGIN", 2)
     shares = []
     original = fused.FusedStep.plane_rows
-
     reaches = set()
 
     def recording(self, support_rows, box, origin, n_planes):
