@@ -74,10 +74,28 @@ def _kernels():
     if _KERNELS is None:
         try:
             from . import fused_kernels
+            _start_numba_threads_keeping_torch_threads()
             _KERNELS = fused_kernels
         except Exception:  # pragma: no cover - exercised only where numba cannot be imported
             _KERNELS = False
     return _KERNELS or None
+
+
+def _start_numba_threads_keeping_torch_threads() -> None:
+    """Start numba's thread pool, and leave torch's thread count as it was.
+
+    Why: numba's OpenMP layer starts its pool on the first parallel kernel call and, in doing so,
+    sets the OpenMP thread count that torch reports and uses as its own. A ``torch.set_num_threads(1)``
+    (a user's, or ``calibrate``'s ``threads`` setting) silently became 2 for the rest of the
+    process. Started here, ahead of any kernel call, the pool's change is undone at once; the
+    kernel's calls leave the count alone after that (``Testing/test_fused_step.py`` checks it in a
+    fresh process)."""
+    import numba
+
+    threads = torch.get_num_threads()
+    numba.get_num_threads()  # starts the pool
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def fused_kernel_available() -> bool:
@@ -146,7 +164,7 @@ class FusedStep:
 
     def __init__(self, stepper):
         self.stepper = stepper
-        self.threads = torch.get_num_threads()  # slabs run in parallel (the solver may lower torch's own count)
+        self.threads = torch.get_num_threads()  # slabs run in parallel, one per torch thread
         pr = stepper.pr
         # cheap conditions first: a solve that cannot use the kernel never imports numba
         self.usable = (stepper.device.type == "cpu" and stepper.dtype in (torch.float32, torch.float64)

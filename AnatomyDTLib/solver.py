@@ -716,16 +716,12 @@ class _Integrator:
             p = p.clone(memory_format=torch.contiguous_format)  # a private copy: the steps work in place
         self.stepper = InferenceStepper(self.problem, p)
         flushing = torch.set_flush_denormal(True)  # see inference.py: exact boxes, no slow denormals
-        threads = torch.get_num_threads()
-        if self.stepper.fused.usable and threads > 1:
-            # The fused kernel runs its own threads; idle torch worker threads would keep spinning on
-            # the same cores between torch calls, so the few torch ops left run on one thread.
-            self.stepper.fused.threads = threads
-            torch.set_num_threads(1)
+        # torch keeps its thread count while the fused kernel runs: lowering it to one thread for the
+        # torch ops between kernel calls left the brain step's time unchanged and made the output
+        # days' copies slower (docs/performance.md, "torch's threads while the kernel runs")
         try:
             return self._run(p, output_days, out)
         finally:
-            torch.set_num_threads(threads)
             if flushing:
                 torch.set_flush_denormal(False)
 

@@ -11,6 +11,8 @@ enough that the kernel splits the box into several slabs, whose seams are the de
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -541,6 +543,41 @@ def test_a_solve_that_cannot_use_the_kernel_does_not_import_numba():
             "print('numba' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="numba's pool has one thread here: nothing to change")
+def test_a_forecast_through_the_kernel_keeps_the_users_torch_thread_count():
+    """A process that set torch to one thread keeps one thread during and after a forecast that
+    runs the kernel. numba's OpenMP pool, started by the first parallel call, used to set the count
+    torch reads to the core count for the rest of the process. Checked in a fresh interpreter (the
+    pool starts once per process), with the thread count read at every step."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, torch\n"
+            "torch.set_num_threads(1)\n"
+            "from AnatomyDTLib import fused\n"
+            "from AnatomyDTLib.io import LabelVolume\n"
+            "from AnatomyDTLib.phantom import ellipsoid_brain\n"
+            "from AnatomyDTLib.predict import PDEOnlyModel\n"
+            "from AnatomyDTLib.solver import simulate\n"
+            "from AnatomyDTLib.state import AnatomyState\n"
+            "model = PDEOnlyModel()\n"
+            "labels, _, geometry = ellipsoid_brain()\n"
+            "p0 = AnatomyState.from_labelmap(LabelVolume(labels, geometry, model.schema, 'phantom')).field.float()\n"
+            "seen = []\n"
+            "with torch.no_grad():\n"
+            "    simulate(p0, spacing=geometry.spacing_array_order, days=[2.0, 4.0], schema=model.schema,\n"
+            "             progress=lambda day, horizon: seen.append(torch.get_num_threads()),\n"
+            "             **model.parameters.simulate_kwargs(p0, model.schema))\n"
+            "ran = len(fused._kernels()._fused_step.signatures) > 0\n"
+            "print(json.dumps({'steps': seen, 'after': torch.get_num_threads(), 'kernel_ran': ran}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["kernel_ran"]
+    assert len(result["steps"]) >= 4 and set(result["steps"]) == {1}, result
+    assert result["after"] == 1
 
 
 @pytest.mark.parametrize("variant", ["conservative", "classic"])
