@@ -708,9 +708,16 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
         python = shutil.which("PythonSlicer") or sys.executable  # PythonSlicer: Slicer's Python, its environment
         try:
             self.warmUpProcess = warmup.start_background_warm_up(python)
+            failed = None if self.warmUpProcess is not None else warmup.failed_background_warm_up()
         except Exception as exc:  # noqa: BLE001 - a convenience must never break the panel; the forecast compiles
             logging.info(f"AnatomyDT: the solver kernel could not be compiled in the background ({exc})")
-            self.warmUpProcess = None
+            self.warmUpProcess, failed = None, None
+        if failed is not None:
+            logging.warning(f"AnatomyDT: the background compile of the solver kernel started {failed['started']} "
+                            f"did not finish (log: {failed['log']}); it is tried again after {failed['retry_after']}. "
+                            "Until then the first pde-only forecast or calibration of a session compiles it "
+                            "(35-50 s). To see the error now, type in Slicer's Python console: "
+                            "from AnatomyDTLib import warmup; print(warmup.warm_up().summary())")
         if self.warmUpProcess is not None:
             logging.info(f"AnatomyDT: compiling the solver kernel in the background (once; log: "
                          f"{warmup.cache_dir() / warmup.LOG_NAME})")

@@ -13,6 +13,8 @@ still. This module moves it out of the way:
 * :func:`start_background_warm_up` starts ``python -m AnatomyDTLib warmup`` as a separate, low
   priority process unless the marker says the cache is warm. The Slicer module calls it when its
   panel is first shown, so the compile runs while the user loads images and enters the plan.
+  One that ended without caching the kernel is not started again for a day
+  (:func:`failed_background_warm_up`), so that a failure does not repeat in every session.
 * ``anatomydt warmup`` does the same from the command line (e.g. after installing on a server).
 
 The marker (:func:`marker_path`) is keyed by everything that makes numba compile again: the
@@ -47,6 +49,7 @@ DEFAULT_DTYPES = ("float32",)  # predictions and calibrations run in float32; `a
 LOG_NAME = "warmup.log"
 RUNNING_NAME = "warmup.running"  # present while a background warm-up runs (its command removes it)
 RUNNING_EXPIRES_S = 900.0  # a mark older than this is from a warm-up that died: start another
+RETRY_AFTER_S = 24 * 3600.0  # a background warm-up that ended without its marker is not started again sooner
 
 
 def cache_dir() -> Path:
@@ -225,14 +228,21 @@ def _write_marker(dtype: str, report: WarmUpReport) -> None:
     text = json.dumps({"dtype": dtype, "seconds": round(report.seconds[dtype], 2), "compiled": report.compiled[dtype],
                        "loaded": report.loaded[dtype], "numba": _numba_version(),
                        "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1)
+    _write_atomically(path, text, what="the kernel is compiled and cached, but its marker")
+
+
+def _write_atomically(path: Path, text: str, *, what: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, so that a reader never
+    sees half of it; a folder that cannot be written gives an AnatomyDTError naming it and
+    ``ANATOMYDT_CACHE_DIR`` (``what``: what could not be written, for the message)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     except OSError as exc:
         from .errors import AnatomyDTError
 
-        raise AnatomyDTError(f"the kernel is compiled and cached, but its marker cannot be written in {path.parent} "
-                             f"({exc.strerror or exc}); set {CACHE_DIR_VARIABLE} to a folder you can write to") from exc
+        raise AnatomyDTError(f"{what} cannot be written in {path.parent} ({exc.strerror or exc}); set "
+                             f"{CACHE_DIR_VARIABLE} to a folder you can write to") from exc
     try:
         with os.fdopen(handle, "w") as out:
             out.write(text)
@@ -242,10 +252,48 @@ def _write_marker(dtype: str, report: WarmUpReport) -> None:
         raise
 
 
+def attempt_path(dtypes=DEFAULT_DTYPES) -> Path:
+    """The record of the last background warm-up started for ``dtypes`` with this kernel source,
+    numba, Python and machine (the markers' keys)."""
+    key = hashlib.sha256(" ".join(cache_key(d) for d in sorted(dtypes)).encode()).hexdigest()[:20]
+    return cache_dir() / f"warmup-attempt-{key}.json"
+
+
+def failed_background_warm_up(dtypes=DEFAULT_DTYPES) -> dict | None:
+    """The last background warm-up for ``dtypes`` if it ended without caching the kernel less than
+    :data:`RETRY_AFTER_S` ago: {"started": local time, "retry_after": local time, "log": path};
+    else None. Ended means its running mark is gone or expired; without its marker it failed,
+    whatever the way (an error, a crash, a kill), and its log says why."""
+    if is_warm(dtypes):
+        return None
+    try:
+        started = attempt_path(dtypes).stat().st_mtime
+    except OSError:
+        return None
+    now = time.time()
+    if now - started >= RETRY_AFTER_S or _running_mark_age(now) < RUNNING_EXPIRES_S:
+        return None
+    return {"started": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+            "retry_after": time.strftime("%Y-%m-%d %H:%M", time.localtime(started + RETRY_AFTER_S)),
+            "log": str(cache_dir() / LOG_NAME)}
+
+
+def _running_mark_age(now: float) -> float:
+    """Seconds since a background warm-up put its running mark (infinite when there is none)."""
+    try:
+        return now - (cache_dir() / RUNNING_NAME).stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
 def start_background_warm_up(python: str | None = None, dtypes=DEFAULT_DTYPES) -> subprocess.Popen | None:
     """Start ``python -m AnatomyDTLib warmup`` in its own low-priority process, unless the kernel is
-    already warm or cannot be compiled here (numba or torch not installed). Returns the process, or
-    None when none was started. Its output goes to ``warmup.log`` in :func:`cache_dir`.
+    already warm or cannot be compiled here (numba or torch not installed), another warm-up is
+    running, or the last one ended without caching the kernel less than :data:`RETRY_AFTER_S` ago
+    (:func:`failed_background_warm_up`: a failure would repeat in every Slicer session, costing
+    each a minute of CPU; ``anatomydt warmup`` run by hand always runs and shows the error).
+    Returns the process, or None when none was started. Its output goes to ``warmup.log`` in
+    :func:`cache_dir`.
 
     ``python``: the interpreter to run (in Slicer, ``PythonSlicer``); default: this one. The
     process finds this copy of AnatomyDTLib through PYTHONPATH. It competes for the cores only
@@ -255,13 +303,13 @@ def start_background_warm_up(python: str | None = None, dtypes=DEFAULT_DTYPES) -
         return None
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    running = folder / RUNNING_NAME
-    try:  # one warm-up at a time (a second Slicer, a reloaded module); a stale mark expires
-        if time.time() - running.stat().st_mtime < RUNNING_EXPIRES_S:
-            return None
-    except OSError:
-        pass
-    running.write_text(str(os.getpid()))
+    # one warm-up at a time (a second Slicer, a reloaded module); a stale mark expires
+    if _running_mark_age(time.time()) < RUNNING_EXPIRES_S or failed_background_warm_up(dtypes) is not None:
+        return None
+    (folder / RUNNING_NAME).write_text(str(os.getpid()))
+    _write_atomically(attempt_path(dtypes), json.dumps({"dtypes": list(dtypes), "python": python or sys.executable,
+                                                        "started": time.strftime("%Y-%m-%dT%H:%M:%S")}),
+                      what="the record of this warm-up")
     library_parent = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([library_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -142,6 +143,34 @@ def test_a_stale_running_mark_does_not_block_the_next_warm_up(cache_folder):
     assert process is not None
     assert process.wait(timeout=600) == 0
     assert warmup.is_warm()
+
+
+@needs_kernel
+@pytest.mark.skipif(shutil.which("false") is None, reason="needs a program that exits with an error")
+def test_a_background_warm_up_that_failed_is_not_started_again_for_a_day(cache_folder):
+    """A background warm-up that ends without caching the kernel (here its interpreter exits at once
+    with an error: no marker, its running mark left behind) is not started again: not while its
+    running mark counts, nor once that has expired, until RETRY_AFTER_S after it started;
+    failed_background_warm_up reports it meanwhile, with its log. Then it is started again, and
+    once it has cached the kernel nothing is reported."""
+    process = warmup.start_background_warm_up(python=shutil.which("false"))
+    assert process is not None and process.wait(timeout=60) != 0
+    assert not warmup.is_warm()
+    assert warmup.start_background_warm_up() is None  # its running mark still counts
+    assert warmup.failed_background_warm_up() is None  # it may still be running
+    mark = cache_folder / warmup.RUNNING_NAME
+    expired = time.time() - warmup.RUNNING_EXPIRES_S - 60
+    os.utime(mark, (expired, expired))
+    failed = warmup.failed_background_warm_up()
+    assert failed is not None and failed["log"] == str(cache_folder / warmup.LOG_NAME)
+    assert warmup.start_background_warm_up() is None  # the failure would only repeat
+    attempt = warmup.attempt_path()
+    day_ago = time.time() - warmup.RETRY_AFTER_S - 60
+    os.utime(attempt, (day_ago, day_ago))
+    assert warmup.failed_background_warm_up() is None
+    process = warmup.start_background_warm_up()
+    assert process is not None and process.wait(timeout=600) == 0
+    assert warmup.is_warm() and warmup.failed_background_warm_up() is None
 
 
 def test_the_command_reports_a_cached_kernel_and_a_switched_off_one(cache_folder, capsys, monkeypatch):
