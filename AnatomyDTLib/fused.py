@@ -184,7 +184,7 @@ class FusedStep:
             self.chi = np.zeros((1, 1), dtype=np_dtype)
             self.rows = np.zeros(0, dtype=np.int64)
             self.cols = np.zeros(1, dtype=np.int64)
-        self.has_growth = not _is_zero(pr.growth_rate)
+        self.has_growth = not is_zero(pr.growth_rate)
         self.growth = self._field_or_scalar(pr.growth_rate, spatial)
         self.kappa = self._field_or_scalar(pr.carrying_capacity, spatial)
         self.domain = None if pr.domain is None else pr.domain
@@ -427,5 +427,8 @@ class FusedStep:
             self._packed[key] = (dt, (constants, wz, wy, wx, scale, growth_b, kappa_b, domain))
         return self._packed[key][1]
 
-def _is_zero(value) -> bool:
+
+def is_zero(value) -> bool:
+    """Whether a coefficient (a number or a tensor of any shape) is zero everywhere: then its term
+    drops out of the step (the torch path and the kernel both skip it)."""
     return not bool((torch.as_tensor(value) != 0).any())

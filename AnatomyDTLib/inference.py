@@ -52,7 +52,7 @@ import torch
 from . import treatments as tx
 from .operators import face_both_inside
 from .boxes import dilate, dilate_or_none, intersection, relative, shifted, union, union_all
-from .fused import FusedStep, floored_supports_
+from .fused import FusedStep, floored_supports_, is_zero
 from .simplex import on_simplex_slack, simplex_threshold
 
 def support_floor(dtype: torch.dtype) -> float:
@@ -482,7 +482,7 @@ class InferenceStepper:
         """Growth, chemotherapy and clearance on the tumour's box (in place)."""
         pr = self.pr
         domain = _crop(pr.domain, box)
-        if not _is_zero(pr.growth_rate):
+        if not is_zero(pr.growth_rate):
             self._logistic_growth_(p, dt, _crop(pr.growth_rate, box), _crop(pr.carrying_capacity, box), domain)
         if chemo_rate > 0:
             killed = p[:, pr.tumour:pr.tumour + 1] * (1.0 - math.exp(-chemo_rate * dt))
@@ -816,7 +816,3 @@ def _crop(t: torch.Tensor | None, box) -> torch.Tensor | None:
     if t is None or all(n == 1 for n in t.shape[2:]):
         return t
     return t[(slice(None), slice(None)) + tuple(box)]
-
-
-def _is_zero(value: torch.Tensor) -> bool:
-    return not bool((value != 0).any())
