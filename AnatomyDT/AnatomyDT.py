@@ -140,6 +140,9 @@ class AnatomyDTParameterNode:
     modelFile: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     replaceOutputs: bool = False
+    # Closed surfaces for the 3D views: Slicer's surface smoothing takes ~2 s per time point on a
+    # 1 mm brain, more than the forecast (docs/performance.md, "In Slicer")
+    createSurfaces: bool = True
 
     # Earlier scans: calibration and the growth-probability map. Scan and treatment days count on
     # one axis, the plan's; the baseline segmentation is the latest scan, on day baselineDay.
@@ -799,7 +802,7 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
             p.inputSegmentation.GetScene(), p.inputSegmentation, p.referenceVolume, days=days,
             plan=self.planFromBaseline(plan, self.baselineDay(p)), class_map=self.classMap(p), model=model,
             progress=progress, cancel=cancel, replace=p.replaceOutputs, device=p.device,
-            complete_anatomy=p.completeAnatomy)
+            complete_anatomy=p.completeAnatomy, create_surfaces=p.createSurfaces)
 
     def runCalibration(self, p, progress=None, cancel=None):
         """Calibrate on the earlier scans, then forecast from the latest (AnatomyDTLib.scene.calibrate_into_scene).
@@ -822,7 +825,8 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
         return scene.calibrate_into_scene(
             p.referenceVolume.GetScene(), history, p.referenceVolume, days=days, history_days=historyDays,
             plan=self.panelPlan(p), settings=settings, class_map=self.classMap(p), progress=progress,
-            cancel=cancel, replace=p.replaceOutputs, ensemble_members=int(p.calibrationEnsembleMembers))
+            cancel=cancel, replace=p.replaceOutputs, ensemble_members=int(p.calibrationEnsembleMembers),
+            create_surfaces=p.createSurfaces)
 
     def runProbabilityMap(self, p, progress=None, cancel=None):
         """Growth-probability map on the last time point from the tumour volumes of the earlier scans and the

@@ -423,6 +423,7 @@ def test_single_day_replace_and_rerun():
     first = scene_logic.predict_into_scene(case.scene, case.seg, case.flair, days=6, model="pde-only",
                                            create_surfaces=False)
     assert "sequence" not in first and len(first["segmentations"]) == 1
+    assert not first["segmentations"][0].GetSegmentation().ContainsRepresentation("Closed surface")  # none asked for
     assert case.composite.GetForegroundVolumeID() == first["tumour_probability"][0].GetID()
     second = scene_logic.predict_into_scene(case.scene, case.seg, case.flair, days=[6], model="pde-only",
                                             create_surfaces=False)
