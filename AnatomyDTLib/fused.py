@@ -85,9 +85,9 @@ def _start_numba_threads_keeping_torch_threads() -> None:
     """Start numba's thread pool, and leave torch's thread count as it was.
 
     Why: numba's OpenMP layer starts its pool on the first parallel kernel call and, in doing so,
-    sets the OpenMP thread count that torch reports and uses as its own. A ``torch.set_num_threads(1)``
-    (a user's, or ``calibrate``'s ``threads`` setting) silently became 2 for the rest of the
-    process. Started here, ahead of any kernel call, the pool's change is undone at once; the
+    sets the OpenMP thread count that torch reports and uses as its own: a process's
+    ``torch.set_num_threads(1)`` silently became 2 after its first ``pde-only`` forecast. Started
+    here, ahead of any kernel call, the pool's change is undone at once; the
     kernel's calls leave the count alone after that (``Testing/test_fused_step.py`` checks it in a
     fresh process)."""
     import numba
