@@ -87,9 +87,8 @@ def _start_numba_threads_keeping_torch_threads() -> None:
     Why: numba's OpenMP layer starts its pool on the first parallel kernel call and, in doing so,
     sets the OpenMP thread count that torch reports and uses as its own: a process's
     ``torch.set_num_threads(1)`` silently became 2 after its first ``pde-only`` forecast. Started
-    here, ahead of any kernel call, the pool's change is undone at once; the
-    kernel's calls leave the count alone after that (``Testing/test_fused_step.py`` checks it in a
-    fresh process)."""
+    here, ahead of any kernel call, the pool's change is undone at once; the kernel's calls leave
+    the count alone after that (``Testing/test_fused_step.py`` checks it in a fresh process)."""
     import numba
 
     threads = torch.get_num_threads()
