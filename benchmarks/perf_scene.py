@@ -15,7 +15,10 @@ Apply (modules imported, the solver kernel loaded). Then it times the Apply itse
 * ``without``: the same with ``create_surfaces=False``;
 * of those, the forecast alone (``predict.predict``'s share, timed by cProfile's cumulative time,
   whose overhead on this call tree of a few thousand Python calls is a few milliseconds) and the
-  surfaces alone (``vtkMRMLSegmentationNode.CreateClosedSurfaceRepresentation``).
+  surfaces alone (``vtkMRMLSegmentationNode.CreateClosedSurfaceRepresentation``);
+* how well the progress bar follows the wait: at each progress call, the fraction shown against
+  the share of the Apply's time gone by; printed is the largest gap between the two (0: the bar
+  moves at an even pace), and the bar's value when the forecast ended against the time share.
 
 Printed: medians [min–max] in seconds, with the machine and its load.
 """
@@ -63,10 +66,12 @@ def child(model: str, surfaces: bool, threads: int) -> dict:
     segmentation = scene_inputs._import_segmentation(mrml, baseline.labels.astype(np.uint8), ijk_to_ras, flair)
     scene.predict_into_scene(mrml, segmentation, flair, days=[1], model=model, create_surfaces=False)
     profile = cProfile.Profile()
+    calls = []  # (seconds since the start, fraction shown)
     start = time.perf_counter()
     profile.enable()
     scene.predict_into_scene(mrml, segmentation, flair, days=list(DAYS), plan=str(case["plan"]), model=model,
-                             create_surfaces=surfaces)
+                             create_surfaces=surfaces,
+                             progress=lambda fraction: calls.append((time.perf_counter() - start, float(fraction))))
     profile.disable()
     total = time.perf_counter() - start
     stats = pstats.Stats(profile).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
@@ -74,9 +79,15 @@ def child(model: str, surfaces: bool, threads: int) -> dict:
     def cumulative(name: str, file_part: str = "") -> float:
         return sum(v[3] for k, v in stats.items() if k[2] == name and file_part in k[0])
 
-    return {"total_s": total, "forecast_s": cumulative("predict", "AnatomyDTLib"),
+    forecast = cumulative("predict", "AnatomyDTLib")
+    # the bar when the forecast ended: the last fraction shown before its end (calls start when reading ends)
+    read_s = next((t for t, f in calls if f > 0.0), 0.0)
+    at_forecast_end = max((f for t, f in calls if t <= read_s + forecast + 1e-3), default=0.0)
+    return {"total_s": total, "forecast_s": forecast,
             "surfaces_s": cumulative("<method 'CreateClosedSurfaceRepresentation' of "
-                                     "'slicer_core.MRMLCore.vtkMRMLSegmentationNode' objects>")}
+                                     "'slicer_core.MRMLCore.vtkMRMLSegmentationNode' objects>"),
+            "progress_gap": max(abs(f - t / total) for t, f in calls),
+            "progress_at_forecast_end": at_forecast_end, "time_share_at_forecast_end": (read_s + forecast) / total}
 
 
 def measure(model: str, surfaces: bool, repeats: int, threads: int) -> dict:
@@ -89,7 +100,9 @@ def measure(model: str, surfaces: bool, repeats: int, threads: int) -> dict:
         if out.returncode != 0:
             raise RuntimeError(f"the scene run failed:\n{out.stderr[-3000:]}")
         runs.append({**pc.last_json_line(out.stdout), "load": load})
-    return {key: [r[key] for r in runs] for key in ("total_s", "forecast_s", "surfaces_s", "load")}
+    keys = ("total_s", "forecast_s", "surfaces_s", "progress_gap", "progress_at_forecast_end",
+            "time_share_at_forecast_end", "load")
+    return {key: [r[key] for r in runs] for key in keys}
 
 
 def main() -> None:
@@ -119,6 +132,9 @@ def main() -> None:
         if surfaces:
             line += f", the surfaces {pc.spread(r['surfaces_s'])}"
         print(line + f" (load {min(r['load']):.2f}-{max(r['load']):.2f})")
+        print(f"    progress bar: largest gap to the time gone by {statistics.median(r['progress_gap']):.2f}; at the "
+              f"forecast's end it showed {statistics.median(r['progress_at_forecast_end']):.2f} with "
+              f"{statistics.median(r['time_share_at_forecast_end']):.2f} of the time gone by")
     print(pc.load_text())
 
 
