@@ -137,6 +137,7 @@ class Prediction:
     baseline: AnatomyState
     _labels: dict = field(default_factory=dict, repr=False, compare=False)  # index -> argmax labels, computed once
     _volumes: list = field(default_factory=list, repr=False, compare=False)  # volumes_ml rows, computed once
+    _baseline_labels: np.ndarray | None = field(default=None, repr=False, compare=False)  # predict() has them already
 
     def state(self, index: int) -> AnatomyState:
         return AnatomyState(self.fields[index], self.geometry, self.schema)
@@ -155,13 +156,17 @@ class Prediction:
         """Per output day, the class volumes in mL (argmax voxel count × voxel volume); day 0 = baseline.
         Computed once (the CSV, the figure and the printed table all ask); each call returns a copy."""
         if not self._volumes:
-            rows = [(0.0, self.baseline.class_volumes_ml())]
-            voxel_ml = self.geometry.voxel_volume_ml
-            for i, d in enumerate(self.days):
-                counts = np.bincount(self.labels(i).ravel(), minlength=self.schema.num_classes)
-                rows.append((d, {name: float(counts[k]) * voxel_ml for k, name in enumerate(self.schema.names)}))
+            baseline = (self.baseline.to_labels() if self._baseline_labels is None else self._baseline_labels)
+            rows = [(0.0, self._class_volumes_ml(baseline))]
+            rows += [(d, self._class_volumes_ml(self.labels(i))) for i, d in enumerate(self.days)]
             self._volumes.extend(rows)
         return [(d, dict(volumes)) for d, volumes in self._volumes]
+
+    def _class_volumes_ml(self, labels: np.ndarray) -> dict[str, float]:
+        """Class volumes (mL) of a labelmap on this prediction's grid: voxel counts × voxel volume."""
+        counts = np.bincount(labels.ravel(), minlength=self.schema.num_classes)
+        voxel_ml = self.geometry.voxel_volume_ml
+        return {name: float(counts[k]) * voxel_ml for k, name in enumerate(self.schema.names)}
 
     def segment_tags(self) -> dict[str, str]:
         """Tags written on every predicted segment (read by Slicer's DICOM SEG export)."""
@@ -216,7 +221,8 @@ def predict(baseline: AnatomyState, *, days, plan=None, model: "str | ForecastMo
                                      mask=mask, progress=on_step)
     if progress is not None:
         progress(1.0)
-    return Prediction(days_list, fields.cpu(), baseline.geometry, schema, forecaster.name, forecaster.version, baseline)
+    return Prediction(days_list, fields.cpu(), baseline.geometry, schema, forecaster.name, forecaster.version, baseline,
+                      _baseline_labels=labels)
 
 
 def model_spatial_ndim(forecaster) -> int | None:
