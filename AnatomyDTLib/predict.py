@@ -38,7 +38,7 @@ from .parameters import PDEParameters
 from .plan import TreatmentPlan, load_plan
 from .schema import ClassSchema, DEFAULT_SCHEMA
 from .solver import simulate
-from .state import AnatomyState
+from .state import AnatomyState, labels_volumes_ml
 
 ProgressCallback = Callable[[float], None]
 """Called with the fraction done in [0, 1]."""
@@ -156,17 +156,10 @@ class Prediction:
         """Per output day, the class volumes in mL (argmax voxel count × voxel volume); day 0 = baseline.
         Computed once (the CSV, the figure and the printed table all ask); each call returns a copy."""
         if not self._volumes:
-            baseline = (self.baseline.to_labels() if self._baseline_labels is None else self._baseline_labels)
-            rows = [(0.0, self._class_volumes_ml(baseline))]
-            rows += [(d, self._class_volumes_ml(self.labels(i))) for i, d in enumerate(self.days)]
-            self._volumes.extend(rows)
+            baseline = self.baseline.to_labels() if self._baseline_labels is None else self._baseline_labels
+            rows = [(0.0, baseline)] + [(d, self.labels(i)) for i, d in enumerate(self.days)]
+            self._volumes.extend((d, labels_volumes_ml(labels, self.geometry, self.schema)) for d, labels in rows)
         return [(d, dict(volumes)) for d, volumes in self._volumes]
-
-    def _class_volumes_ml(self, labels: np.ndarray) -> dict[str, float]:
-        """Class volumes (mL) of a labelmap on this prediction's grid: voxel counts × voxel volume."""
-        counts = np.bincount(labels.ravel(), minlength=self.schema.num_classes)
-        voxel_ml = self.geometry.voxel_volume_ml
-        return {name: float(counts[k]) * voxel_ml for k, name in enumerate(self.schema.names)}
 
     def segment_tags(self) -> dict[str, str]:
         """Tags written on every predicted segment (read by Slicer's DICOM SEG export)."""

@@ -294,6 +294,11 @@ class AnatomyState:
 
     def class_volumes_ml(self) -> dict[str, float]:
         """Volume of each class in mL: argmax voxel counts times the voxel volume."""
-        counts = np.bincount(self.to_labels().reshape(-1), minlength=self.schema.num_classes)
-        voxel_ml = self.geometry.voxel_volume_ml
-        return {name: float(counts[k]) * voxel_ml for k, name in enumerate(self.schema.names)}
+        return labels_volumes_ml(self.to_labels(), self.geometry, self.schema)
+
+
+def labels_volumes_ml(labels: np.ndarray, geometry: Geometry, schema: ClassSchema) -> dict[str, float]:
+    """Volume of each class of a labelmap on ``geometry``'s grid, in mL: voxel counts times the voxel volume."""
+    counts = np.bincount(labels.reshape(-1), minlength=schema.num_classes)
+    voxel_ml = geometry.voxel_volume_ml
+    return {name: float(counts[k]) * voxel_ml for k, name in enumerate(schema.names)}
