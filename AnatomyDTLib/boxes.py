@@ -51,3 +51,13 @@ def dilate(box, margin: int, spatial_shape):
 def dilate_or_none(box, margin: int, spatial_shape):
     """:func:`dilate`, passing None through."""
     return None if box is None else dilate(box, margin, spatial_shape)
+
+
+def contains(outer, inner) -> bool:
+    """Whether the box ``outer`` holds the box ``inner`` entirely."""
+    return all(o.start <= i.start and i.stop <= o.stop for i, o in zip(inner, outer))
+
+
+def from_bounds(bounds):
+    """The box of a flat (z0, z1, y0, y1, x0, x1) array, as the numba kernels write boxes."""
+    return tuple(slice(int(bounds[2 * a]), int(bounds[2 * a + 1])) for a in range(len(bounds) // 2))

@@ -61,7 +61,7 @@ import os
 import numpy as np
 import torch
 
-from .boxes import shifted, union
+from .boxes import contains, dilate, from_bounds, shifted, union
 
 ENV_SWITCH = "ANATOMYDT_FUSED"
 _KERNELS = None  # the module AnatomyDTLib.fused_kernels once imported, False if numba cannot be imported
@@ -129,9 +129,7 @@ def floored_supports_(p: torch.Tensor, channels: list[int], window, floor: float
                                     float(floor), out, no_rows if plane_rows is None else plane_rows[b])
         for j, c in enumerate(channels):
             if out[j, 1] > out[j, 0]:
-                box = (slice(int(out[j, 0]), int(out[j, 1])), slice(int(out[j, 2]), int(out[j, 3])),
-                       slice(int(out[j, 4]), int(out[j, 5])))
-                merged[c] = union(merged[c], box)
+                merged[c] = union(merged[c], from_bounds(out[j]))
     return merged
 
 
@@ -240,10 +238,8 @@ class FusedStep:
         case), and reading them from grid-sized arrays costs nearly as much as reading whole rows
         (``benchmarks/strided_rows.py``); these fields are copied once into arrays whose rows are
         barely longer than the box's. The state's own box rows cost the same, hence its packed copy."""
-        if self._region is None or any(b.start < r.start or b.stop > r.stop for b, r in zip(box, self._region)):
-            spatial = self.stepper.shape[2:]
-            self._region = tuple(slice(max(0, b.start - self.PACK_MARGIN), min(n, b.stop + self.PACK_MARGIN))
-                                 for b, n in zip(box, spatial))
+        if self._region is None or not contains(self._region, box):
+            self._region = dilate(box, self.PACK_MARGIN, self.stepper.shape[2:])
             self._packed = {}
             self.regions_built += 1
         return self._region
@@ -397,8 +393,7 @@ class FusedStep:
             for i, c in enumerate(self.stepper.watched):
                 if boxes[i, 1] == 0:
                     continue
-                item = tuple(slice(int(boxes[i, 2 * a]), int(boxes[i, 2 * a + 1])) for a in range(3))
-                supports[c] = union(supports[c], item)
+                supports[c] = union(supports[c], from_bounds(boxes[i]))
         return supports
 
     def _coefficients(self, b: int, dt: float, region, row_length: int) -> tuple:

@@ -51,7 +51,7 @@ import torch
 
 from . import treatments as tx
 from .operators import face_both_inside
-from .boxes import dilate, dilate_or_none, intersection, relative, shifted, union, union_all
+from .boxes import contains, dilate, dilate_or_none, intersection, relative, shifted, union, union_all
 from .fused import FusedStep, floored_supports_, is_zero
 from .simplex import on_simplex_slack, simplex_threshold
 
@@ -750,7 +750,7 @@ class PackedState:
         self.clearable = p.new_zeros(shape) if dying else None
 
     def holds(self, box) -> bool:
-        return all(r.start <= b.start and b.stop <= r.stop for b, r in zip(box, self.region))
+        return contains(self.region, box)
 
     def local(self, box) -> tuple[slice, ...]:
         """``box`` (grid slices, inside the region) in the region's coordinates."""
