@@ -462,8 +462,7 @@ class AnatomyDTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self.ui.statusLabel.text = _("Calibrating...") if self._parameterNode.calibrateEnabled else _("Predicting...")
-        warmUp = self.logic.warmUpProcess
-        if warmUp is not None and warmUp.poll() is None and self.logic.usesSolverKernel(self._parameterNode):
+        if self.logic.kernelWarmUpPending(self._parameterNode):
             self.ui.statusLabel.text = _("Finishing the one-time compile of the solver (under a minute), then "
                                          "running...")
         try:
@@ -732,17 +731,23 @@ class AnatomyDTLogic(ScriptedLoadableModuleLogic):
         calibration or a growth-probability map (the learned models run on torch)."""
         return p.calibrateEnabled or p.probabilityMapEnabled or p.modelChoice == "pde-only"
 
+    def kernelWarmUpPending(self, p):
+        """Whether a run with these parameters would wait for the background warm-up: it uses the
+        solver kernel, and the warm-up is still compiling it."""
+        process = self.warmUpProcess
+        return process is not None and process.poll() is None and self.usesSolverKernel(p)
+
     def waitForKernelWarmUp(self, p, progress=None, cancel=None):
         """Before a run that uses the solver kernel: let a background warm-up still compiling it
         finish, instead of compiling it a second time in Slicer's process (AnatomyDTLib.warmup).
         ``progress(0)`` is called meanwhile, which keeps the panel responsive."""
         from AnatomyDTLib import warmup
 
-        process = getattr(self, "warmUpProcess", None)
-        if process is None or process.poll() is not None or not self.usesSolverKernel(p):
+        if not self.kernelWarmUpPending(p):
             return
         logging.info("AnatomyDT: waiting for the one-time compile of the solver kernel to finish")
-        warmup.wait_for_background_warm_up(process, keep_alive=None if progress is None else (lambda: progress(0.0)),
+        warmup.wait_for_background_warm_up(self.warmUpProcess,
+                                           keep_alive=None if progress is None else (lambda: progress(0.0)),
                                            cancel=cancel)
 
     def _checkInputs(self, p):
